@@ -1,0 +1,34 @@
+"""reformer_rev: reversible Transformers as first-class Hugging Face models.
+
+Importing the package registers the `reformer_rev` model type with the `transformers` Auto classes.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_reformer_rev import RevFormerConfig
+from .modeling_reformer_rev import RevFormerForCausalLM, RevFormerModel, RevFormerPreTrainedModel
+from .reversible import run_reversible_stack
+
+__version__ = "0.1.0"
+
+
+def _register() -> None:
+    AutoConfig.register(RevFormerConfig.model_type, RevFormerConfig, exist_ok=True)
+    AutoModel.register(RevFormerConfig, RevFormerModel, exist_ok=True)
+    AutoModelForCausalLM.register(RevFormerConfig, RevFormerForCausalLM, exist_ok=True)
+    # `save_pretrained` then writes `auto_map` and copies the modeling files for `trust_remote_code=True` loading.
+    RevFormerConfig.register_for_auto_class()
+    RevFormerModel.register_for_auto_class("AutoModel")
+    RevFormerForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+
+_register()
+
+__all__ = [
+    "RevFormerConfig",
+    "RevFormerPreTrainedModel",
+    "RevFormerModel",
+    "RevFormerForCausalLM",
+    "run_reversible_stack",
+    "__version__",
+]

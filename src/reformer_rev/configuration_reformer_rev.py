@@ -1,0 +1,176 @@
+"""Configuration of the reversible Transformer family (`model_type="reformer_rev"`).
+
+Field names follow the conventions of `transformers` (Llama/Mistral) so that tooling which reads
+`hidden_size`, `num_hidden_layers`, `num_key_value_heads` ... works unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+# Activations usable as the gate of the gated (GLU-style) feed-forward.
+SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+SUPPORTED_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+class RevFormerConfig(PretrainedConfig):
+    r"""
+    Configuration for [`RevFormerModel`] and [`RevFormerForCausalLM`].
+
+    A reversible Transformer keeps two residual streams `(x1, x2)` of width `hidden_size`. Each block applies
+    `y1 = x1 + Attention(x2)` and `y2 = x2 + FeedForward(y1)`; the backward pass reconstructs every block's inputs
+    from its outputs instead of storing them, so activation memory does not grow with `num_hidden_layers`.
+
+    Args:
+        vocab_size: Number of tokens in the vocabulary.
+        hidden_size: Width of each of the two residual streams.
+        num_hidden_layers: Number of reversible blocks (one attention + one feed-forward sub-block each).
+        num_attention_heads: Number of query heads.
+        num_key_value_heads: Number of key/value heads (grouped-query attention). Defaults to `num_attention_heads`.
+        intermediate_size: Inner width of the gated feed-forward.
+        hidden_act: Gate activation of the feed-forward, one of `SUPPORTED_ACTIVATIONS`.
+        max_position_embeddings: Longest sequence (prompt + generated tokens) the model accepts.
+        rope_theta: Base of the rotary position embedding; larger values suit longer contexts.
+        attention_dropout: Dropout on attention probabilities (training only).
+        hidden_dropout: Dropout on the output of every attention and feed-forward sub-block (training only).
+        initializer_range: Standard deviation of the normal initialisation of linear and embedding weights.
+        rms_norm_eps: Epsilon of the RMSNorm layers.
+        attention_bias / mlp_bias: Whether the projections carry biases.
+        tie_word_embeddings: Share the input embedding matrix with the LM head.
+        use_cache: Return key/value caches for fast generation.
+        reversible: `True` runs the memory-saving recomputing backward; `False` runs the very same modules as an
+            ordinary autograd stack (the "twin" used for gradient checks and speed ratios).
+        chunk_size_feed_forward: If > 0, the feed-forward runs over sequence chunks of this many positions, in the
+            forward and in the recomputing backward, bounding its intermediate activations. 0 disables chunking.
+        loss_chunk_size: When `labels` are given, the LM head and cross-entropy run over chunks of this many
+            positions and are recomputed in backward, so the `(sequence x vocab)` logits are never materialised.
+            0 computes the loss over full logits.
+    """
+
+    model_type = "reformer_rev"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 260,
+        hidden_size: int = 512,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 8,
+        num_key_value_heads: int | None = None,
+        intermediate_size: int = 1536,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 65536,
+        rope_theta: float = 500000.0,
+        attention_dropout: float = 0.0,
+        hidden_dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        rms_norm_eps: float = 1e-6,
+        attention_bias: bool = False,
+        mlp_bias: bool = False,
+        tie_word_embeddings: bool = False,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        use_cache: bool = True,
+        reversible: bool = True,
+        chunk_size_feed_forward: int = 0,
+        loss_chunk_size: int = 1024,
+        **kwargs: Any,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = rope_theta
+        self.attention_dropout = attention_dropout
+        self.hidden_dropout = hidden_dropout
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.attention_bias = attention_bias
+        self.mlp_bias = mlp_bias
+        self.tie_word_embeddings = tie_word_embeddings
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.use_cache = use_cache
+        self.reversible = reversible
+        self.loss_chunk_size = loss_chunk_size
+        super().__init__(chunk_size_feed_forward=chunk_size_feed_forward, **kwargs)
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        """Raise `ValueError` naming the offending field and what is allowed."""
+
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+        def non_negative_int(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` must be a non-negative integer (0 disables it), got {value!r}.")
+
+        def probability(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"`{name}` must be a float in [0, 1), got {value!r}.")
+
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
+            positive_int(name)
+        for name in ("chunk_size_feed_forward", "loss_chunk_size"):
+            non_negative_int(name)
+        for name in ("attention_dropout", "hidden_dropout"):
+            probability(name)
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads})."
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(
+                f"`hidden_size / num_attention_heads` = {self.head_dim} must be even for rotary embeddings."
+            )
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of `num_key_value_heads` "
+                f"({self.num_key_value_heads})."
+            )
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"`hidden_act` must be one of {SUPPORTED_ACTIVATIONS}, got {self.hidden_act!r}.")
+        if not isinstance(self.rope_theta, (int, float)) or isinstance(self.rope_theta, bool) or self.rope_theta <= 0:
+            raise ValueError(f"`rope_theta` must be a positive number, got {self.rope_theta!r}.")
+        if not isinstance(self.rms_norm_eps, (int, float)) or self.rms_norm_eps <= 0:
+            raise ValueError(f"`rms_norm_eps` must be a positive number, got {self.rms_norm_eps!r}.")
+        if not isinstance(self.reversible, bool):
+            raise ValueError(f"`reversible` must be a bool, got {self.reversible!r}.")
+        for name in ("pad_token_id", "bos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ValueError(f"`{name}` must be None or in [0, vocab_size={self.vocab_size}), got {value!r}.")
+        attn = getattr(self, "_attn_implementation", None)
+        if attn is not None and attn not in SUPPORTED_ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"`attn_implementation` must be one of {SUPPORTED_ATTENTION_IMPLEMENTATIONS}, got {attn!r}."
+            )
+
+
+__all__ = ["RevFormerConfig", "SUPPORTED_ACTIVATIONS", "SUPPORTED_ATTENTION_IMPLEMENTATIONS"]

@@ -1,0 +1,504 @@
+"""Reversible Transformer models for `transformers`: backbone and causal language model.
+
+Every block is reversible (`y1 = x1 + Attention(x2)`, `y2 = x2 + FeedForward(y1)`) and the whole stack runs through
+the model-agnostic engine in `reversible.py`, so training activation memory does not grow with depth. Setting
+`config.reversible = False` runs the very same modules under ordinary autograd (the "twin").
+
+This module only imports torch, transformers and its flat siblings, so `save_pretrained` can copy it next to a
+checkpoint for `trust_remote_code=True` loading.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
+
+from .configuration_reformer_rev import RevFormerConfig
+from .reversible import run_reversible_stack
+
+logger = logging.get_logger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------------------
+
+
+class RevFormerRMSNorm(nn.Module):
+    """RMSNorm computed in float32 whatever the input dtype (stable under bf16 autocast)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+def rotary_tables(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables `(batch, seq, head_dim)` for rotary embeddings, computed in float32 from the positions.
+
+    Computed on the fly (no buffer): nothing to re-initialise after meta-device loading, and no length limit.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids[..., None].to(torch.float32) * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` of shape `(batch, heads, seq, head_dim)` by tables of shape `(batch, seq, head_dim)`."""
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    if n_rep == 1:
+        return x
+    b, h, t, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    dropout: float,
+    implementation: str,
+) -> torch.Tensor:
+    """Scaled dot-product attention on `(batch, heads, seq, head_dim)`; `mask` is boolean (True = attend)."""
+    if implementation == "sdpa":
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+    scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(query.shape[-1])
+    if is_causal:
+        q_len, k_len = query.shape[-2], key.shape[-2]
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    return torch.matmul(probs, value)
+
+
+class RevFormerAttention(nn.Module):
+    """Multi-head attention with grouped key/value heads and rotary positions.
+
+    Used as self-attention (keys from the same stream) and as cross-attention (`is_cross_attention=True`: keys and
+    values from a constant `context`, no rotary embedding, no causal mask).
+    """
+
+    def __init__(self, config: RevFormerConfig, layer_idx: int, is_cross_attention: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.is_cross_attention = is_cross_attention
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def _shape(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        past_key_values: Cache | None = None,
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        query = self._shape(self.q_proj(hidden_states), self.num_heads)
+        source = context if self.is_cross_attention else hidden_states
+        key = self._shape(self.k_proj(source), self.num_kv_heads)
+        value = self._shape(self.v_proj(source), self.num_kv_heads)
+        if rotary is not None and not self.is_cross_attention:
+            cos, sin = rotary
+            query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        n_rep = self.num_heads // self.num_kv_heads
+        key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        implementation = self.config._attn_implementation or "sdpa"
+        out = attention(query, key, value, mask, is_causal, dropout, implementation)
+        out = out.transpose(1, 2).reshape(hidden_states.shape[0], hidden_states.shape[1], -1)
+        return self.o_proj(out)
+
+
+class RevFormerFeedForward(nn.Module):
+    """Gated feed-forward `down(act(gate(x)) * up(x))`; acts on every position independently."""
+
+    def __init__(self, config: RevFormerConfig) -> None:
+        super().__init__()
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RevFormerBlock(nn.Module):
+    """One reversible block: `f` = pre-norm self-attention, `g` = pre-norm feed-forward.
+
+    The coupling itself (`y1 = x1 + f(x2)`, `y2 = x2 + g(y1)`) lives in the engine; this module only defines the two
+    residual functions, each a function of the *other* stream and of constant arguments.
+    """
+
+    def __init__(self, config: RevFormerConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm = RevFormerRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = RevFormerAttention(config, layer_idx)
+        self.ffn_norm = RevFormerRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = RevFormerFeedForward(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.g_chunk_size = config.chunk_size_feed_forward
+        self._has_dropout = config.hidden_dropout > 0 or config.attention_dropout > 0
+
+    @property
+    def uses_rng(self) -> bool:
+        """Whether f/g draw random numbers now (the engine records RNG states only then)."""
+        return self.training and self._has_dropout
+
+    def f(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.dropout(
+            self.self_attn(
+                self.attn_norm(x),
+                rotary=kwargs.get("rotary"),
+                mask=kwargs.get("mask"),
+                is_causal=kwargs.get("is_causal", False),
+                past_key_values=kwargs.get("past_key_values"),
+            )
+        )
+
+    def g(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.dropout(self.mlp(self.ffn_norm(x)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Masks and input checks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, q_len: int, kv_len: int, causal: bool
+) -> tuple[torch.Tensor | None, bool]:
+    """Turn a 2D padding mask `(batch, kv_len)` into what SDPA wants: `(mask, is_causal)`.
+
+    Without padding, causal self-attention uses `is_causal=True` (about 2x faster on CPU than a boolean mask, and no
+    T^2 buffer); a single new query with a cache needs no mask at all. Otherwise a boolean `(batch, 1, q, kv)` mask is
+    built; query rows that would see no key at all (left padding) are un-masked, since SDPA returns NaN for them and
+    the NaN would leak into real positions through the gradient. Those rows are padding and ignored by the loss.
+    """
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    if attention_mask is None:
+        if not causal or q_len == 1:
+            return None, False
+        if q_len == kv_len:
+            return None, True
+    device = attention_mask.device if attention_mask is not None else None
+    allowed = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device)
+    if causal:
+        allowed = allowed.tril(kv_len - q_len)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :].bool()
+    empty_rows = ~allowed.any(dim=-1, keepdim=True)
+    allowed = allowed | empty_rows
+    return allowed, False
+
+
+def check_input_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> None:
+    """Raise `ValueError`/`TypeError` for ids torch would otherwise reject with an opaque IndexError."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(input_ids).__name__}.")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(f"`{name}` must be an integer tensor, got dtype {input_ids.dtype}.")
+    if input_ids.dim() != 2:
+        raise ValueError(f"`{name}` must have shape (batch, sequence), got {tuple(input_ids.shape)}.")
+    if input_ids.numel() == 0:
+        raise ValueError(f"`{name}` is empty (shape {tuple(input_ids.shape)}); pass at least one token.")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"`{name}` contains token id {bad}, outside the vocabulary [0, {vocab_size}).")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------
+
+
+class RevFormerPreTrainedModel(PreTrainedModel):
+    config_class = RevFormerConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["RevFormerBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    # The reversible stack already recomputes in backward: HF-style gradient checkpointing would only add work.
+    supports_gradient_checkpointing = False
+
+
+class RevFormerModel(RevFormerPreTrainedModel):
+    """Embeddings, a stack of reversible blocks, stream merge and final norm. Returns `BaseModelOutputWithPast`."""
+
+    def __init__(self, config: RevFormerConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(RevFormerBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RevFormerRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast | tuple:
+        config = self.config
+        explicit_cache = use_cache
+        use_cache = use_cache if use_cache is not None else config.use_cache
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else config.return_dict
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if input_ids is not None:
+            check_input_ids(input_ids, config.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size or inputs_embeds.shape[1] == 0:
+            raise ValueError(
+                f"`inputs_embeds` must have shape (batch, sequence>0, hidden_size={config.hidden_size}), "
+                f"got {tuple(inputs_embeds.shape)}."
+            )
+        batch, seq_len = inputs_embeds.shape[:2]
+
+        if use_cache and config.reversible and torch.is_grad_enabled():
+            # The recomputing backward re-runs attention, which would append to the cache a second time.
+            if explicit_cache:
+                logger.warning_once("`use_cache=True` needs `torch.no_grad()` with a reversible model; ignoring it.")
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=config)
+        if not use_cache:
+            past_key_values = None
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        total_len = past_len + seq_len
+        if total_len > config.max_position_embeddings:
+            raise ValueError(
+                f"Sequence length {total_len} (cached {past_len} + new {seq_len}) exceeds "
+                f"`max_position_embeddings`={config.max_position_embeddings}."
+            )
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] != total_len:
+                raise ValueError(
+                    f"`attention_mask` must have shape (batch={batch}, past+current length={total_len}), "
+                    f"got {tuple(attention_mask.shape)}."
+                )
+        if position_ids is None:
+            if attention_mask is not None:
+                # Left padding: a sequence's first real token is position 0.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+            else:
+                position_ids = torch.arange(past_len, total_len, device=inputs_embeds.device)[None].expand(batch, -1)
+        elif position_ids.shape[-1] != seq_len:
+            raise ValueError(f"`position_ids` must have length {seq_len}, got shape {tuple(position_ids.shape)}.")
+
+        mask, is_causal = build_attention_mask(attention_mask, seq_len, total_len, causal=True)
+        if mask is not None:
+            mask = mask.to(inputs_embeds.device)
+        rotary = rotary_tables(position_ids, config.head_dim, config.rope_theta, torch.float32)
+
+        # Both streams start from the embedding and stay in float32 under autocast.
+        hidden = inputs_embeds
+        static = {"rotary": rotary, "mask": mask, "is_causal": is_causal, "past_key_values": past_key_values}
+        all_hidden = None
+        if output_hidden_states:
+            # Per-layer states need every block's output: run block by block (memory grows with depth).
+            all_hidden = (hidden,)
+            x1 = x2 = hidden
+            for layer in self.layers:
+                x1, x2 = run_reversible_stack([layer], x1, x2, reversible=config.reversible, static_kwargs=static)
+                all_hidden += ((x1 + x2) / 2,)
+        else:
+            x1, x2 = run_reversible_stack(self.layers, hidden, hidden, reversible=config.reversible, static_kwargs=static)
+        hidden = self.norm((x1 + x2) / 2)
+        if output_hidden_states:
+            all_hidden = all_hidden[:-1] + (hidden,)
+
+        if not return_dict:
+            return tuple(v for v in (hidden, past_key_values, all_hidden) if v is not None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden, past_key_values=past_key_values, hidden_states=all_hidden
+        )
+
+
+def chunked_lm_loss(
+    hidden_states: torch.Tensor,
+    lm_head: nn.Linear,
+    labels: torch.Tensor,
+    chunk_size: int,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Causal LM cross-entropy (labels shifted inside, HF convention) without materialising all logits.
+
+    Logits are computed `chunk_size` positions at a time under activation checkpointing, so backward recomputes one
+    chunk's logits at a time. Parameters are used inside the graph (not passed around), which keeps DDP/FSDP hooks
+    intact.
+    """
+    shift_hidden = hidden_states[:, :-1]
+    shift_labels = labels[:, 1:].to(hidden_states.device)
+    n_valid = (shift_labels != ignore_index).sum()
+
+    def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = lm_head(h).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=ignore_index, reduction="sum")
+
+    length = shift_hidden.shape[1]
+    if chunk_size <= 0 or chunk_size >= length:
+        total = chunk_loss(shift_hidden, shift_labels)
+    else:
+        total = shift_hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, length, chunk_size):
+            h, y = shift_hidden[:, start : start + chunk_size], shift_labels[:, start : start + chunk_size]
+            if torch.is_grad_enabled():
+                total = total + checkpoint(chunk_loss, h, y, use_reentrant=False)
+            else:
+                total = total + chunk_loss(h, y)
+    # Mean over non-ignored targets; a batch with none gives 0 (not NaN) so accumulation stays finite.
+    return total / n_valid.clamp(min=1)
+
+
+class RevFormerForCausalLM(RevFormerPreTrainedModel, GenerationMixin):
+    """Reversible decoder-only language model with a chunked LM loss and `generate()` support."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: RevFormerConfig) -> None:
+        super().__init__(config)
+        self.model = RevFormerModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        return_logits: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast | tuple:
+        """
+        labels: token ids `(batch, sequence)`, shifted inside; `-100` is ignored.
+        logits_to_keep: if > 0, only the last `logits_to_keep` positions' logits are computed (generation).
+        return_logits: with `labels`, the loss is computed chunk-wise and `logits` is `None` unless this is `True`.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden = outputs.last_hidden_state
+        loss = None
+        logits = None
+        if labels is not None:
+            if labels.shape != hidden.shape[:2]:
+                raise ValueError(f"`labels` must have shape {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}.")
+            loss = chunked_lm_loss(hidden, self.lm_head, labels, self.config.loss_chunk_size)
+        if labels is None or return_logits:
+            keep = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+            logits = self.lm_head(keep)
+
+        if not return_dict:
+            out = (logits, outputs.past_key_values, outputs.hidden_states)
+            out = tuple(v for v in out if v is not None)
+            return ((loss,) + out) if loss is not None else out
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+
+
+__all__ = [
+    "RevFormerPreTrainedModel",
+    "RevFormerModel",
+    "RevFormerForCausalLM",
+    "RevFormerBlock",
+    "RevFormerAttention",
+    "RevFormerFeedForward",
+    "RevFormerRMSNorm",
+    "build_attention_mask",
+    "chunked_lm_loss",
+    "check_input_ids",
+]

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny configs and the reversible/twin model pair with identical weights."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Two CI cores are shared by the pytest-xdist workers: one intra-op thread each avoids oversubscription.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+from reformer_rev import RevFormerConfig, RevFormerForCausalLM  # noqa: E402
+
+
+def tiny_config(**overrides) -> RevFormerConfig:
+    kwargs = dict(
+        vocab_size=48,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    return RevFormerConfig(**kwargs)
+
+
+def make_pair(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides):
+    """A reversible model and its non-reversible twin sharing the same weights."""
+    torch.manual_seed(seed)
+    rev = RevFormerForCausalLM(tiny_config(reversible=True, **overrides)).to(dtype)
+    twin = RevFormerForCausalLM(tiny_config(reversible=False, **overrides)).to(dtype)
+    twin.load_state_dict(rev.state_dict())
+    return rev, twin
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def max_grad_rel_err(m1: torch.nn.Module, m2: torch.nn.Module, skip: tuple[str, ...] = ()) -> tuple[float, str]:
+    """Largest relative gradient difference over all parameters (each must have a gradient unless in `skip`)."""
+    worst, name = 0.0, ""
+    for (n1, p1), (n2, p2) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert n1 == n2
+        if n1 in skip:
+            continue
+        assert p1.grad is not None and p2.grad is not None, f"missing gradient for {n1}"
+        e = rel_err(p1.grad, p2.grad)
+        if e > worst:
+            worst, name = e, n1
+    return worst, name
+
+
+@pytest.fixture
+def padded_batch():
+    g = torch.Generator().manual_seed(123)
+    ids = torch.randint(3, 48, (3, 40), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # left padding
+    mask[2, -5:] = 0  # right padding
+    ids = ids.masked_fill(mask == 0, 0)
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
