@@ -108,7 +108,8 @@ class RevFormerAttention(nn.Module):
     """Multi-head attention with grouped key/value heads and rotary positions.
 
     Used as self-attention (keys from the same stream) and as cross-attention (`is_cross_attention=True`: keys and
-    values from a constant `context`, no rotary embedding, no causal mask).
+    values from a constant `context`, no rotary embedding, no causal mask; with a cache they are projected on the first
+    call and reused afterwards).
     """
 
     def __init__(self, config: RevFormerConfig, layer_idx: int, is_cross_attention: bool = False) -> None:
@@ -139,14 +140,19 @@ class RevFormerAttention(nn.Module):
         context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         query = self._shape(self.q_proj(hidden_states), self.num_heads)
-        source = context if self.is_cross_attention else hidden_states
-        key = self._shape(self.k_proj(source), self.num_kv_heads)
-        value = self._shape(self.v_proj(source), self.num_kv_heads)
-        if rotary is not None and not self.is_cross_attention:
-            cos, sin = rotary
-            query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if self.is_cross_attention and past_key_values is not None and past_key_values.get_seq_length(self.layer_idx):
+            # Cross-attention keys/values depend only on the constant encoder output: projected once, then reused.
+            layer = past_key_values.layers[self.layer_idx]
+            key, value = layer.keys, layer.values
+        else:
+            source = context if self.is_cross_attention else hidden_states
+            key = self._shape(self.k_proj(source), self.num_kv_heads)
+            value = self._shape(self.v_proj(source), self.num_kv_heads)
+            if rotary is not None and not self.is_cross_attention:
+                cos, sin = rotary
+                query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+            if past_key_values is not None:
+                key, value = past_key_values.update(key, value, self.layer_idx)
         n_rep = self.num_heads // self.num_kv_heads
         key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
         dropout = self.config.attention_dropout if self.training else 0.0
@@ -257,6 +263,91 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input
         raise ValueError(f"`{name}` contains token id {bad}, outside the vocabulary [0, {vocab_size}).")
 
 
+def embed_inputs(
+    embed_tokens: nn.Embedding,
+    config: RevFormerConfig,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    name: str = "input_ids",
+) -> torch.Tensor:
+    """Check that exactly one of ids/embeddings is given and return the embeddings `(batch, seq, hidden)`."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError(f"Pass exactly one of `{name}` or `inputs_embeds`.")
+    if input_ids is not None:
+        check_input_ids(input_ids, config.vocab_size, name)
+        return embed_tokens(input_ids)
+    if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size or inputs_embeds.shape[1] == 0:
+        raise ValueError(
+            f"`inputs_embeds` must have shape (batch, sequence>0, hidden_size={config.hidden_size}), "
+            f"got {tuple(inputs_embeds.shape)}."
+        )
+    return inputs_embeds
+
+
+def resolve_use_cache(config: RevFormerConfig, use_cache: bool | None) -> bool:
+    """`use_cache` (default from the config), switched off when a reversible model computes gradients."""
+    explicit = use_cache
+    use_cache = use_cache if use_cache is not None else config.use_cache
+    if use_cache and config.reversible and torch.is_grad_enabled():
+        # The recomputing backward re-runs attention, which would append to the cache a second time.
+        if explicit:
+            logger.warning_once("`use_cache=True` needs `torch.no_grad()` with a reversible model; ignoring it.")
+        use_cache = False
+    return bool(use_cache)
+
+
+def resolve_position_ids(
+    position_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    past_len: int,
+    batch: int,
+    seq_len: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Rotary positions of the new tokens, counted from each sequence's first real token (left padding aware)."""
+    if position_ids is None:
+        if attention_mask is not None:
+            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+        return torch.arange(past_len, past_len + seq_len, device=device)[None].expand(batch, -1)
+    if position_ids.shape[-1] != seq_len:
+        raise ValueError(f"`position_ids` must have length {seq_len}, got shape {tuple(position_ids.shape)}.")
+    return position_ids
+
+
+def run_blocks(
+    layers: nn.ModuleList,
+    norm: nn.Module,
+    hidden: torch.Tensor,
+    reversible: bool,
+    static_kwargs: dict[str, Any],
+    diff_kwargs: dict[str, torch.Tensor] | None = None,
+    output_hidden_states: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """Run a reversible stack with both streams starting from `hidden`, merge the streams and norm.
+
+    Returns the normed output and, with `output_hidden_states`, the per-layer merged states (the last one normed).
+    `diff_kwargs` (e.g. an encoder output) get their gradient accumulated over all blocks.
+    """
+    all_hidden = None
+    if output_hidden_states:
+        # Per-layer states need every block's output: run block by block (memory grows with depth).
+        all_hidden = (hidden,)
+        x1 = x2 = hidden
+        for layer in layers:
+            x1, x2 = run_reversible_stack(
+                [layer], x1, x2, reversible=reversible, static_kwargs=static_kwargs, diff_kwargs=diff_kwargs
+            )
+            all_hidden += ((x1 + x2) / 2,)
+    else:
+        x1, x2 = run_reversible_stack(
+            layers, hidden, hidden, reversible=reversible, static_kwargs=static_kwargs, diff_kwargs=diff_kwargs
+        )
+    hidden = norm((x1 + x2) / 2)
+    if output_hidden_states:
+        all_hidden = all_hidden[:-1] + (hidden,)
+    return hidden, all_hidden
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------------------
@@ -270,6 +361,16 @@ class RevFormerPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     # The reversible stack already recomputes in backward: HF-style gradient checkpointing would only add work.
     supports_gradient_checkpointing = False
+    # Written into `config.auto_map["AutoModel"]` on save: transformers only records the class being saved, and without
+    # this entry `AutoModel.from_pretrained(..., trust_remote_code=True)` fails on a head-model checkpoint.
+    _remote_base_model = "modeling_reformer_rev.RevFormerModel"
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._auto_class is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoModel", self._remote_base_model)
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class RevFormerModel(RevFormerPreTrainedModel):
@@ -301,30 +402,15 @@ class RevFormerModel(RevFormerPreTrainedModel):
         **kwargs: Any,
     ) -> BaseModelOutputWithPast | tuple:
         config = self.config
-        explicit_cache = use_cache
-        use_cache = use_cache if use_cache is not None else config.use_cache
+        use_cache = resolve_use_cache(config, use_cache)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else config.return_dict
 
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if input_ids is not None:
-            check_input_ids(input_ids, config.vocab_size)
-            inputs_embeds = self.embed_tokens(input_ids)
-        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size or inputs_embeds.shape[1] == 0:
-            raise ValueError(
-                f"`inputs_embeds` must have shape (batch, sequence>0, hidden_size={config.hidden_size}), "
-                f"got {tuple(inputs_embeds.shape)}."
-            )
+        inputs_embeds = embed_inputs(self.embed_tokens, config, input_ids, inputs_embeds)
         batch, seq_len = inputs_embeds.shape[:2]
 
-        if use_cache and config.reversible and torch.is_grad_enabled():
-            # The recomputing backward re-runs attention, which would append to the cache a second time.
-            if explicit_cache:
-                logger.warning_once("`use_cache=True` needs `torch.no_grad()` with a reversible model; ignoring it.")
-            use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=config)
         if not use_cache:
@@ -342,14 +428,7 @@ class RevFormerModel(RevFormerPreTrainedModel):
                     f"`attention_mask` must have shape (batch={batch}, past+current length={total_len}), "
                     f"got {tuple(attention_mask.shape)}."
                 )
-        if position_ids is None:
-            if attention_mask is not None:
-                # Left padding: a sequence's first real token is position 0.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
-            else:
-                position_ids = torch.arange(past_len, total_len, device=inputs_embeds.device)[None].expand(batch, -1)
-        elif position_ids.shape[-1] != seq_len:
-            raise ValueError(f"`position_ids` must have length {seq_len}, got shape {tuple(position_ids.shape)}.")
+        position_ids = resolve_position_ids(position_ids, attention_mask, past_len, batch, seq_len, inputs_embeds.device)
 
         mask, is_causal = build_attention_mask(attention_mask, seq_len, total_len, causal=True)
         if mask is not None:
@@ -357,21 +436,10 @@ class RevFormerModel(RevFormerPreTrainedModel):
         rotary = rotary_tables(position_ids, config.head_dim, config.rope_theta, torch.float32)
 
         # Both streams start from the embedding and stay in float32 under autocast.
-        hidden = inputs_embeds
         static = {"rotary": rotary, "mask": mask, "is_causal": is_causal, "past_key_values": past_key_values}
-        all_hidden = None
-        if output_hidden_states:
-            # Per-layer states need every block's output: run block by block (memory grows with depth).
-            all_hidden = (hidden,)
-            x1 = x2 = hidden
-            for layer in self.layers:
-                x1, x2 = run_reversible_stack([layer], x1, x2, reversible=config.reversible, static_kwargs=static)
-                all_hidden += ((x1 + x2) / 2,)
-        else:
-            x1, x2 = run_reversible_stack(self.layers, hidden, hidden, reversible=config.reversible, static_kwargs=static)
-        hidden = self.norm((x1 + x2) / 2)
-        if output_hidden_states:
-            all_hidden = all_hidden[:-1] + (hidden,)
+        hidden, all_hidden = run_blocks(
+            self.layers, self.norm, inputs_embeds, config.reversible, static, output_hidden_states=output_hidden_states
+        )
 
         if not return_dict:
             return tuple(v for v in (hidden, past_key_values, all_hidden) if v is not None)
@@ -393,19 +461,36 @@ def chunked_lm_loss(
     chunk's logits at a time. Parameters are used inside the graph (not passed around), which keeps DDP/FSDP hooks
     intact.
     """
-    shift_hidden = hidden_states[:, :-1]
-    shift_labels = labels[:, 1:].to(hidden_states.device)
+    return chunked_cross_entropy(hidden_states[:, :-1], lm_head, labels[:, 1:], chunk_size, ignore_index)
+
+
+def chunked_cross_entropy(
+    hidden_states: torch.Tensor,
+    lm_head: nn.Linear,
+    labels: torch.Tensor,
+    chunk_size: int,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Mean cross-entropy of `lm_head(hidden_states[:, t])` against `labels[:, t]` (no shift), chunk by chunk.
+
+    Shared by the causal LM (which shifts first) and the sequence-to-sequence model (whose labels are aligned).
+    """
+    shift_hidden = hidden_states
+    shift_labels = labels.to(hidden_states.device)
     n_valid = (shift_labels != ignore_index).sum()
 
+    # Cross-entropy in at least float32 (bf16 logits under autocast would lose the loss's precision).
+    loss_dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+
     def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = lm_head(h).float()
+        logits = lm_head(h).to(loss_dtype)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=ignore_index, reduction="sum")
 
     length = shift_hidden.shape[1]
     if chunk_size <= 0 or chunk_size >= length:
         total = chunk_loss(shift_hidden, shift_labels)
     else:
-        total = shift_hidden.new_zeros((), dtype=torch.float32)
+        total = shift_hidden.new_zeros((), dtype=loss_dtype)
         for start in range(0, length, chunk_size):
             h, y = shift_hidden[:, start : start + chunk_size], shift_labels[:, start : start + chunk_size]
             if torch.is_grad_enabled():
@@ -500,5 +585,10 @@ __all__ = [
     "RevFormerRMSNorm",
     "build_attention_mask",
     "chunked_lm_loss",
+    "chunked_cross_entropy",
     "check_input_ids",
+    "embed_inputs",
+    "resolve_use_cache",
+    "resolve_position_ids",
+    "run_blocks",
 ]
