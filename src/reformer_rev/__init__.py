@@ -3,10 +3,11 @@
 Importing the package registers the `reformer_rev` model type with the `transformers` Auto classes.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from .configuration_reformer_rev import RevFormerConfig
 from .modeling_reformer_rev import RevFormerForCausalLM, RevFormerModel, RevFormerPreTrainedModel
+from .modeling_reformer_rev_seq2seq import RevFormerForConditionalGeneration, RevFormerSeq2SeqModel
 from .reversible import run_reversible_stack
 
 __version__ = "0.1.0"
@@ -16,10 +17,12 @@ def _register() -> None:
     AutoConfig.register(RevFormerConfig.model_type, RevFormerConfig, exist_ok=True)
     AutoModel.register(RevFormerConfig, RevFormerModel, exist_ok=True)
     AutoModelForCausalLM.register(RevFormerConfig, RevFormerForCausalLM, exist_ok=True)
+    AutoModelForSeq2SeqLM.register(RevFormerConfig, RevFormerForConditionalGeneration, exist_ok=True)
     # `save_pretrained` then writes `auto_map` and copies the modeling files for `trust_remote_code=True` loading.
     RevFormerConfig.register_for_auto_class()
     RevFormerModel.register_for_auto_class("AutoModel")
     RevFormerForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    RevFormerForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
 
 
 _register()
@@ -29,6 +32,8 @@ __all__ = [
     "RevFormerPreTrainedModel",
     "RevFormerModel",
     "RevFormerForCausalLM",
+    "RevFormerSeq2SeqModel",
+    "RevFormerForConditionalGeneration",
     "run_reversible_stack",
     "__version__",
 ]

@@ -47,6 +47,11 @@ class RevFormerConfig(PretrainedConfig):
         loss_chunk_size: When `labels` are given, the LM head and cross-entropy run over chunks of this many
             positions and are recomputed in backward, so the `(sequence x vocab)` logits are never materialised.
             0 computes the loss over full logits.
+        is_encoder_decoder: `True` for the sequence-to-sequence model (`RevFormerForConditionalGeneration`).
+        encoder_layers / decoder_layers: Depth of the reversible encoder and decoder stacks of the sequence-to-sequence
+            model. Default to `num_hidden_layers`; unused by the decoder-only models.
+        decoder_start_token_id: First token fed to the decoder (sequence-to-sequence model); defaults to
+            `bos_token_id` when `is_encoder_decoder`.
     """
 
     model_type = "reformer_rev"
@@ -77,6 +82,10 @@ class RevFormerConfig(PretrainedConfig):
         reversible: bool = True,
         chunk_size_feed_forward: int = 0,
         loss_chunk_size: int = 1024,
+        is_encoder_decoder: bool = False,
+        encoder_layers: int | None = None,
+        decoder_layers: int | None = None,
+        decoder_start_token_id: int | None = None,
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -101,7 +110,12 @@ class RevFormerConfig(PretrainedConfig):
         self.use_cache = use_cache
         self.reversible = reversible
         self.loss_chunk_size = loss_chunk_size
-        super().__init__(chunk_size_feed_forward=chunk_size_feed_forward, **kwargs)
+        self.encoder_layers = num_hidden_layers if encoder_layers is None else encoder_layers
+        self.decoder_layers = num_hidden_layers if decoder_layers is None else decoder_layers
+        if decoder_start_token_id is None and is_encoder_decoder:
+            decoder_start_token_id = bos_token_id
+        self.decoder_start_token_id = decoder_start_token_id
+        super().__init__(chunk_size_feed_forward=chunk_size_feed_forward, is_encoder_decoder=is_encoder_decoder, **kwargs)
         self.validate()
 
     @property
@@ -134,6 +148,8 @@ class RevFormerConfig(PretrainedConfig):
             "num_key_value_heads",
             "intermediate_size",
             "max_position_embeddings",
+            "encoder_layers",
+            "decoder_layers",
         ):
             positive_int(name)
         for name in ("chunk_size_feed_forward", "loss_chunk_size"):
@@ -162,7 +178,9 @@ class RevFormerConfig(PretrainedConfig):
             raise ValueError(f"`rms_norm_eps` must be a positive number, got {self.rms_norm_eps!r}.")
         if not isinstance(self.reversible, bool):
             raise ValueError(f"`reversible` must be a bool, got {self.reversible!r}.")
-        for name in ("pad_token_id", "bos_token_id"):
+        if not isinstance(self.is_encoder_decoder, bool):
+            raise ValueError(f"`is_encoder_decoder` must be a bool, got {self.is_encoder_decoder!r}.")
+        for name in ("pad_token_id", "bos_token_id", "decoder_start_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
                 raise ValueError(f"`{name}` must be None or in [0, vocab_size={self.vocab_size}), got {value!r}.")
