@@ -22,6 +22,10 @@ Correctness rules this module follows (see DESIGN.md §2):
 * autocast is replayed: the autocast state of the forward is recorded and re-entered in backward;
 * parameter gradients are accumulated by `torch.autograd.backward` on each rebuilt block graph (not returned from
   the Function), which is what DDP's default mode and FSDP2 expect.
+
+The coupling rule is pluggable (`couplings.py`: additive, momentum, leapfrog), and so is the stream arithmetic:
+floating point, or int64 fixed point for bit-exact reversal at any depth (`fixed_point_bits`). A drift guard keeps
+exact stream checkpoints every k blocks, and a debug report measures the reconstruction error of every block.
 """
 
 from __future__ import annotations
@@ -33,6 +37,17 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from .couplings import (
+    AdditiveCoupling,
+    Coupling,
+    DriftReport,
+    DualArith,
+    ExactArith,
+    FloatArith,
+    make_coupling,
+    measure_drift,
+)
 
 
 class ReversibleBlockProtocol(Protocol):
@@ -141,20 +156,66 @@ class _BlockRecord:
     rng_g: RngState | None
 
 
+def _branches(block: ReversibleBlockProtocol) -> tuple[tuple[Callable[..., torch.Tensor], int], ...]:
+    """The block's two sub-steps: `f` (never chunked) then `g` (chunked over positions by `g_chunk_size`)."""
+    return ((block.f, 0), (block.g, block.g_chunk_size))
+
+
+def _branch_out(fn: Callable[..., torch.Tensor], x: torch.Tensor, chunk: int, coef: float, kwargs) -> torch.Tensor:
+    out = apply_chunked(fn, x, chunk, **kwargs)
+    return out if coef == 1.0 else out * coef
+
+
+def _branch_backward(
+    fn: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    grad_out: torch.Tensor,
+    chunk: int,
+    coef: float,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recompute `out = coef * fn(x)` and back-propagate `grad_out` through it; returns `(out, dL/dx)`, detached.
+
+    Chunk-wise with a leaf per chunk (the same chunks as the forward, so the values are bit-identical), so only one
+    chunk's graph is alive at a time. Parameter and differentiable-kwarg gradients accumulate into `.grad`.
+    """
+    outs, grads = [], []
+    for s in _chunks(x.shape[1], chunk):
+        x_c = x[:, s].detach().requires_grad_(True)
+        o = fn(x_c, **kwargs)
+        if coef != 1.0:
+            o = o * coef
+        torch.autograd.backward(o, grad_out[:, s])
+        outs.append(o.detach())
+        grads.append(x_c.grad if x_c.grad is not None else torch.zeros_like(x_c))
+        del o
+    if len(outs) == 1:
+        return outs[0], grads[0]
+    return torch.cat(outs, dim=1), torch.cat(grads, dim=1)
+
+
 def block_forward(
     block: ReversibleBlockProtocol,
-    x1: torch.Tensor,
-    x2: torch.Tensor,
+    x1: Any,
+    x2: Any,
     kwargs: dict[str, Any],
     cuda_devices: tuple[int, ...] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, _BlockRecord | None]:
-    """Additive coupling forward. With `cuda_devices` given, also records the RNG states for the recompute."""
+    coupling: Coupling | None = None,
+    arith: Any = None,
+) -> tuple[Any, Any, _BlockRecord | None]:
+    """One block's forward (additive coupling in float arithmetic by default).
+
+    With `cuda_devices` given, also records the RNG state before each residual function for the recompute.
+    """
+    coupling = coupling or _ADDITIVE
+    ar = arith or _FLOAT
     record_rng = cuda_devices is not None and getattr(block, "uses_rng", block.training)
-    rng_f = RngState.capture(cuda_devices) if record_rng else None
-    y1 = x1 + block.f(x2, **kwargs)
-    rng_g = RngState.capture(cuda_devices) if record_rng else None
-    y2 = x2 + apply_chunked(block.g, y1, block.g_chunk_size, **kwargs)
-    return y1, y2, (_BlockRecord(rng_f, rng_g) if cuda_devices is not None else None)
+    rngs = []
+    for fn, chunk in _branches(block):
+        rngs.append(RngState.capture(cuda_devices) if record_rng else None)
+        out = _branch_out(fn, ar.view(coupling.forward_input(x1, x2)), chunk, coupling.coef, kwargs)
+        x1, x2 = coupling.forward_combine(ar, x1, x2, ar.quant(out))
+    return x1, x2, (_BlockRecord(*rngs) if cuda_devices is not None else None)
 
 
 def _maybe_fork(state: RngState | None):
@@ -163,45 +224,64 @@ def _maybe_fork(state: RngState | None):
 
 def block_backward(
     block: ReversibleBlockProtocol,
-    y1: torch.Tensor,
-    y2: torch.Tensor,
+    y1: Any,
+    y2: Any,
     dy1: torch.Tensor,
     dy2: torch.Tensor,
     kwargs: dict[str, Any],
     record: _BlockRecord,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    coupling: Coupling | None = None,
+    arith: Any = None,
+) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
     """Reconstruct `(x1, x2)` from `(y1, y2)` and turn `(dL/dy1, dL/dy2)` into `(dL/dx1, dL/dx2)`.
 
     Each residual function is evaluated exactly once (with grad), its output used both to invert the coupling and
     to back-propagate: one extra forward per block, the minimum for a recomputing backward. Parameter gradients and
     gradients of differentiable `kwargs` (e.g. an encoder output) accumulate into their `.grad` fields.
     """
-    # g: x2 = y2 - g(y1); dL/dy1 += (dg/dy1)^T dL/dy2. Chunk-wise with a leaf per chunk, so only one chunk's graph
-    # is alive at a time and no full-size gradient buffer is re-added per chunk.
-    x2_parts, dy1_parts = [], []
-    with _maybe_fork(record.rng_g):
-        for s in _chunks(y1.shape[1], block.g_chunk_size):
-            y1_c = y1[:, s].detach().requires_grad_(True)
-            g_c = block.g(y1_c, **kwargs)
-            torch.autograd.backward(g_c, dy2[:, s])
-            with torch.no_grad():
-                x2_parts.append(y2[:, s] - g_c)
-                dy1_parts.append(dy1[:, s] + y1_c.grad)
-            del g_c
-    with torch.no_grad():
-        x2 = x2_parts[0] if len(x2_parts) == 1 else torch.cat(x2_parts, dim=1)
-        dy1_total = dy1_parts[0] if len(dy1_parts) == 1 else torch.cat(dy1_parts, dim=1)
-    del x2_parts, dy1_parts
+    coupling = coupling or _ADDITIVE
+    ar = arith or _FLOAT
+    for (fn, chunk), rng in reversed(list(zip(_branches(block), (record.rng_f, record.rng_g)))):
+        xin = coupling.inverse_input(ar, y1, y2)
+        with _maybe_fork(rng):
+            out, g_in = _branch_backward(fn, ar.view(xin), coupling.grad_out(dy1, dy2), chunk, coupling.coef, kwargs)
+        with torch.no_grad():
+            y1, y2 = coupling.inverse_combine(ar, y1, y2, xin, ar.quant(out))
+            dy1, dy2 = coupling.grad_inputs(dy1, dy2, g_in)
+        del out, g_in
+    return y1, y2, dy1, dy2
 
-    # f: x1 = y1 - f(x2); dL/dx2 = dL/dy2 + (df/dx2)^T dL/dy1.
-    x2_leaf = x2.requires_grad_(True)
-    with _maybe_fork(record.rng_f):
-        f_out = block.f(x2_leaf, **kwargs)
-        torch.autograd.backward(f_out, dy1_total)
-    with torch.no_grad():
-        x1 = y1 - f_out
-        dx2 = dy2 + x2_leaf.grad
-    return x1, x2.detach(), dy1_total, dx2
+
+_ADDITIVE = AdditiveCoupling()
+_FLOAT = FloatArith()
+
+
+def _stream_arith(fixed_point_bits: int | None, dtype: torch.dtype, twin: bool = False):
+    if fixed_point_bits is None:
+        return FloatArith()
+    return (DualArith if twin else ExactArith)(fixed_point_bits, dtype)
+
+
+class _StackRun:
+    """Forward of a whole stack in one arithmetic, keeping what the drift guard and debug mode ask for."""
+
+    def __init__(self, checkpoint_every: int, report: DriftReport | None) -> None:
+        self.checkpoint_every = checkpoint_every
+        self.report = report
+        self.checkpoints: dict[int, tuple[Any, Any]] = {}
+        self.inputs: dict[int, tuple[Any, Any]] = {}
+
+    def forward(self, blocks, coupling, ar, s1, s2, kwargs, devices):
+        records = []
+        guard = self.checkpoint_every > 0 and not ar.exact
+        for i, block in enumerate(blocks):
+            if guard and i % self.checkpoint_every == 0:
+                self.checkpoints[i] = (s1, s2)
+            if self.report is not None and self.report.per_block:
+                self.inputs[i] = (s1, s2)
+            s1, s2, record = block_forward(block, s1, s2, kwargs, devices, coupling, ar)
+            records.append(record)
+        return s1, s2, records
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -211,20 +291,21 @@ def block_backward(
 
 class _ReversibleStackFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x1, x2, blocks, static_kwargs, diff_names, *diff_values):  # type: ignore[override]
+    def forward(ctx, x1, x2, blocks, static_kwargs, options, diff_names, *diff_values):  # type: ignore[override]
+        coupling, bits, checkpoint_every, report = options
         kwargs = {**static_kwargs, **dict(zip(diff_names, diff_values))}
         devices = _cuda_devices((x1, x2))
-        records = []
-        for block in blocks:
-            x1, x2, record = block_forward(block, x1, x2, kwargs, cuda_devices=devices)
-            records.append(record)
+        ar = _stream_arith(bits, x1.dtype)
+        run = _StackRun(checkpoint_every, report)
+        s1, s2, records = run.forward(blocks, coupling, ar, ar.enter(x1), ar.enter(x2), kwargs, devices)
         ctx.blocks = blocks
         ctx.records = records
         ctx.static_kwargs = static_kwargs
         ctx.diff_names = diff_names
+        ctx.coupling, ctx.arith, ctx.run = coupling, ar, run
         ctx.autocast = AutocastState.capture(x1.device.type)
-        ctx.save_for_backward(x1, x2, *diff_values)
-        return x1, x2
+        ctx.save_for_backward(s1, s2, *diff_values)
+        return ar.out(s1), ar.out(s2)
 
     @staticmethod
     def backward(ctx, dy1, dy2):  # type: ignore[override]
@@ -233,13 +314,26 @@ class _ReversibleStackFunction(torch.autograd.Function):
         kwargs = {**ctx.static_kwargs, **dict(zip(ctx.diff_names, leaves))}
         dy1 = dy1.contiguous()
         dy2 = dy2.contiguous()
+        coupling, ar, run = ctx.coupling, ctx.arith.fork(), ctx.run
+        report = run.report
         with torch.enable_grad(), ctx.autocast.context():
-            for block, record in zip(reversed(ctx.blocks), reversed(ctx.records)):
-                y1, y2, dy1, dy2 = block_backward(block, y1, y2, dy1, dy2, kwargs, record)
+            for i in reversed(range(len(ctx.blocks))):
+                block, record = ctx.blocks[i], ctx.records[i]
+                y1, y2, dy1, dy2 = block_backward(block, y1, y2, dy1, dy2, kwargs, record, coupling, ar)
+                if i in run.inputs:
+                    report.blocks.append(measure_drift(ar, i, (y1, y2), run.inputs.pop(i)))
+                if i in run.checkpoints:
+                    exact = run.checkpoints.pop(i)
+                    if report is not None:
+                        report.checkpoints.append(measure_drift(ar, i, (y1, y2), exact))
+                    y1, y2 = exact
+        if report is not None:
+            report.blocks.sort(key=lambda b: b.index)
+            report.checkpoints.sort(key=lambda b: b.index)
         # Free the references held by the context early (the graph may outlive this call).
-        ctx.blocks = ctx.records = ctx.static_kwargs = None
+        ctx.blocks = ctx.records = ctx.static_kwargs = ctx.run = ctx.arith = None
         diff_grads = tuple(leaf.grad if leaf.requires_grad else None for leaf in leaves)
-        return (dy1, dy2, None, None, None, *diff_grads)
+        return (dy1, dy2, None, None, None, None, *diff_grads)
 
 
 def run_reversible_stack(
@@ -250,6 +344,10 @@ def run_reversible_stack(
     reversible: bool = True,
     static_kwargs: dict[str, Any] | None = None,
     diff_kwargs: dict[str, torch.Tensor] | None = None,
+    coupling: Coupling | str | None = None,
+    fixed_point_bits: int | None = None,
+    checkpoint_every: int = 0,
+    drift_report: DriftReport | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply `blocks` to the streams `(x1, x2)`.
 
@@ -259,9 +357,23 @@ def run_reversible_stack(
         static_kwargs: arguments passed to every `f`/`g` that need no gradient (masks, rotary tables, caches).
         diff_kwargs: tensor arguments that may need a gradient (e.g. an encoder output for cross-attention); in the
             reversible path their gradients are accumulated across all blocks during the recomputing backward.
+        coupling: the coupling rule, a `Coupling` or one of `SUPPORTED_COUPLINGS` (default `"additive"`). Use its
+            `init_streams` / `merge_streams` to go from one hidden state to two streams and back.
+        fixed_point_bits: if set, the streams are held as int64 fixed point with this many fractional bits and every
+            `f`/`g` output is rounded onto that grid: reversal is bit-exact in any compute dtype. Gradients are those
+            of the float coupling (the rounding is straight-through), in the twin as well.
+        checkpoint_every: drift guard for the float arithmetic: keep an exact copy of the streams entering every
+            `checkpoint_every`-th block (0 = off; memory `2 * depth / k` streams) and restore it in backward.
+        drift_report: a `DriftReport` filled in backward with the reconstruction error at the checkpoints and, if
+            `drift_report.per_block`, at every block (debug: the forward then keeps every block's inputs).
     """
     static_kwargs = dict(static_kwargs or {})
     diff_kwargs = dict(diff_kwargs or {})
+    coupling = make_coupling(coupling)
+    if fixed_point_bits is not None and (isinstance(fixed_point_bits, bool) or not 1 <= int(fixed_point_bits) <= 62):
+        raise ValueError(f"`fixed_point_bits` must be None or an integer in [1, 62], got {fixed_point_bits!r}.")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise ValueError(f"`checkpoint_every` must be a non-negative integer, got {checkpoint_every!r}.")
     needs_grad = torch.is_grad_enabled() and (
         x1.requires_grad
         or x2.requires_grad
@@ -270,13 +382,25 @@ def run_reversible_stack(
     )
     if not (reversible and needs_grad):
         kwargs = {**static_kwargs, **diff_kwargs}
+        ar = _stream_arith(fixed_point_bits, x1.dtype, twin=needs_grad)
+        s1, s2 = ar.enter(x1), ar.enter(x2)
         for block in blocks:
-            x1, x2, _ = block_forward(block, x1, x2, kwargs)
-        return x1, x2
+            s1, s2, _ = block_forward(block, s1, s2, kwargs, coupling=coupling, arith=ar)
+        return ar.out(s1), ar.out(s2)
     if len(blocks) == 0:
         return x1, x2
     names = tuple(diff_kwargs)
-    return _ReversibleStackFunction.apply(x1, x2, list(blocks), static_kwargs, names, *diff_kwargs.values())
+    options = (coupling, fixed_point_bits, checkpoint_every, drift_report)
+    return _ReversibleStackFunction.apply(x1, x2, list(blocks), static_kwargs, options, names, *diff_kwargs.values())
 
 
-__all__ = ["ReversibleBlockProtocol", "RngState", "AutocastState", "apply_chunked", "run_reversible_stack"]
+__all__ = [
+    "ReversibleBlockProtocol",
+    "RngState",
+    "AutocastState",
+    "apply_chunked",
+    "run_reversible_stack",
+    "Coupling",
+    "DriftReport",
+    "make_coupling",
+]
