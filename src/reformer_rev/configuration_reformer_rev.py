@@ -13,6 +13,8 @@ from transformers import PretrainedConfig
 # Activations usable as the gate of the gated (GLU-style) feed-forward.
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 SUPPORTED_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+SUPPORTED_COUPLINGS = ("additive", "momentum", "leapfrog")
+SUPPORTED_BRANCH_SCALES = (None, "none", "inv_sqrt_depth", "learnable_gate")
 
 
 class RevFormerConfig(PretrainedConfig):
@@ -52,6 +54,23 @@ class RevFormerConfig(PretrainedConfig):
             model. Default to `num_hidden_layers`; unused by the decoder-only models.
         decoder_start_token_id: First token fed to the decoder (sequence-to-sequence model); defaults to
             `bos_token_id` when `is_encoder_decoder`.
+        coupling: How the two streams are coupled (see `docs/depth.md`): `"additive"` (`y1 = x1 + F(x2)`,
+            `y2 = x2 + G(y1)`), `"momentum"` (Momentum ResNet: streams are position and velocity, `v <- gamma v +
+            (1 - gamma) F(x)`, `x <- x + v`) or `"leapfrog"` (second-order network `y_{j+1} = 2 y_j - y_{j-1} +
+            h^2 F(y_j)`).
+        coupling_step_size: Step size `h` of the leapfrog coupling.
+        momentum_gamma: Velocity decay `gamma` in (0, 1) of the momentum coupling (used as the nearest fraction n/d
+            with d <= 1024).
+        exact_reversal: Hold the streams as int64 fixed point and round every F/G output onto that grid, so the
+            backward reconstructs every block's inputs bit for bit in any compute dtype (gradients treat the rounding
+            as the identity). Needed by `"momentum"` at depth, whose float inverse amplifies rounding by 1/gamma.
+        fixed_point_scale_bits: Fractional bits of the fixed-point streams (resolution 2^-bits, range +-2^(62-bits)).
+        stream_checkpoint_every: Drift guard for float streams: keep an exact copy of the streams every this many
+            blocks and restore it in backward (0 disables; costs `2 * layers / k` stream copies).
+        branch_scale: Depth-stable scaling of every F/G output: `None`/`"none"`, `"inv_sqrt_depth"` (times
+            `1/sqrt(num_hidden_layers)`) or `"learnable_gate"` (a scalar gate per branch, initialised at 0).
+        debug_reversal_drift: Measure the reconstruction error of every block in backward and keep it in
+            `model.last_drift_report` (the forward then stores every block's inputs: memory grows with depth).
     """
 
     model_type = "reformer_rev"
@@ -86,6 +105,14 @@ class RevFormerConfig(PretrainedConfig):
         encoder_layers: int | None = None,
         decoder_layers: int | None = None,
         decoder_start_token_id: int | None = None,
+        coupling: str = "additive",
+        coupling_step_size: float = 1.0,
+        momentum_gamma: float = 0.9,
+        exact_reversal: bool = False,
+        fixed_point_scale_bits: int = 32,
+        stream_checkpoint_every: int = 0,
+        branch_scale: str | None = None,
+        debug_reversal_drift: bool = False,
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -115,6 +142,14 @@ class RevFormerConfig(PretrainedConfig):
         if decoder_start_token_id is None and is_encoder_decoder:
             decoder_start_token_id = bos_token_id
         self.decoder_start_token_id = decoder_start_token_id
+        self.coupling = coupling
+        self.coupling_step_size = coupling_step_size
+        self.momentum_gamma = momentum_gamma
+        self.exact_reversal = exact_reversal
+        self.fixed_point_scale_bits = fixed_point_scale_bits
+        self.stream_checkpoint_every = stream_checkpoint_every
+        self.branch_scale = branch_scale
+        self.debug_reversal_drift = debug_reversal_drift
         super().__init__(chunk_size_feed_forward=chunk_size_feed_forward, is_encoder_decoder=is_encoder_decoder, **kwargs)
         self.validate()
 
@@ -184,11 +219,34 @@ class RevFormerConfig(PretrainedConfig):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
                 raise ValueError(f"`{name}` must be None or in [0, vocab_size={self.vocab_size}), got {value!r}.")
+        self._validate_depth_options()
         attn = getattr(self, "_attn_implementation", None)
         if attn is not None and attn not in SUPPORTED_ATTENTION_IMPLEMENTATIONS:
             raise ValueError(
                 f"`attn_implementation` must be one of {SUPPORTED_ATTENTION_IMPLEMENTATIONS}, got {attn!r}."
             )
 
+    def _validate_depth_options(self) -> None:
+        """Coupling, exact reversal, drift guard and branch scaling fields (`docs/depth.md`)."""
+        if self.coupling not in SUPPORTED_COUPLINGS:
+            raise ValueError(f"`coupling` must be one of {SUPPORTED_COUPLINGS}, got {self.coupling!r}.")
+        h = self.coupling_step_size
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0 < h < float("inf"):
+            raise ValueError(f"`coupling_step_size` must be a positive finite number, got {h!r}.")
+        gamma = self.momentum_gamma
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 1e-3 <= gamma <= 1 - 1e-3:
+            raise ValueError(f"`momentum_gamma` must be a float in [0.001, 0.999], got {gamma!r}.")
+        for name in ("exact_reversal", "debug_reversal_drift"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
+        bits = self.fixed_point_scale_bits
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 8 <= bits <= 56:
+            raise ValueError(f"`fixed_point_scale_bits` must be an integer in [8, 56], got {bits!r}.")
+        k = self.stream_checkpoint_every
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"`stream_checkpoint_every` must be a non-negative integer (0 disables it), got {k!r}.")
+        if self.branch_scale not in SUPPORTED_BRANCH_SCALES:
+            raise ValueError(f"`branch_scale` must be one of {SUPPORTED_BRANCH_SCALES}, got {self.branch_scale!r}.")
 
-__all__ = ["RevFormerConfig", "SUPPORTED_ACTIVATIONS", "SUPPORTED_ATTENTION_IMPLEMENTATIONS"]
+
+__all__ = ["RevFormerConfig", "SUPPORTED_ACTIVATIONS", "SUPPORTED_ATTENTION_IMPLEMENTATIONS", "SUPPORTED_COUPLINGS"]

@@ -24,6 +24,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import logging
 
 from .configuration_reformer_rev import RevFormerConfig
+from .couplings import DriftReport, make_coupling
 from .reversible import run_reversible_stack
 
 logger = logging.get_logger(__name__)
@@ -193,6 +194,19 @@ class RevFormerBlock(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.g_chunk_size = config.chunk_size_feed_forward
         self._has_dropout = config.hidden_dropout > 0 or config.attention_dropout > 0
+        # Depth-stable branch scaling (docs/depth.md): a fixed 1/sqrt(depth), or ReZero-style gates starting at 0.
+        branch_scale = getattr(config, "branch_scale", None)
+        self.branch_multiplier = 1.0 / math.sqrt(config.num_hidden_layers) if branch_scale == "inv_sqrt_depth" else 1.0
+        if branch_scale == "learnable_gate":
+            self.attn_gate = nn.Parameter(torch.zeros(()))
+            self.mlp_gate = nn.Parameter(torch.zeros(()))
+
+    def scale_branch(self, out: torch.Tensor, gate: str) -> torch.Tensor:
+        """Apply the configured branch scaling to the output of `f` (`gate="attn_gate"`) or `g` (`"mlp_gate"`)."""
+        if self.branch_multiplier != 1.0:
+            out = out * self.branch_multiplier
+        gate_param = getattr(self, gate, None)
+        return out if gate_param is None else out * gate_param.to(out.dtype)
 
     @property
     def uses_rng(self) -> bool:
@@ -200,7 +214,7 @@ class RevFormerBlock(nn.Module):
         return self.training and self._has_dropout
 
     def f(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return self.dropout(
+        out = self.dropout(
             self.self_attn(
                 self.attn_norm(x),
                 rotary=kwargs.get("rotary"),
@@ -209,9 +223,10 @@ class RevFormerBlock(nn.Module):
                 past_key_values=kwargs.get("past_key_values"),
             )
         )
+        return self.scale_branch(out, "attn_gate")
 
     def g(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return self.dropout(self.mlp(self.ffn_norm(x)))
+        return self.scale_branch(self.dropout(self.mlp(self.ffn_norm(x))), "mlp_gate")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -314,6 +329,23 @@ def resolve_position_ids(
     return position_ids
 
 
+def engine_options(config: RevFormerConfig) -> dict[str, Any]:
+    """The engine's coupling options from a config (`docs/depth.md`); a fresh `DriftReport` when one is asked for."""
+    report = None
+    if getattr(config, "debug_reversal_drift", False) or getattr(config, "stream_checkpoint_every", 0):
+        report = DriftReport(per_block=getattr(config, "debug_reversal_drift", False))
+    return {
+        "coupling": make_coupling(
+            getattr(config, "coupling", "additive"),
+            step_size=getattr(config, "coupling_step_size", 1.0),
+            gamma=getattr(config, "momentum_gamma", 0.9),
+        ),
+        "fixed_point_bits": config.fixed_point_scale_bits if getattr(config, "exact_reversal", False) else None,
+        "checkpoint_every": getattr(config, "stream_checkpoint_every", 0),
+        "drift_report": report,
+    }
+
+
 def run_blocks(
     layers: nn.ModuleList,
     norm: nn.Module,
@@ -322,27 +354,34 @@ def run_blocks(
     static_kwargs: dict[str, Any],
     diff_kwargs: dict[str, torch.Tensor] | None = None,
     output_hidden_states: bool = False,
+    engine_kwargs: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """Run a reversible stack with both streams starting from `hidden`, merge the streams and norm.
 
     Returns the normed output and, with `output_hidden_states`, the per-layer merged states (the last one normed).
-    `diff_kwargs` (e.g. an encoder output) get their gradient accumulated over all blocks.
+    `diff_kwargs` (e.g. an encoder output) get their gradient accumulated over all blocks. `engine_kwargs` (see
+    `engine_options`) choose the coupling, exact fixed-point streams and the drift guard.
     """
+    engine_kwargs = dict(engine_kwargs or {})
+    coupling = make_coupling(engine_kwargs.pop("coupling", None))
+    merge = coupling.merge_streams
     all_hidden = None
     if output_hidden_states:
         # Per-layer states need every block's output: run block by block (memory grows with depth).
         all_hidden = (hidden,)
-        x1 = x2 = hidden
+        x1, x2 = coupling.init_streams(hidden)
         for layer in layers:
             x1, x2 = run_reversible_stack(
-                [layer], x1, x2, reversible=reversible, static_kwargs=static_kwargs, diff_kwargs=diff_kwargs
+                [layer], x1, x2, reversible=reversible, static_kwargs=static_kwargs, diff_kwargs=diff_kwargs,
+                coupling=coupling, **engine_kwargs,
             )
-            all_hidden += ((x1 + x2) / 2,)
+            all_hidden += (merge(x1, x2),)
     else:
         x1, x2 = run_reversible_stack(
-            layers, hidden, hidden, reversible=reversible, static_kwargs=static_kwargs, diff_kwargs=diff_kwargs
+            layers, *coupling.init_streams(hidden), reversible=reversible, static_kwargs=static_kwargs,
+            diff_kwargs=diff_kwargs, coupling=coupling, **engine_kwargs,
         )
-    hidden = norm((x1 + x2) / 2)
+    hidden = norm(merge(x1, x2))
     if output_hidden_states:
         all_hidden = all_hidden[:-1] + (hidden,)
     return hidden, all_hidden
@@ -437,8 +476,17 @@ class RevFormerModel(RevFormerPreTrainedModel):
 
         # Both streams start from the embedding and stay in float32 under autocast.
         static = {"rotary": rotary, "mask": mask, "is_causal": is_causal, "past_key_values": past_key_values}
+        options = engine_options(config)
+        # Filled by the recomputing backward when a drift report is configured (debug_reversal_drift, checkpoints).
+        self.last_drift_report = options["drift_report"]
         hidden, all_hidden = run_blocks(
-            self.layers, self.norm, inputs_embeds, config.reversible, static, output_hidden_states=output_hidden_states
+            self.layers,
+            self.norm,
+            inputs_embeds,
+            config.reversible,
+            static,
+            output_hidden_states=output_hidden_states,
+            engine_kwargs=options,
         )
 
         if not return_dict:
@@ -591,4 +639,5 @@ __all__ = [
     "resolve_use_cache",
     "resolve_position_ids",
     "run_blocks",
+    "engine_options",
 ]
