@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Translate a split with beam search from a checkpoint and score it with BLEU and chrF (sacrebleu via `evaluate`).
+
+    python eval/eval_translation.py --model_name_or_path outputs/mt_rev/best --output_dir outputs/mt_rev/test
+
+Writes `predictions.txt`, `references.txt`, `sources.txt` (one line per pair, in split order) and `scores.json`
+with BLEU/chrF of the model and of the copy-the-source baseline on the same pairs (`--no_copy_baseline` skips it).
+The checkpoint is loaded through `AutoModelForSeq2SeqLM` (add `--trust_remote_code` to use the code saved with it
+instead of the installed package) and its tokenizer through `AutoTokenizer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+from translation_utils import load_translation_data, pairs, translate, translation_scores  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name_or_path", required=True)
+    p.add_argument("--trust_remote_code", action="store_true")
+    p.add_argument("--dataset_name", default=None, help="Hub translation dataset (default: bundled Bible en-es).")
+    p.add_argument("--dataset_config_name", default=None)
+    p.add_argument("--test_file", default=None, help="json/jsonl(.gz) in the HF translation format.")
+    p.add_argument("--split", default="test")
+    p.add_argument("--source_lang", default="en")
+    p.add_argument("--target_lang", default="es")
+    p.add_argument("--max_samples", type=int, default=None, help="Only the first N pairs (debugging).")
+    p.add_argument("--num_beams", type=int, default=4)
+    p.add_argument("--length_penalty", type=float, default=1.0)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--max_source_length", type=int, default=128)
+    p.add_argument("--max_new_tokens", type=int, default=160)
+    p.add_argument("--no_copy_baseline", action="store_true")
+    p.add_argument("--num_threads", type=int, default=None)
+    p.add_argument("--output_dir", required=True)
+    args = p.parse_args(argv)
+    if args.num_beams < 1 or args.batch_size < 1:
+        raise ValueError("`--num_beams` and `--batch_size` must be positive.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    if not args.trust_remote_code:
+        import reformer_rev  # noqa: F401  (registers the model type with the Auto classes)
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    model.eval()
+
+    if args.test_file:
+        raw = load_translation_data(test_file=args.test_file)
+    else:
+        raw = load_translation_data(args.dataset_name, args.dataset_config_name)
+    if args.split not in raw:
+        raise ValueError(f"`--split {args.split}` not found; available: {list(raw)}.")
+    sources, references = pairs(raw[args.split], args.source_lang, args.target_lang)
+    if args.max_samples:
+        sources, references = sources[: args.max_samples], references[: args.max_samples]
+
+    t0 = time.time()
+    predictions = translate(
+        model, tokenizer, sources, batch_size=args.batch_size, num_beams=args.num_beams,
+        max_source_length=args.max_source_length, max_new_tokens=args.max_new_tokens,
+        length_penalty=args.length_penalty, progress=True,
+    )
+    seconds = time.time() - t0
+    scores = {
+        "model": str(args.model_name_or_path),
+        "split": args.split,
+        "source_lang": args.source_lang,
+        "target_lang": args.target_lang,
+        "num_pairs": len(sources),
+        "num_beams": args.num_beams,
+        "length_penalty": args.length_penalty,
+        "decode_seconds": round(seconds, 1),
+        **translation_scores(predictions, references),
+    }
+    if not args.no_copy_baseline:
+        copy = translation_scores(sources, references)
+        scores["copy_source_bleu"], scores["copy_source_chrf"] = copy["bleu"], copy["chrf"]
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, lines in (("predictions", predictions), ("references", references), ("sources", sources)):
+        (out / f"{name}.txt").write_text("".join(line.replace("\n", " ") + "\n" for line in lines))
+    (out / "scores.json").write_text(json.dumps(scores, indent=1))
+    print(json.dumps(scores, indent=1))
+    return scores
+
+
+if __name__ == "__main__":
+    main()

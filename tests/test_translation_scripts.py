@@ -1,0 +1,137 @@
+"""The translation scripts end to end on a tiny slice of the bundled corpus, and their building blocks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import sacrebleu
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "training"))
+
+from translation_utils import (  # noqa: E402
+    ChrFScore,
+    SacreBleuScore,
+    collate,
+    length_grouped_batches,
+    load_translation_data,
+    pairs,
+    train_joint_tokenizer,
+    translation_scores,
+)
+
+
+def _load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TEXTS = ["In the beginning God created the heavens and the earth.", "En el principio crió Dios los cielos y la tierra."]
+
+
+def test_joint_tokenizer_round_trip_and_eos():
+    tok = train_joint_tokenizer(TEXTS * 20, vocab_size=300, min_frequency=1)
+    assert [tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id] == [0, 1, 2, 3]
+    for text in TEXTS + ["¿Quién subirá? — ñandú 123"]:  # unseen characters are still bytes of the alphabet
+        ids = tok(text)["input_ids"]
+        assert ids[-1] == tok.eos_token_id and tok.unk_token_id not in ids
+        assert tok.decode(ids, skip_special_tokens=True).strip() == text
+    assert tok(text_target=TEXTS[1])["input_ids"] == tok(TEXTS[1])["input_ids"]
+
+
+def test_length_grouped_batches_partition_and_determinism():
+    lengths = [(i * 37) % 101 for i in range(1000)]
+    batches = length_grouped_batches(lengths, 16, seed=3, pool=4)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(1000))
+    assert batches == length_grouped_batches(lengths, 16, seed=3, pool=4)
+    assert batches != length_grouped_batches(lengths, 16, seed=4, pool=4)
+    # grouping keeps padding low: mean within-batch spread far below the global spread
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 30
+
+
+def test_collate_pads_inputs_and_ignores_label_padding():
+    batch = collate([{"input_ids": [5, 6, 2], "labels": [7, 2]}, {"input_ids": [5, 2], "labels": [8, 9, 2]}], 0)
+    assert batch["input_ids"].tolist() == [[5, 6, 2], [5, 2, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [[7, 2, -100], [8, 9, 2]]
+
+
+def test_metrics_match_sacrebleu():
+    hyps = ["el principio crió Dios los cielos", "y la tierra estaba vacía"]
+    refs = ["En el principio crió Dios los cielos y la tierra.", "Y la tierra estaba desordenada y vacía."]
+    scores = translation_scores(hyps, refs)
+    assert scores["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-3)
+    assert scores["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score, abs=1e-3)
+    assert 0 < scores["bleu"] < 100
+    assert SacreBleuScore().compute(predictions=refs, references=[[r] for r in refs])["score"] == pytest.approx(100)
+    assert ChrFScore().compute(predictions=refs, references=[[r] for r in refs])["score"] == pytest.approx(100)
+
+
+def test_bundled_corpus_pairs_and_language_errors():
+    raw = load_translation_data()
+    assert {"train", "validation", "test"} <= set(raw)
+    src, tgt = pairs(raw["test"], "en", "es")
+    assert len(src) == len(tgt) > 1000 and all(src[:50]) and all(tgt[:50])
+    with pytest.raises(ValueError, match="--target_lang"):
+        pairs(raw["test"], "en", "de")
+
+
+TINY = [
+    "--max_train_samples", "48", "--max_eval_samples", "12", "--val_bleu_samples", "4", "--bpe_vocab_size", "320",
+    "--hidden_size", "32", "--intermediate_size", "64", "--encoder_layers", "1", "--decoder_layers", "2",
+    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--max_new_tokens", "6",
+    "--learning_rate", "3e-3", "--num_warmup_steps", "1", "--lr_scheduler_type", "constant_with_warmup",
+    "--logging_steps", "1", "--num_threads", "1", "--max_source_length", "48", "--max_target_length", "48",
+]
+
+
+@pytest.mark.slow
+def test_train_resume_and_eval_end_to_end(tmp_path):
+    train = _load_script(ROOT / "training" / "train_translation.py")
+    evaluate_script = _load_script(ROOT / "eval" / "eval_translation.py")
+
+    straight = tmp_path / "straight"
+    summary = train.main(TINY + ["--output_dir", str(straight), "--max_train_steps", "8", "--eval_steps", "4",
+                                 "--checkpointing_steps", "4"])
+    assert summary["step"] == 8 and summary["stop_reason"] == "max_steps"
+    log = [json.loads(line) for line in (straight / "train_log.jsonl").read_text().splitlines()]
+    train_losses = [r["train_loss"] for r in log if "train_loss" in r]
+    evals = [r for r in log if "val_loss" in r]
+    assert len(train_losses) == 8 and all(math.isfinite(x) for x in train_losses)
+    assert [r["step"] for r in evals] == [4, 8] and all(0 <= r["val_bleu"] <= 100 for r in evals)
+    assert evals[-1]["val_loss"] < math.log(320)  # learnt something beyond a uniform guess over the vocabulary
+    for name in ("best", "final"):
+        assert (straight / name / "model.safetensors").is_file() and (straight / name / "tokenizer.json").is_file()
+        assert (straight / name / "modeling_reformer_rev_seq2seq.py").is_file()
+
+    # Stop after 4 steps, resume to 8: the same weights as the straight run (data order, RNG and optimizer restored).
+    resumed = tmp_path / "resumed"
+    train.main(TINY + ["--output_dir", str(resumed), "--max_train_steps", "4", "--eval_steps", "100",
+                       "--checkpointing_steps", "100"])
+    summary = train.main(TINY + ["--output_dir", str(resumed), "--max_train_steps", "8", "--eval_steps", "100",
+                                 "--checkpointing_steps", "100", "--resume_from_checkpoint", "latest"])
+    assert summary["step"] == 8
+    a = load_file(straight / "final" / "model.safetensors")
+    b = load_file(resumed / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
+
+    out = tmp_path / "test_eval"
+    scores = evaluate_script.main(["--model_name_or_path", str(straight / "final"), "--output_dir", str(out),
+                                   "--max_samples", "6", "--num_beams", "2", "--max_new_tokens", "6",
+                                   "--batch_size", "4", "--trust_remote_code"])
+    assert scores["num_pairs"] == 6 and 0 <= scores["bleu"] <= 100 and 0 <= scores["chrf"] <= 100
+    assert scores["copy_source_chrf"] > 0
+    assert len((out / "predictions.txt").read_text().splitlines()) == 6
+    assert json.loads((out / "scores.json").read_text())["bleu"] == scores["bleu"]
