@@ -41,6 +41,7 @@ from .modeling_reformer_rev import (
     build_attention_mask,
     chunked_cross_entropy,
     embed_inputs,
+    engine_options,
     resolve_position_ids,
     resolve_use_cache,
     rotary_tables,
@@ -123,7 +124,13 @@ class RevFormerEncoder(nn.Module):
         rotary = rotary_tables(position_ids, config.head_dim, config.rope_theta, torch.float32)
         static = {"rotary": rotary, "mask": mask, "is_causal": False}
         hidden, all_hidden = run_blocks(
-            self.layers, self.norm, inputs_embeds, config.reversible, static, output_hidden_states=output_hidden_states
+            self.layers,
+            self.norm,
+            inputs_embeds,
+            config.reversible,
+            static,
+            output_hidden_states=output_hidden_states,
+            engine_kwargs=engine_options(config),
         )
         if not return_dict:
             return tuple(v for v in (hidden, all_hidden) if v is not None)
@@ -196,6 +203,7 @@ class RevFormerDecoder(nn.Module):
             static,
             diff_kwargs={"encoder_hidden_states": encoder_hidden_states},
             output_hidden_states=output_hidden_states,
+            engine_kwargs=engine_options(config),
         )
         return BaseModelOutputWithPastAndCrossAttentions(
             last_hidden_state=hidden, past_key_values=past_key_values, hidden_states=all_hidden
