@@ -1,0 +1,93 @@
+"""Smoke tests of the benchmarks in eval/: each runs at a tiny size and writes its JSON, markdown and plots.
+
+No timing assertions (the CI machine is shared); memory assertions only where the ordering is structural.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+EVAL_DIR = Path(__file__).resolve().parents[1] / "eval"
+sys.path.insert(0, str(EVAL_DIR))
+
+import _bench_common  # noqa: E402
+import bench_memory  # noqa: E402
+import bench_speed  # noqa: E402
+
+TINY = ["--hidden_size", "32", "--num_heads", "4", "--ffn_size", "64", "--rev_intermediate_size", "43", "--vocab_size", "64"]
+
+
+def test_least_squares_and_summary():
+    slope, intercept = _bench_common.least_squares([2, 8, 24], [10.0, 22.0, 54.0])
+    assert slope == pytest.approx(2.0) and intercept == pytest.approx(6.0)
+    assert _bench_common.least_squares([4], [3.0]) == (0.0, 3.0)
+    s = _bench_common.summary([3.0, 1.0, 2.0, 10.0])
+    assert (s["min"], s["median"], s["max"], s["n"]) == (1.0, 2.5, 10.0, 4)
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="candidate"):
+        _bench_common.BenchShape(candidate="gpt3")
+    with pytest.raises(ValueError, match="local_chunk_length"):
+        _bench_common.BenchShape(candidate="hf_reformer_local", seq_len=100)
+    with pytest.raises(SystemExit):
+        bench_memory.parse_args(["--candidates", "reversible,nope"])
+    with pytest.raises(ValueError, match="baseline"):
+        bench_speed.parse_args(["--candidates", "twin,gpt2"])
+
+
+def test_every_candidate_builds_and_trains_at_equal_shape():
+    """All candidates accept the same tiny shape and take a finite training step (what the benchmarks time)."""
+    import torch
+
+    counts = {}
+    for name in _bench_common.CANDIDATES:
+        shape = _bench_common.BenchShape(
+            candidate=name, num_layers=2, seq_len=64, hidden_size=32, ffn_size=64, rev_intermediate_size=43,
+            vocab_size=64, local_chunk_length=16,
+        )
+        model = _bench_common.build_model(shape)
+        opt = _bench_common.make_optimizer(model)
+        _bench_common.warm_up(model, opt, shape)
+        loss = _bench_common.make_step(model, opt, _bench_common.make_batch(shape))()
+        assert torch.isfinite(torch.tensor(loss)), name
+        counts[name] = sum(p.numel() for p in model.parameters())
+    # The reversible model and its twin are the same modules.
+    assert counts["reversible"] == counts["twin"]
+
+
+@pytest.mark.slow
+def test_bench_memory_smoke(tmp_path):
+    """Fresh-process depth sweep + a process-memory run: files written, reversible flatter in depth than its twin."""
+    out = bench_memory.main(
+        ["--output_dir", str(tmp_path), "--candidates", "reversible,twin", "--depths", "1,3", "--depth_sweep_seq_len",
+         "256", "--sweeps", "depth", "--rss_runs", "reversible:128:1", "--threads", "1", "--timeout", "120", *TINY]
+    )
+    for name in ("memory.json", "memory.md", "memory_vs_depth.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    data = json.loads((tmp_path / "memory.json").read_text())
+    assert [r["status"] for r in data["records"]] == ["ok"] * 5, data["records"]
+    fits = out["depth_fits"]
+    assert fits["twin"]["slope_mb_per_layer"] > 0
+    assert fits["reversible"]["slope_mb_per_layer"] < 0.5 * fits["twin"]["slope_mb_per_layer"]
+    rss = [r for r in data["records"] if r["sweep"] == "rss"][0]
+    assert rss["peak_rss_bytes"] > rss["rss_at_start_bytes"] > 0
+    assert "MB / layer" in (tmp_path / "memory.md").read_text()
+
+
+def test_bench_speed_smoke(tmp_path):
+    bench_speed.main(
+        ["--output_dir", str(tmp_path), "--candidates", "reversible,twin", "--depths", "2", "--seq_lens", "64",
+         "--repeats", "2", "--warmup_steps", "0", "--threads", "1", *TINY]
+    )
+    data = json.loads((tmp_path / "speed.json").read_text())
+    res = data["results"][0]
+    assert res["rounds"] == 2 and len(res["step_seconds"]["twin"]) == 2
+    ratio = res["ratios_vs_baseline"]["twin"]
+    assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
+    assert (tmp_path / "speed_ratio.png").stat().st_size > 0
+    assert "tokens/s" in (tmp_path / "speed.md").read_text()
