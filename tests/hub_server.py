@@ -1,4 +1,4 @@
-"""A loopback Hugging Face Hub API server for tests: the real `huggingface_hub` client uploads to it and downloads from it.
+"""A loopback Hugging Face Hub API server for tests: the real `huggingface_hub` client uploads to and downloads from it.
 
 There is no official offline Hub and no commit dry-run, so to exercise the real client code end to end (`create_repo`,
 `create_commit` with regular and LFS files, `hf_hub_download` / `from_pretrained`) the tests start this small server in
@@ -15,7 +15,7 @@ Implemented (model repos, branch `main` or a commit sha as revision):
 - `POST /api/models/{repo}/commit/{rev}` (NDJSON: header, file, lfsFile, deletedFile, deletedFolder)
 - `GET /api/models/{repo}[/revision/{rev}]`, `GET /api/models/{repo}/tree/{rev}[/{path}]`,
   `POST /api/models/{repo}/paths-info/{rev}`, `GET /api/models/{repo}/refs`
-- `HEAD|GET /{repo}/resolve/{rev}/{path}` with `ETag`, `X-Repo-Commit`, `Content-Length` (and `X-Linked-*` for LFS files)
+- `HEAD|GET /{repo}/resolve/{rev}/{path}` with `ETag`, `X-Repo-Commit`, `Content-Length` (`X-Linked-*` for LFS files)
 
 Writes need `Authorization: Bearer <token>` with a token in `tokens`; reads of private repositories too. Every request
 is recorded in `server.requests` (method, path) so tests can assert what reached the server, and every request the
@@ -217,7 +217,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         store = self.server.store
         with store.lock:
             if store.get_repo(repo_id) is not None:
-                return self._json(409, {"error": "You already created this model repo", "url": f"{self._base()}/{repo_id}"})
+                conflict = {"error": "You already created this model repo", "url": f"{self._base()}/{repo_id}"}
+                return self._json(409, conflict)
             private = payload.get("visibility") == "private" or bool(payload.get("private"))
             now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
             init_sha = hashlib.sha1(f"init {repo_id} {time.time_ns()}".encode()).hexdigest()
@@ -242,7 +243,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             return self._error(401, "Invalid credentials in Authorization header")
         self._json(200, {"type": "user", "name": self.server.username, "orgs": [], "auth": {"type": "access_token"}})
 
-    def model_info(self, repo: str, revision: str = "main", head: bool = False, **_: Any) -> None:
+    def model_info(
+        self, repo: str, revision: str = "main", head: bool = False, query: dict | None = None, **_: Any
+    ) -> None:
         repo_data = self._readable_repo(repo, head)
         if repo_data is None:
             return
@@ -266,6 +269,12 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             "lastModified": repo_data["commits"][sha]["date"],
             "siblings": [{"rfilename": path} for path in sorted(files)],
         }
+        if (query or {}).get("blobs", ["false"])[0].lower() in ("1", "true"):  # `model_info(files_metadata=True)`
+            for sibling in info["siblings"]:
+                entry = self._entry_json(sibling["rfilename"], files[sibling["rfilename"]])
+                sibling.update(size=entry["size"], blobId=entry["oid"])
+                if "lfs" in entry:
+                    sibling["lfs"] = {"sha256": entry["lfs"]["oid"], "size": entry["size"], "pointerSize": 134}
         if "config.json" in files:
             try:
                 config = json.loads(self.server.store.blob_path(files["config.json"]["blob"]).read_bytes())
@@ -279,7 +288,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if repo_data is None:
             return
         branches = [
-            {"name": name, "ref": f"refs/heads/{name}", "targetCommit": sha} for name, sha in repo_data["branches"].items()
+            {"name": name, "ref": f"refs/heads/{name}", "targetCommit": sha}
+            for name, sha in repo_data["branches"].items()
         ]
         self._json(200, {"branches": branches, "converts": [], "tags": []})
 
@@ -308,7 +318,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             entries.append(self._entry_json(file_path, files[file_path]))
         if prefix and not entries and not folders:
             return self._error(404, f"{path} does not exist on {revision}", "EntryNotFound")
-        folder_entries = [{"type": "directory", "oid": git_blob_sha1(f.encode()), "size": 0, "path": f} for f in folders]
+        folder_entries = [
+            {"type": "directory", "oid": git_blob_sha1(f.encode()), "size": 0, "path": f} for f in folders
+        ]
         self._json(200, sorted(folder_entries, key=lambda e: e["path"]) + entries)
 
     def paths_info(self, repo: str, revision: str, body: bytes, **_: Any) -> None:
@@ -356,7 +368,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             if existing is not None:
                 remote_oid = existing["sha256"] if existing.get("lfs") else existing["git_oid"]
             out.append(
-                {"path": item["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": remote_oid}
+                {"path": item["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
+                 "oid": remote_oid}
             )
         self._json(200, {"files": out, "commitOid": resolved[0]})
 
@@ -453,7 +466,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             repo_data["history"].append(sha)
             store.save_repo(repo_data)
             with self.server.lock_requests:
-                self.server.commits.append({"repo": repo, "oid": sha, "title": header["summary"], "files": sorted(files)})
+                self.server.commits.append(
+                    {"repo": repo, "oid": sha, "title": header["summary"], "files": sorted(files)}
+                )
         self._json(200, {"commitUrl": f"{self._base()}/{repo}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None,
                          "success": True})
 

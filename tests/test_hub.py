@@ -34,12 +34,16 @@ from reformer_rev.model_card import build_model_card, extract_metrics, write_mod
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 48
 SEQ2SEQ_MODULE = REPO_ROOT / "src" / "reformer_rev" / "modeling_reformer_rev_seq2seq.py"
-# Besides the modeling files that `save_pretrained` copies (their set changes as the package grows), a pushed LM repo holds:
-EXPECTED_LM_FILES = {"README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                     "tokenizer_config.json", "results.json", "configuration_reformer_rev.py", "modeling_reformer_rev.py",
-                     "reversible.py"}
+# A pushed LM repo holds these, plus any further sibling module `save_pretrained` copies (the set grows with the
+# package).
+EXPECTED_LM_FILES = {
+    "README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+    "tokenizer_config.json", "results.json", "configuration_reformer_rev.py", "modeling_reformer_rev.py",
+    "reversible.py",
+}
 # Training leftovers that must never be uploaded.
-JUNK = ("optimizer.pt", "training_args.bin", "trainer_state.json", "runs/events.out.tfevents", "checkpoint-5/model.safetensors")
+JUNK = ("optimizer.pt", "training_args.bin", "trainer_state.json", "runs/events.out.tfevents",
+        "checkpoint-5/model.safetensors")
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
@@ -241,7 +245,9 @@ def test_lm_round_trip_through_the_hub(hub, trained_lm, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SEQ2SEQ_MODULE.exists(), reason="reformer_rev has no seq2seq model (modeling_reformer_rev_seq2seq.py)")
+@pytest.mark.skipif(
+    not SEQ2SEQ_MODULE.exists(), reason="reformer_rev has no seq2seq model (modeling_reformer_rev_seq2seq.py)"
+)
 def test_seq2seq_round_trip_through_the_hub(hub, tmp_path):
     from reformer_rev import RevFormerForConditionalGeneration
 
@@ -432,3 +438,24 @@ def test_metrics_extraction_understands_the_training_scripts_results():
         "test": {"loss": 1.2, "perplexity": 3.3, "bits_per_byte": 1.7},
     }
     assert extract_metrics({"eval_bleu": float("nan"), "test_chrf": True}) == {}
+
+
+def test_card_command_on_a_train_lm_style_results_file(trained_lm, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_lm["dir"], ckpt)
+    results = {
+        "validation": {"loss": 1.1, "perplexity": 3.0, "bpb": 1.6, "tokens": 4096},
+        "unigram_bpb": {"validation": 4.4},
+        "train": {"steps": 10, "tokens_per_second": 900.0},
+        "args": {"dataset_name": None, "train_file": None, "learning_rate": 0.002, "output_dir": "outputs/x"},
+    }
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert main(["card", str(ckpt), "--results", str(tmp_path / "results.json"), "--repo_id", "me/lm"]) == 0
+    card = ModelCard.load(ckpt / "README.md")
+    data = card.data.to_dict()
+    # No data argument: the script's bundled English corpus, named as such.
+    assert data["language"] == ["en"] and data["model-index"][0]["results"][0]["dataset"]["type"] == "bible_lm"
+    assert model_index_metrics(data) == {("validation", "loss"): 1.1, ("validation", "perplexity"): 3.0,
+                                         ("validation", "bits_per_byte"): 1.6}
+    assert "| unigram_bpb (validation) | 4.4 |" in card.text and "| learning_rate | 0.002 |" in card.text
+    assert "output_dir" not in card.text and 'from_pretrained("me/lm")' in card.text

@@ -71,12 +71,14 @@ _METRIC_NAMES = {
 _NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "tokens_per_second", "epoch", "step", "samples",
                 "tokens", "bytes", "count", "examples", "sentences", "num_", "n_", "time", "seconds", "len")
 # Run arguments that say nothing about how the model was trained.
-_BOOKKEEPING_ARGS = ("output_dir", "push_to_hub", "hub_model_id", "hub_token", "overwrite_cache", "overwrite_output_dir",
+_BOOKKEEPING_ARGS = ("output_dir", "push_to_hub", "hub_model_id", "hub_token", "overwrite_cache",
+                     "overwrite_output_dir",
                      "report_to", "with_tracking", "logging_steps", "checkpointing_steps", "checkpoints_total_limit",
                      "resume_from_checkpoint", "preprocessing_num_workers", "num_proc", "logging_dir")
 # What the training scripts train on when given no data argument (DESIGN.md §6; built by scripts/build_corpus.py).
 _BUNDLED_DATA = {
-    "causal-lm": {"name": "Public-domain English Bibles (KJV and WEB), whole books split by book (bundled `data/bible_lm`)",
+    "causal-lm": {"name": "Public-domain English Bibles (KJV and WEB), whole books split by book "
+                          "(bundled `data/bible_lm`)",
                   "type": "bible_lm", "language": ["en"]},
     "translation": {"name": "English-Spanish Bible verse pairs (KJV/WEB and Reina-Valera 1909), split by book "
                             "(bundled `data/bible_mt`)", "type": "bible_mt"},
@@ -166,7 +168,8 @@ def _language(results: dict[str, Any], task: str, dataset: dict[str, Any]) -> li
         return [str(x) for x in language]
     if task == "translation":
         args = _run_args(results)
-        langs = [results.get("source_lang") or args.get("source_lang"), results.get("target_lang") or args.get("target_lang")]
+        langs = [results.get("source_lang") or args.get("source_lang"),
+                 results.get("target_lang") or args.get("target_lang")]
         if all(isinstance(x, str) and x for x in langs):
             return langs  # type: ignore[return-value]
     return None
@@ -236,7 +239,9 @@ def _architecture(config: dict[str, Any], num_parameters: int | None, task: str)
 def _baselines_text(results: dict[str, Any]) -> str | None:
     """Baselines from `baselines` and from top-level `unigram_*` / `*baseline*` keys (number or `{split: number}`)."""
     items = dict(results["baselines"]) if isinstance(results.get("baselines"), dict) else {}
-    items.update({k: v for k, v in results.items() if k != "baselines" and (k.startswith("unigram_") or "baseline" in k)})
+    items.update(
+        {k: v for k, v in results.items() if k != "baselines" and (k.startswith("unigram_") or "baseline" in k)}
+    )
     rows: list[tuple[str, Any]] = []
     for key, value in items.items():
         if isinstance(value, dict):
@@ -305,7 +310,9 @@ def build_model_card(
     )
 
     metric_rows = [
-        f"| {split} | {_metric_info(m)[1]} | {_format_value(v)} |" for split, values in metrics.items() for m, v in values.items()
+        f"| {split} | {_metric_info(m)[1]} | {_format_value(v)} |"
+        for split, values in metrics.items()
+        for m, v in values.items()
     ]
     results_table = "\n".join(["| split | metric | value |", "|---|---|---|", *metric_rows]) if metric_rows else None
     hyperparameters = {k: v for k, v in _run_args(results).items() if k not in _BOOKKEEPING_ARGS}
