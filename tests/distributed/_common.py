@@ -1,0 +1,38 @@
+"""Shared helpers of the multi-process workers (launched with `torchrun --nproc_per_node 2`, gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+torch.set_num_threads(1)
+
+from reformer_rev import RevFormerConfig  # noqa: E402
+
+
+def tiny_config(**overrides) -> RevFormerConfig:
+    kwargs = dict(
+        vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        loss_chunk_size=16, chunk_size_feed_forward=8,
+    )
+    kwargs.update(overrides)
+    return RevFormerConfig(**kwargs)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def write_result(result: dict) -> None:
+    """Rank 0 writes the measurements to the JSON path given as the last command-line argument."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(sys.argv[-1]).write_text(json.dumps(result, indent=2))
