@@ -15,6 +15,9 @@ SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu"
 SUPPORTED_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 SUPPORTED_COUPLINGS = ("additive", "momentum", "leapfrog")
 SUPPORTED_BRANCH_SCALES = (None, "none", "inv_sqrt_depth", "learnable_gate")
+SUPPORTED_DEPTH_MODES = ("stack", "deq")
+SUPPORTED_DEQ_SOLVERS = ("fixed_point", "anderson")
+SUPPORTED_DEQ_BACKWARDS = ("implicit", "phantom")
 
 
 class RevFormerConfig(PretrainedConfig):
@@ -71,6 +74,22 @@ class RevFormerConfig(PretrainedConfig):
             `1/sqrt(num_hidden_layers)`) or `"learnable_gate"` (a scalar gate per branch, initialised at 0).
         debug_reversal_drift: Measure the reconstruction error of every block in backward and keep it in
             `model.last_drift_report` (the forward then stores every block's inputs: memory grows with depth).
+        num_unique_layers: Weight tying in depth (`docs/infinite_depth.md`): build only this many distinct blocks and
+            cycle through them for the `num_hidden_layers` applications (`None` = all distinct). The number of applied
+            layers can then be changed at inference (`model(..., num_hidden_layers=n)` or by setting
+            `model.config.num_hidden_layers`).
+        depth_mode: `"stack"` (apply the blocks `num_hidden_layers` times) or `"deq"` (deep equilibrium: solve for the
+            fixed point `h* = x + R(h*)` of the weight-tied block group, `R` = the group's residual update, `x` = the
+            input injection, and differentiate implicitly; activation memory independent of the solver iterations).
+        deq_solver: `"anderson"` or `"fixed_point"` (damped Picard iteration); the solver state is kept in float32.
+        deq_max_iter / deq_tol: Solver limits: at most this many applications of the group, stop when the relative
+            residual `||f(h) - h|| / ||f(h)||` of every sequence is `<= deq_tol`. Also used by the adjoint solve.
+        deq_backward: `"implicit"` (solve the adjoint fixed point) or `"phantom"` (back-propagate through
+            `deq_phantom_steps` damped steps from the fixed point).
+        deq_phantom_steps: Unrolled steps of the phantom gradient.
+        deq_damping: Damping `tau` in (0, 1] of the Picard iteration, Anderson mixing and phantom steps (1 = none).
+        deq_jacobian_reg: Weight of the Jacobian regulariser (Hutchinson estimate of `||J_f||_F^2 / n` at the fixed
+            point) added to the LM loss during training; 0 disables it.
     """
 
     model_type = "reformer_rev"
@@ -113,6 +132,15 @@ class RevFormerConfig(PretrainedConfig):
         stream_checkpoint_every: int = 0,
         branch_scale: str | None = None,
         debug_reversal_drift: bool = False,
+        num_unique_layers: int | None = None,
+        depth_mode: str = "stack",
+        deq_solver: str = "anderson",
+        deq_max_iter: int = 40,
+        deq_tol: float = 1e-3,
+        deq_backward: str = "implicit",
+        deq_phantom_steps: int = 5,
+        deq_damping: float = 1.0,
+        deq_jacobian_reg: float = 0.0,
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -150,6 +178,15 @@ class RevFormerConfig(PretrainedConfig):
         self.stream_checkpoint_every = stream_checkpoint_every
         self.branch_scale = branch_scale
         self.debug_reversal_drift = debug_reversal_drift
+        self.num_unique_layers = num_unique_layers
+        self.depth_mode = depth_mode
+        self.deq_solver = deq_solver
+        self.deq_max_iter = deq_max_iter
+        self.deq_tol = deq_tol
+        self.deq_backward = deq_backward
+        self.deq_phantom_steps = deq_phantom_steps
+        self.deq_damping = deq_damping
+        self.deq_jacobian_reg = deq_jacobian_reg
         super().__init__(chunk_size_feed_forward=chunk_size_feed_forward, is_encoder_decoder=is_encoder_decoder, **kwargs)
         self.validate()
 
@@ -220,6 +257,7 @@ class RevFormerConfig(PretrainedConfig):
             if value is not None and not 0 <= value < self.vocab_size:
                 raise ValueError(f"`{name}` must be None or in [0, vocab_size={self.vocab_size}), got {value!r}.")
         self._validate_depth_options()
+        self._validate_infinite_depth_options()
         attn = getattr(self, "_attn_implementation", None)
         if attn is not None and attn not in SUPPORTED_ATTENTION_IMPLEMENTATIONS:
             raise ValueError(
@@ -247,6 +285,36 @@ class RevFormerConfig(PretrainedConfig):
             raise ValueError(f"`stream_checkpoint_every` must be a non-negative integer (0 disables it), got {k!r}.")
         if self.branch_scale not in SUPPORTED_BRANCH_SCALES:
             raise ValueError(f"`branch_scale` must be one of {SUPPORTED_BRANCH_SCALES}, got {self.branch_scale!r}.")
+
+    def _validate_infinite_depth_options(self) -> None:
+        """Weight tying and deep-equilibrium fields (`docs/infinite_depth.md`)."""
+        unique = self.num_unique_layers
+        if unique is not None and (isinstance(unique, bool) or not isinstance(unique, int) or unique <= 0):
+            raise ValueError(f"`num_unique_layers` must be None or a positive integer, got {unique!r}.")
+        if unique is not None and unique > self.num_hidden_layers and self.depth_mode == "stack":
+            raise ValueError(
+                f"`num_unique_layers` ({unique}) must not exceed `num_hidden_layers` ({self.num_hidden_layers}): "
+                "blocks that are never applied would be unused parameters."
+            )
+        if self.depth_mode not in SUPPORTED_DEPTH_MODES:
+            raise ValueError(f"`depth_mode` must be one of {SUPPORTED_DEPTH_MODES}, got {self.depth_mode!r}.")
+        if self.deq_solver not in SUPPORTED_DEQ_SOLVERS:
+            raise ValueError(f"`deq_solver` must be one of {SUPPORTED_DEQ_SOLVERS}, got {self.deq_solver!r}.")
+        if self.deq_backward not in SUPPORTED_DEQ_BACKWARDS:
+            raise ValueError(f"`deq_backward` must be one of {SUPPORTED_DEQ_BACKWARDS}, got {self.deq_backward!r}.")
+        for name in ("deq_max_iter", "deq_phantom_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        tol = self.deq_tol
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
+            raise ValueError(f"`deq_tol` must be a float in (0, 1), got {tol!r}.")
+        tau = self.deq_damping
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau <= 1:
+            raise ValueError(f"`deq_damping` must be a float in (0, 1], got {tau!r}.")
+        reg = self.deq_jacobian_reg
+        if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not 0 <= reg < float("inf"):
+            raise ValueError(f"`deq_jacobian_reg` must be a non-negative finite number, got {reg!r}.")
 
 
 __all__ = ["RevFormerConfig", "SUPPORTED_ACTIVATIONS", "SUPPORTED_ATTENTION_IMPLEMENTATIONS", "SUPPORTED_COUPLINGS"]

@@ -11,20 +11,24 @@ checkpoint for `trust_remote_code=True` loading.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
 from .configuration_reformer_rev import RevFormerConfig
 from .couplings import DriftReport, make_coupling
+from .deq import DEQStats, deq_fixed_point, jacobian_regularizer
 from .reversible import run_reversible_stack
 
 logger = logging.get_logger(__name__)
@@ -45,7 +49,8 @@ class RevFormerRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
+        # At least float32 (float64 stays float64: a float32 round trip would cap float64 models at ~1e-9 precision).
+        hidden_states = hidden_states.to(torch.promote_types(input_dtype, torch.float32))
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
         return self.weight * hidden_states.to(input_dtype)
@@ -412,15 +417,185 @@ class RevFormerPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Infinite depth: weight tying and deep-equilibrium mode (docs/infinite_depth.md)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RevFormerModelOutputWithPast(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus, in DEQ mode, the solver statistics and the Jacobian regulariser."""
+
+    deq_stats: DEQStats | None = None
+    jacobian_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class RevFormerCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus, in DEQ mode, the solver statistics (`deq_stats.forward.iterations`,
+    `.residual`, `.converged`; `deq_stats.backward` once backward has run) and the Jacobian regulariser."""
+
+    deq_stats: DEQStats | None = None
+    jacobian_loss: torch.FloatTensor | None = None
+
+
+class _CacheSlot:
+    """The key/value cache seen by one *application* of a block: slot `index` of the shared cache.
+
+    With weight tying a block is applied several times, so its `layer_idx` cannot address the cache. With
+    `commit=False` (DEQ solver iterations) the new keys/values are concatenated to the cached ones but not stored.
+    """
+
+    def __init__(self, cache: Cache, index: int, commit: bool = True) -> None:
+        self.cache, self.index, self.commit = cache, index, commit
+        while len(cache.layers) <= index:
+            cache.layers.append(DynamicLayer())
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int | None = None, *args: Any, **kwargs: Any):
+        if self.commit:
+            return self.cache.update(key, value, self.index, *args, **kwargs)
+        layer = self.cache.layers[self.index]
+        if not getattr(layer, "is_initialized", False) or layer.keys is None or layer.keys.numel() == 0:
+            return key, value
+        return torch.cat([layer.keys, key], dim=-2), torch.cat([layer.values, value], dim=-2)
+
+    def get_seq_length(self, layer_idx: int | None = None) -> int:
+        return self.cache.get_seq_length(self.index)
+
+
+class _BlockApplication:
+    """A block applied at depth `index`: the same module (same parameters), its own key/value cache slot."""
+
+    def __init__(self, block: RevFormerBlock, index: int, commit_cache: bool = True) -> None:
+        self.block, self.index, self.commit_cache = block, index, commit_cache
+
+    def __getattr__(self, name: str) -> Any:  # training, g_chunk_size, uses_rng, parameters, ...
+        return getattr(self.__dict__["block"], name)
+
+    def f(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        cache = kwargs.get("past_key_values")
+        if cache is not None:
+            kwargs = {**kwargs, "past_key_values": _CacheSlot(cache, self.index, self.commit_cache)}
+        return self.block.f(x, **kwargs)
+
+    def g(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.block.g(x, **kwargs)
+
+
+def applied_layers(layers: nn.ModuleList, num_applied: int, has_cache: bool) -> Any:
+    """The blocks in application order: `num_applied` applications cycling through the distinct `layers`."""
+    if isinstance(num_applied, bool) or not isinstance(num_applied, int) or num_applied <= 0:
+        raise ValueError(f"`num_hidden_layers` must be a positive integer, got {num_applied!r}.")
+    unique = len(layers)
+    if num_applied == unique:
+        return layers
+    if num_applied < unique or not has_cache:
+        return [layers[i % unique] for i in range(num_applied)]
+    return [_BlockApplication(layers[i % unique], i) for i in range(num_applied)]
+
+
+@contextmanager
+def _seeded_rng(seed: int | None, devices: list[int]):
+    """Run with a generator seeded by `seed` (fresh masks per forward, identical masks across its applications),
+    leaving the global generators exactly as they were."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def deq_blocks(
+    model: nn.Module,
+    hidden: torch.Tensor,
+    static_kwargs: dict[str, Any],
+    engine_kwargs: dict[str, Any],
+    output_hidden_states: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, DEQStats, torch.Tensor | None]:
+    """Deep-equilibrium forward of the weight-tied block group `model.layers`.
+
+    State `h = (h1, h2)` (both streams), input injection `x = init_streams(hidden)`, and
+    `f(h) = x + R(h)` with `R(h) = group(h) - h` the group's residual update: the fixed point `h* = x + R(h*)` is the
+    implicit (infinitely deep, weight-tied) version of one explicit step `h = x + R(x)`. Solved by `deq.py`; dropout
+    draws the same masks in every application of `f` within one forward, so `f` is one fixed map.
+    """
+    config = model.config
+    coupling = make_coupling(engine_kwargs.get("coupling"))
+    group = list(model.layers)
+    cache = static_kwargs.get("past_key_values")
+    x1, x2 = coupling.init_streams(hidden)
+    width = x1.shape[-1]
+    uses_rng = any(getattr(b, "uses_rng", False) for b in group)
+    seed = int(torch.randint(0, 2**62, (1,))) if uses_rng else None  # advances the global generator once
+    devices = sorted({t.device.index for t in (hidden,) if t.is_cuda and t.device.index is not None})
+
+    def f(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, reversible: bool = False, commit: bool = False):
+        h1, h2 = h[..., :width], h[..., width:]
+        blocks = group if cache is None else [_BlockApplication(m, i, commit_cache=commit) for i, m in enumerate(group)]
+        with _seeded_rng(seed, devices):
+            y1, y2 = run_reversible_stack(
+                blocks, h1, h2, reversible=reversible, static_kwargs=static_kwargs, coupling=coupling
+            )
+        return torch.cat([a + (y1 - h1), b + (y2 - h2)], dim=-1)
+
+    def report(stats: DEQStats) -> None:
+        if not stats.converged:
+            model._deq_warn(stats)
+
+    phantom = config.deq_backward == "phantom"
+    h, stats = deq_fixed_point(
+        (lambda h, a, b: f(h, a, b, reversible=config.reversible)) if phantom else f,
+        torch.cat([x1, x2], dim=-1),
+        (x1, x2),
+        solver=config.deq_solver,
+        max_iter=config.deq_max_iter,
+        tol=config.deq_tol,
+        damping=config.deq_damping,
+        backward=config.deq_backward,
+        phantom_steps=config.deq_phantom_steps,
+        on_backward=report,
+    )
+    if not stats.forward.converged:
+        model._deq_warn(stats)
+    jacobian_loss = None
+    if config.deq_jacobian_reg > 0 and model.training and torch.is_grad_enabled():
+        # Double backward: the fused SDPA kernels have none, the math kernel does.
+        with sdpa_kernel([SDPBackend.MATH]):
+            jacobian_loss = jacobian_regularizer(f, h.detach(), (x1, x2))
+        stats.jacobian_loss = float(jacobian_loss.detach())
+    if cache is not None:
+        with torch.no_grad():  # store the keys/values of the fixed point (causal: later tokens do not change them)
+            f(h.detach(), x1, x2, commit=True)
+    out = model.norm(coupling.merge_streams(h[..., :width], h[..., width:]))
+    all_hidden = (hidden, out) if output_hidden_states else None
+    return out, all_hidden, stats, jacobian_loss
+
+
 class RevFormerModel(RevFormerPreTrainedModel):
     """Embeddings, a stack of reversible blocks, stream merge and final norm. Returns `BaseModelOutputWithPast`."""
 
     def __init__(self, config: RevFormerConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(RevFormerBlock(config, i) for i in range(config.num_hidden_layers))
+        # Weight tying in depth: `num_unique_layers` distinct blocks, cycled through at run time (None = all distinct).
+        num_blocks = getattr(config, "num_unique_layers", None) or config.num_hidden_layers
+        self.layers = nn.ModuleList(RevFormerBlock(config, i) for i in range(num_blocks))
         self.norm = RevFormerRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.deq_nonconverged = 0
         self.post_init()
+
+    def _deq_warn(self, stats: DEQStats) -> None:
+        """Log a non-converged DEQ solve (the 1st, 2nd, 4th, 8th ... time, so training logs stay readable)."""
+        self.deq_nonconverged += 1
+        if self.deq_nonconverged & (self.deq_nonconverged - 1) == 0:
+            which = "forward" if not stats.forward.converged else "backward (adjoint)"
+            s = stats.forward if which == "forward" else stats.backward
+            logger.warning(
+                f"DEQ {which} solve did not converge ({self.deq_nonconverged} time(s) so far): relative residual "
+                f"{s.residual:.3e} > deq_tol={s.tol:g} after {s.iterations} iterations. Raise `deq_max_iter`, use "
+                "`deq_solver='anderson'` or `deq_jacobian_reg`; `outputs.deq_stats` has the details."
+            )
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
@@ -438,10 +613,18 @@ class RevFormerModel(RevFormerPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        num_hidden_layers: int | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast | tuple:
+        """
+        num_hidden_layers: number of block applications for this call (weight tying: the stack cycles through the
+            `num_unique_layers` distinct blocks); defaults to `config.num_hidden_layers`. Ignored in DEQ mode.
+        """
         config = self.config
         use_cache = resolve_use_cache(config, use_cache)
+        deq = getattr(config, "depth_mode", "stack") == "deq"
+        if deq and torch.is_grad_enabled():
+            use_cache = False  # the solver applies the group many times; a cache only serves generation
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         )
@@ -479,20 +662,28 @@ class RevFormerModel(RevFormerPreTrainedModel):
         options = engine_options(config)
         # Filled by the recomputing backward when a drift report is configured (debug_reversal_drift, checkpoints).
         self.last_drift_report = options["drift_report"]
-        hidden, all_hidden = run_blocks(
-            self.layers,
-            self.norm,
-            inputs_embeds,
-            config.reversible,
-            static,
-            output_hidden_states=output_hidden_states,
-            engine_kwargs=options,
-        )
+        deq_stats = jacobian_loss = None
+        if deq:
+            hidden, all_hidden, deq_stats, jacobian_loss = deq_blocks(
+                self, inputs_embeds, static, options, output_hidden_states
+            )
+        else:
+            depth = config.num_hidden_layers if num_hidden_layers is None else num_hidden_layers
+            hidden, all_hidden = run_blocks(
+                applied_layers(self.layers, depth, past_key_values is not None),
+                self.norm,
+                inputs_embeds,
+                config.reversible,
+                static,
+                output_hidden_states=output_hidden_states,
+                engine_kwargs=options,
+            )
 
         if not return_dict:
             return tuple(v for v in (hidden, past_key_values, all_hidden) if v is not None)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden, past_key_values=past_key_values, hidden_states=all_hidden
+        return RevFormerModelOutputWithPast(
+            last_hidden_state=hidden, past_key_values=past_key_values, hidden_states=all_hidden,
+            deq_stats=deq_stats, jacobian_loss=jacobian_loss,
         )
 
 
@@ -585,9 +776,11 @@ class RevFormerForCausalLM(RevFormerPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         return_logits: bool | None = None,
+        num_hidden_layers: int | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
         """
+        num_hidden_layers: number of block applications for this call (weight-tied depth chosen at run time).
         labels: token ids `(batch, sequence)`, shifted inside; `-100` is ignored.
         logits_to_keep: if > 0, only the last `logits_to_keep` positions' logits are computed (generation).
         return_logits: with `labels`, the loss is computed chunk-wise and `logits` is `None` unless this is `True`.
@@ -602,6 +795,7 @@ class RevFormerForCausalLM(RevFormerPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            num_hidden_layers=num_hidden_layers,
         )
         hidden = outputs.last_hidden_state
         loss = None
@@ -610,6 +804,14 @@ class RevFormerForCausalLM(RevFormerPreTrainedModel, GenerationMixin):
             if labels.shape != hidden.shape[:2]:
                 raise ValueError(f"`labels` must have shape {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}.")
             loss = chunked_lm_loss(hidden, self.lm_head, labels, self.config.loss_chunk_size)
+            num_items = kwargs.get("num_items_in_batch")
+            if num_items is not None:
+                # `Trainer` passes the target count of the whole accumulated (and multi-process) batch and then skips
+                # its own loss scaling: turn this batch's mean into its share of that global mean.
+                n_valid = (labels[:, 1:] != -100).sum().clamp(min=1)
+                loss = loss * n_valid / torch.as_tensor(num_items, device=loss.device).clamp(min=1)
+            if getattr(outputs, "jacobian_loss", None) is not None:
+                loss = loss + self.config.deq_jacobian_reg * outputs.jacobian_loss
         if labels is None or return_logits:
             keep = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
             logits = self.lm_head(keep)
@@ -618,8 +820,9 @@ class RevFormerForCausalLM(RevFormerPreTrainedModel, GenerationMixin):
             out = (logits, outputs.past_key_values, outputs.hidden_states)
             out = tuple(v for v in out if v is not None)
             return ((loss,) + out) if loss is not None else out
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        return RevFormerCausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
+            deq_stats=getattr(outputs, "deq_stats", None), jacobian_loss=getattr(outputs, "jacobian_loss", None),
         )
 
 
@@ -640,4 +843,8 @@ __all__ = [
     "resolve_position_ids",
     "run_blocks",
     "engine_options",
+    "applied_layers",
+    "deq_blocks",
+    "RevFormerModelOutputWithPast",
+    "RevFormerCausalLMOutputWithPast",
 ]
