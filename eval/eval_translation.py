@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_samples", type=int, default=None, help="Only the first N pairs (debugging).")
     p.add_argument("--num_beams", type=int, default=4)
     p.add_argument("--length_penalty", type=float, default=1.0)
+    p.add_argument("--no_repeat_ngram_size", type=int, default=0, help="Forbid repeating n-grams (0: off).")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--max_source_length", type=int, default=128)
     p.add_argument("--max_new_tokens", type=int, default=160)
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     predictions = translate(
         model, tokenizer, sources, batch_size=args.batch_size, num_beams=args.num_beams,
         max_source_length=args.max_source_length, max_new_tokens=args.max_new_tokens,
-        length_penalty=args.length_penalty, progress=True,
+        length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size, progress=True,
     )
     seconds = time.time() - t0
     scores = {
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         "num_pairs": len(sources),
         "num_beams": args.num_beams,
         "length_penalty": args.length_penalty,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
         "decode_seconds": round(seconds, 1),
         **translation_scores(predictions, references),
     }

@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -158,6 +159,10 @@ def validation_loss(model, examples, batch_size: int, pad_id: int, accelerator: 
         count += n
     model.train()
     return total / max(count, 1)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -345,4 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    # SIGTERM (and SIGINT, which background jobs ignore) end the run like Ctrl-C: the state is saved first.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _raise_keyboard_interrupt)
     main()

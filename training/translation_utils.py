@@ -175,6 +175,7 @@ def translate(
     max_source_length: int = 256,
     max_new_tokens: int = 256,
     length_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
     progress: bool = False,
 ) -> list[str]:
     """Beam-search (or greedy, `num_beams=1`) translations of `sources`, batched by length, in input order."""
@@ -197,6 +198,7 @@ def translate(
             do_sample=False,
             max_new_tokens=max_new_tokens,
             length_penalty=length_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
         )
         for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True)):
             outputs[i] = text.strip()
