@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, set_seed
 from datasets import DatasetDict, load_dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -634,6 +634,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     push_checkpoint = _get_push_function() if args.push_to_hub else None
     accelerator = make_accelerator(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
+        # e.g. plain `torchrun` on a machine without GPUs: every process would train alone, each as "rank 0".
+        raise RuntimeError(
+            f"Launched as {os.environ['WORLD_SIZE']} processes but Accelerate set up a single one. On CPU pass --cpu "
+            "(or set ACCELERATE_USE_CPU=1) so the processes form one DDP group."
+        )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_warning()
@@ -684,7 +690,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model, optimizer, train_dataloader, *eval_dataloaders.values()
     )
     eval_dataloaders = dict(zip(eval_dataloaders, eval_loaders))
-    register_fsdp_reversible_methods(model)
+    patched = register_fsdp_reversible_methods(model)
+    if accelerator.distributed_type == DistributedType.FSDP and patched == 0:
+        raise ValueError(
+            "FSDP needs `fsdp_version: 2` with `fsdp_transformer_layer_cls_to_wrap: RevFormerBlock` "
+            "(training/configs/fsdp.yaml): the reversible blocks' f/g must run under FSDP2's hooks."
+        )
     if (
         isinstance(model, torch.nn.parallel.DistributedDataParallel)
         and accelerator.unwrap_model(model).config.chunk_size_feed_forward > 0
