@@ -208,6 +208,7 @@ def test_config_fields_and_validation():
         m(input_ids=torch.ones(1, 3, dtype=torch.long), decoder_input_ids=torch.full((1, 2), VOCAB))
 
 
+@pytest.mark.slow  # a fresh interpreter importing transformers: ~20 s on a loaded 2-core machine
 def test_auto_class_save_load_and_remote_code(tmp_path, padded_pairs):
     src, mask, _ = padded_pairs
     rev, _ = make_seq2seq_pair(dtype=torch.float32, seed=2, tie_word_embeddings=True)
