@@ -230,7 +230,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         save()
 
     run_eval(0)
-    batches = train_batches(data["train"], args.block_size, args.per_device_train_batch_size, args.max_train_steps, args.seed)
+    batches = train_batches(
+        data["train"], args.block_size, args.per_device_train_batch_size, args.max_train_steps, args.seed
+    )
     progress = tqdm(total=args.max_train_steps, desc="interleaved training")
     for step, ids in enumerate(batches, start=1):
         for name, m in models.items():
@@ -288,7 +290,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def markdown_table(results: dict[str, Any]) -> str:
     a = results["args"]
     rows = [
-        f"Byte-level LM on the bundled long-document corpus; width {a['hidden_size']}, {a['num_attention_heads']} heads, "
+        f"Byte-level LM on the bundled long-document corpus; width {a['hidden_size']}, "
+        f"{a['num_attention_heads']} heads, "
         f"FFN {a['intermediate_size']}, {a['max_train_steps']} steps x {a['per_device_train_batch_size']} x "
         f"{a['block_size']} bytes, AdamW lr {a['learning_rate']}, fp32, {a['threads']} CPU thread(s), interleaved.",
         "",
@@ -310,7 +313,8 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"| {rec['label']} | {rec['distinct_blocks']} | {depth} | {rec['parameters']:,} | {rec['final_bpb']:.4f} "
             f"| {rec['peak_activation_mb']:.1f} | {rec['tokens_per_second']:.0f} | {rec['speed_vs_stack']:.2f} |"
         )
-    rows += ["", "Depth chosen at run time (no retraining):", "", "| model | setting | validation bpb |", "|---|---|---|"]
+    rows += ["", "Depth chosen at run time (no retraining):", ""]
+    rows += ["| model | setting | validation bpb |", "|---|---|---|"]
     for r in results["candidates"]["tied"]["runtime_depth"]:
         rows.append(f"| weight-tied | num_hidden_layers={r['num_hidden_layers']} | {r['bpb']:.4f} |")
     for r in results["candidates"]["deq"]["runtime_iterations"]:
@@ -335,7 +339,8 @@ def write_docs(results: dict[str, Any], docs: Path) -> None:
     names = list(results["candidates"])
     for name in names:
         rec = results["candidates"][name]
-        axes[0].plot([c["step"] for c in rec["curve"]], [c["bpb"] for c in rec["curve"]], marker="o", label=rec["label"])
+        steps, bpb = [c["step"] for c in rec["curve"]], [c["bpb"] for c in rec["curve"]]
+        axes[0].plot(steps, bpb, marker="o", label=rec["label"])
     axes[0].set(xlabel="training step", ylabel="validation bits per byte", title="Validation bpb")
     axes[0].legend(fontsize=8)
     labels = [results["candidates"][n]["label"].split(" (")[0] for n in names]

@@ -207,7 +207,8 @@ def _ddp_worker() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     # static_graph first: a failed default-mode backward leaves that DDP instance unusable, not the process group.
-    results = {f"{v}/{m}": _ddp_case(v, m) for v, m in (("tied", "static_graph"), ("deq", "default"), ("tied", "default"))}
+    cases = (("tied", "static_graph"), ("deq", "default"), ("tied", "default"))
+    results = {f"{v}/{m}": _ddp_case(v, m) for v, m in cases}
     if dist.get_rank() == 0:
         print("@@DDP@@" + json.dumps(results), flush=True)
     dist.destroy_process_group()
@@ -226,7 +227,8 @@ def test_ddp_weight_tied_needs_static_graph_deq_works_by_default():
     `static_graph=True` counts the hooks in the first iteration and matches single-process training. The DEQ
     implicit backward accumulates each parameter once, so default DDP works."""
     here = Path(__file__).resolve()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{here.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    pythonpath = f"{here.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(here)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

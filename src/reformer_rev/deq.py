@@ -17,7 +17,8 @@ Design rules (see also DESIGN.md section 2):
 * residuals are relative, per batch row: `||f(z) - z|| / ||f(z)||`, and a solve has converged when the largest row
   residual is `<= tol`. Non-convergence is recorded in `SolverStats.converged` (the caller decides how to report it);
 * the implicit backward accumulates parameter gradients with `torch.autograd.backward` on one rebuilt application of
-  `f` (like the reversible engine), so every parameter's gradient hook fires once per backward: DDP's default mode works;
+  `f` (like the reversible engine), so every parameter's gradient hook fires once per backward: DDP's default mode
+  works;
 * the Jacobian regulariser is Hutchinson's estimate `E_eps ||eps^T J_f||^2 / n` of the squared Frobenius norm per
   element (Bai et al., 2021), differentiable with `create_graph=True`.
 
@@ -295,11 +296,9 @@ class _ImplicitFixedPoint(torch.autograd.Function):
                 (vjp,) = torch.autograd.grad(fz, z, u.to(fz.dtype), retain_graph=True)
                 return vjp + grad
 
-            with torch.enable_grad():
-                u, bstats = _solve_adjoint(adjoint, grad, ctx.options)
+            u, bstats = _solve_adjoint(adjoint, grad, ctx.options)
             # One pass through the single application of f: parameters and inputs get (df/d.)^T u.
-            targets = [fz]
-            torch.autograd.backward(targets, [u.to(fz.dtype)])
+            torch.autograd.backward([fz], [u.to(fz.dtype)])
         stats = ctx.stats_box[-1]
         stats.backward = bstats
         if ctx.on_backward is not None:
@@ -320,7 +319,9 @@ def _solve_adjoint(adjoint: Callable[[torch.Tensor], torch.Tensor], grad: torch.
 
     u0 = grad.detach().to(state_dtype)
     if kwargs["solver"] == "fixed_point":
-        u, stats = fixed_point_iteration(g, u0, max_iter=kwargs["max_iter"], tol=kwargs["tol"], damping=kwargs["damping"])
+        u, stats = fixed_point_iteration(
+            g, u0, max_iter=kwargs["max_iter"], tol=kwargs["tol"], damping=kwargs["damping"]
+        )
     else:
         u, stats = anderson_acceleration(
             g, u0, max_iter=kwargs["max_iter"], tol=kwargs["tol"], memory=kwargs["anderson_memory"],
