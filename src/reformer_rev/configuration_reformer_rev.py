@@ -190,6 +190,17 @@ class RevFormerConfig(PretrainedConfig):
         super().__init__(chunk_size_feed_forward=chunk_size_feed_forward, is_encoder_decoder=is_encoder_decoder, **kwargs)
         self.validate()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "RevFormerConfig":
+        """Refuse a config written for another architecture instead of building a model with random weights."""
+        model_type = config_dict.get("model_type")
+        if model_type is not None and model_type != cls.model_type:
+            raise ValueError(
+                f"This checkpoint's config.json has model_type={model_type!r}; {cls.__name__} expects "
+                f"{cls.model_type!r}. Load it with the matching Auto class instead."
+            )
+        return super().from_dict(config_dict, **kwargs)
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads

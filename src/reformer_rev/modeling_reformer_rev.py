@@ -409,6 +409,41 @@ class RevFormerPreTrainedModel(PreTrainedModel):
     # this entry `AutoModel.from_pretrained(..., trust_remote_code=True)` fails on a head-model checkpoint.
     _remote_base_model = "modeling_reformer_rev.RevFormerModel"
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedModel.from_pretrained`, with errors that name the file and no silent random weights.
+
+        A checkpoint that lacks some of the model's weights raises (transformers would only warn and initialise them
+        randomly); pass `allow_missing_weights=True` to accept that, e.g. to put a new head on a backbone.
+        """
+        allow_missing = kwargs.pop("allow_missing_weights", False)
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except Exception as err:  # safetensors raises its own type for truncated/corrupted files
+            if type(err).__name__ == "SafetensorError":
+                raise OSError(
+                    f"Could not read the weights of {pretrained_model_name_or_path!s}: the safetensors file is "
+                    f"truncated or corrupted ({err}). Re-download or re-save the checkpoint."
+                ) from err
+            raise
+        missing = [k for k in info.get("missing_keys", []) if k not in model._tied_missing_ok()]
+        if missing and not allow_missing:
+            raise ValueError(
+                f"The weights in {pretrained_model_name_or_path!s} lack {len(missing)} parameter(s) of "
+                f"{cls.__name__}, e.g. {sorted(missing)[:5]}; they would be randomly initialised. Pass "
+                "`allow_missing_weights=True` if that is intended."
+            )
+        return (model, info) if want_info else model
+
+    def _tied_missing_ok(self) -> set[str]:
+        """Keys that are legitimately absent from a checkpoint because they are tied to another weight."""
+        if not getattr(self.config, "tie_word_embeddings", False):
+            return set()
+        return set(getattr(self, "_tied_weights_keys", None) or {})
+
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
         if self._auto_class is not None:
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
@@ -766,6 +801,17 @@ class RevFormerForCausalLM(RevFormerPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
+
+    def _validate_generated_length(self, generation_config: Any, input_ids_length: int, has_default_max_length: bool):
+        """Fail before generating, not at the step that runs out of positions."""
+        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
+        limit = self.config.max_position_embeddings
+        if generation_config.max_length is not None and generation_config.max_length > limit:
+            raise ValueError(
+                f"Generation would reach {generation_config.max_length} tokens (prompt {input_ids_length} + new "
+                f"tokens), more than `max_position_embeddings`={limit}. Lower `max_new_tokens` to at most "
+                f"{limit - input_ids_length}."
+            )
 
     def forward(
         self,
