@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_heads", type=int, default=4)
     p.add_argument("--ffn_size", type=int, default=1024)
     p.add_argument("--vocab_size", type=int, default=256)
-    p.add_argument("--rev_intermediate_size", type=int, default=683, help="gated FFN width of reformer_rev")
+    p.add_argument("--rev_intermediate_size", type=int, default=688, help="gated FFN width of reformer_rev")
     p.add_argument("--chunk_size_feed_forward", type=int, default=0)
     p.add_argument("--loss_chunk_size", type=int, default=1024)
     p.add_argument("--threads", type=int, default=2)
@@ -377,10 +377,12 @@ def plot(payload: dict[str, Any], output_dir: Path) -> list[str]:
         for c in candidates:
             pts = sorted((r["shape"][x_name], r["peak_activation_bytes"] / MB) for r in ok_records(records, sweep, c))
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LABELS[c])
+                style = {"lw": 2.5, "marker": "s", "zorder": 5} if c == "reversible" else {"marker": "o"}
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=LABELS[c], **style)
         a = payload["args"]
         if sweep == "depth":
             ax.set_title(f"Peak activation memory per training step, seq {a['depth_sweep_seq_len']}")
+            ax.set_yscale("log")  # the flat curves (~30 MB) and the linear ones (GBs) on one plot
         else:
             ax.set_title(f"Peak activation memory per training step, depth {a['seq_sweep_depth']}")
             ax.set_xscale("log", base=2)
@@ -409,7 +411,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         previous = json.loads(json_path.read_text())
         records = [r for r in previous["records"] if "source" not in r]
         commands = previous.get("commands", [previous.get("command", "")]) + commands
-    serial_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    serial_args = {
+        k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "extra_results" else v)
+        for k, v in vars(args).items()
+    }
     env = environment()
 
     extra: list[dict[str, Any]] = []

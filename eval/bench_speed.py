@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import shlex
 import sys
 import time
@@ -57,12 +58,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_heads", type=int, default=4)
     p.add_argument("--ffn_size", type=int, default=1024)
     p.add_argument("--vocab_size", type=int, default=256)
-    p.add_argument("--rev_intermediate_size", type=int, default=683)
+    p.add_argument("--rev_intermediate_size", type=int, default=688)
     p.add_argument("--chunk_size_feed_forward", type=int, default=0)
     p.add_argument("--loss_chunk_size", type=int, default=1024)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--results_name", default="speed")
     p.add_argument("--no_plots", action="store_true")
+    p.add_argument(
+        "--report_only",
+        action="store_true",
+        help="measure nothing: rewrite the markdown and plot from the JSON already there (e.g. of an interrupted run)",
+    )
     args = p.parse_args(argv)
     if args.baseline not in args.candidates:
         raise ValueError(f"`--baseline` ({args.baseline}) must be one of the candidates {args.candidates}.")
@@ -97,16 +103,27 @@ def bench_shape(args: argparse.Namespace, depth: int, seq_len: int, on_round) ->
             steps[name]()
     tokens = seq_len  # batch 1
     times: dict[str, list[float]] = {name: [] for name in args.candidates}
-    result: dict[str, Any] = {"depth": depth, "seq_len": seq_len, "tokens_per_step": tokens, "step_seconds": times}
+    cpu_times: dict[str, list[float]] = {name: [] for name in args.candidates}
+    result: dict[str, Any] = {
+        "depth": depth,
+        "seq_len": seq_len,
+        "tokens_per_step": tokens,
+        "step_seconds": times,
+        "step_cpu_seconds": cpu_times,
+    }
     names = list(args.candidates)
     for r in tqdm(range(args.repeats), desc=f"depth {depth} seq {seq_len}", unit="round"):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             gc.collect()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             steps[name]()
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
         result.update(analyse(times, tokens, args.baseline))
+        # CPU time of this process (all its threads): robust to other processes sharing the cores, but it also counts
+        # OpenMP spin-waiting, so it is cleanest with --threads 1.
+        result["cpu_ratios_vs_baseline"] = analyse(cpu_times, tokens, args.baseline)["ratios_vs_baseline"]
         on_round(result)
     del steps
     gc.collect()
@@ -145,10 +162,24 @@ def render_markdown(payload: dict[str, Any]) -> str:
             t = res["tokens_per_second"].get(name)
             r = res["ratios_vs_baseline"].get(name)
             ratio = f"{fmt(r['median'], 2)} ({fmt(r['min'], 2)} – {fmt(r['max'], 2)})" if r else "1 (baseline)"
-            rows.append([LABELS[name], fmt(t["median"], 0), f"{fmt(t['min'], 0)} – {fmt(t['max'], 0)}", ratio])
+            rc = res.get("cpu_ratios_vs_baseline", {}).get(name)
+            if rc:
+                cpu_ratio = f"{fmt(rc['median'], 2)} ({fmt(rc['min'], 2)} – {fmt(rc['max'], 2)})"
+            else:
+                cpu_ratio = "1 (baseline)" if name == base else "not recorded"
+            rows.append(
+                [LABELS[name], fmt(t["median"], 0), f"{fmt(t['min'], 0)} – {fmt(t['max'], 0)}", ratio, cpu_ratio]
+            )
         parts.append(
             markdown_table(
-                ["candidate", "tokens/s median", "tokens/s min – max", f"{base} / this: median (min – max)"], rows
+                [
+                    "candidate",
+                    "tokens/s median",
+                    "tokens/s min – max",
+                    f"{base} / this, wall: median (min – max)",
+                    "same, CPU time",
+                ],
+                rows,
             )
         )
     return "".join(parts)
@@ -198,6 +229,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "results": [],
     }
+    if args.report_only:
+        if not json_path.exists():
+            raise ValueError(f"`--report_only` needs an existing {json_path}.")
+        payload = json.loads(json_path.read_text())
+        return write_reports(payload, args)
     start = time.time()
     for depth in args.depths:
         for seq_len in args.seq_lens:
@@ -210,6 +246,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bench_shape(args, depth, seq_len, on_round)
     payload["wall_seconds"] = time.time() - start
     write_json(json_path, payload)
+    return write_reports(payload, args)
+
+
+def write_reports(payload: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     (args.output_dir / f"{args.results_name}.md").write_text(render_markdown(payload))
     if not args.no_plots:
         payload["plots"] = [plot(payload, args.output_dir / f"{args.results_name}_ratio.png")]
