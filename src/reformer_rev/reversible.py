@@ -314,7 +314,12 @@ class _ReversibleStackFunction(torch.autograd.Function):
         kwargs = {**ctx.static_kwargs, **dict(zip(ctx.diff_names, leaves))}
         dy1 = dy1.contiguous()
         dy2 = dy2.contiguous()
-        coupling, ar, run = ctx.coupling, ctx.arith.fork(), ctx.run
+        if ctx.blocks is None:
+            raise RuntimeError("A reversible stack's backward can run once per forward (its state is consumed).")
+        # Take the arithmetic (and the momentum information buffer) from the context rather than copying it: the
+        # buffer shrinks as the backward pops it, and a copy would keep the full-size one alive until the end.
+        coupling, ar, run = ctx.coupling, ctx.arith, ctx.run
+        ctx.arith = None
         report = run.report
         with torch.enable_grad(), ctx.autocast.context():
             for i in reversed(range(len(ctx.blocks))):
