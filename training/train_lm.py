@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ logger = get_logger(__name__)
 LN2 = math.log(2.0)
 CHECKPOINT_PREFIX = "step_"
 TRAINER_STATE_NAME = "trainer_state.json"
+TRAIN_LOG_NAME = "train_log.jsonl"
 RESULTS_NAME = "results.json"
 EVAL_SPEEDUP = 3.0  # conservative ratio of evaluation to training throughput (tokens/s), for the time budget
 SAVE_MARGIN_S = 20.0
@@ -126,6 +128,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--num_warmup_steps", type=int, default=20)
     train.add_argument("--mixed_precision", choices=("no", "bf16", "fp16"), default=None,
                        help="Default: what `accelerate config`/launch says, else 'no'.")
+    train.add_argument(
+        "--skip_nonfinite_steps", type=int, default=0,
+        help="A step whose loss or gradient norm is NaN/inf is not applied. 0: stop training with an error naming the "
+        "step (the last checkpoint stays the last good one); N: skip up to N such steps, then stop.",
+    )
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--cpu", action="store_true", help="Force CPU (also: real multi-process DDP under torchrun).")
     train.add_argument(
@@ -173,7 +180,7 @@ def validate_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ValueError(f"`--{name}` must be a positive integer, got {value}.")
-    for name in ("eval_steps", "num_warmup_steps", "logging_steps", "max_eval_blocks", "eval_subset_blocks"):
+    for name in ("eval_steps", "num_warmup_steps", "logging_steps", "max_eval_blocks", "eval_subset_blocks", "skip_nonfinite_steps"):
         if getattr(args, name) < 0:
             raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}.")
     if args.learning_rate <= 0:
@@ -185,6 +192,8 @@ def validate_args(args: argparse.Namespace) -> None:
         if path is not None:
             if not Path(path).is_file():
                 raise ValueError(f"`--{name}` {path!r} does not exist.")
+            if Path(path).stat().st_size == 0:
+                raise ValueError(f"`--{name}` {path!r} is empty (0 bytes): there is no text to train on.")
             if _file_format(path) is None:
                 raise ValueError(f"`--{name}` must be a .txt, .json or .jsonl file (optionally .gz), got {path!r}.")
     if (args.validation_file or args.test_file) and not (args.train_file or args.dataset_name):
@@ -224,7 +233,11 @@ def load_raw_datasets(args: argparse.Namespace) -> DatasetDict:
         fmt = formats.pop()
         # A text file is one document (not one per line), so long-range context survives.
         kwargs = {"sample_by": "document"} if fmt == "text" else {}
-        raw = load_dataset(fmt, data_files=files, **kwargs)
+        try:
+            raw = load_dataset(fmt, data_files=files, **kwargs)
+        except datasets.exceptions.DatasetGenerationError as e:  # e.g. malformed JSON, columns differing by split
+            cause = e.__cause__ or e.__context__ or e
+            raise ValueError(f"Could not read the data files {files}: {type(cause).__name__}: {str(cause)[:300]}") from e
     else:
         try:
             from .corpus import load_bundled_lm_dataset
@@ -232,16 +245,41 @@ def load_raw_datasets(args: argparse.Namespace) -> DatasetDict:
             from corpus import load_bundled_lm_dataset
         raw = load_bundled_lm_dataset()
 
+    check_text_splits(raw, args)
     if "validation" not in raw:
         if raw["train"].num_rows < 2:
             raise ValueError("The training data has no validation split and fewer than 2 documents to hold one out.")
         held = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
         raw = DatasetDict({"train": held["train"], "validation": held["test"], **{k: v for k, v in raw.items() if k not in ("train",)}})
-    if args.text_column_name not in raw["train"].column_names:
-        raise ValueError(
-            f"`--text_column_name` {args.text_column_name!r} is not a column of the data: {raw['train'].column_names}."
-        )
     return raw
+
+
+def check_text_splits(raw: DatasetDict, args: argparse.Namespace) -> None:
+    """Before any tokenising or training: every split has the text column and at least one non-blank document."""
+    sources = {"train": args.train_file, "validation": args.validation_file, "test": args.test_file}
+    for split, ds in raw.items():
+        where = f"The {split} split" + (f" ({sources[split]})" if sources.get(split) else "")
+        if args.text_column_name not in ds.column_names:
+            raise ValueError(
+                f"`--text_column_name` {args.text_column_name!r} is not a column of the data: {where} has "
+                f"{ds.column_names}."
+            )
+        if ds.num_rows == 0:
+            raise ValueError(f"{where} is empty: it has no documents.")
+        has_text = False
+        for batch in ds.select_columns([args.text_column_name]).iter(batch_size=1000):  # stops at the first text
+            texts = batch[args.text_column_name]
+            bad = next((t for t in texts if not isinstance(t, str)), "")
+            if not isinstance(bad, str):
+                raise ValueError(
+                    f"`--text_column_name` {args.text_column_name!r} must hold strings; {where} has "
+                    f"{type(bad).__name__} ({bad!r:.40})."
+                )
+            if any(t.strip() for t in texts):
+                has_text = True
+                break
+        if not has_text:
+            raise ValueError(f"{where} has {ds.num_rows} document(s), all empty or blank: there is no text to train on.")
 
 
 def get_tokenizer(args: argparse.Namespace, raw: DatasetDict, accelerator: Accelerator) -> PreTrainedTokenizerBase:
@@ -453,6 +491,58 @@ def resolve_checkpoint(path_or_latest: str, output_dir: str | os.PathLike) -> Pa
     return path
 
 
+def remove_interrupted_saves(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temp folders of saves that were killed before their rename (never a complete checkpoint)."""
+    root = checkpoint_root(output_dir)
+    stale = sorted(root.glob(".tmp-*")) if root.is_dir() else []
+    for d in stale:
+        logger.warning(f"Removing {d}: an interrupted checkpoint save.")
+        shutil.rmtree(d, ignore_errors=True)
+    return stale
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-step training log
+# --------------------------------------------------------------------------------------------------------------
+
+
+def block_fingerprints(input_ids: torch.Tensor) -> list[str]:
+    """A short hash of each block of a batch: the log shows which samples every step saw (none twice, none skipped)."""
+    rows = input_ids.detach().to("cpu", torch.int64).numpy()
+    return [f"{zlib.crc32(row.tobytes()):08x}" for row in rows]
+
+
+def open_train_log(output_dir: str | os.PathLike, completed_steps: int):
+    """`train_log.jsonl`, truncated to the steps <= `completed_steps` (0: a new run), opened for appending."""
+    path = Path(output_dir) / TRAIN_LOG_NAME
+    kept = []
+    if completed_steps > 0 and path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= completed_steps:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError):  # a line cut by a kill
+                continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+    return open(path, "a")
+
+
+def log_step(
+    log, step: int, epoch: int, loss: float | None, lr: float, grad_norm: torch.Tensor | None, skipped: bool, samples: list[str]
+) -> None:
+    if log is None:
+        return
+    record = {
+        "step": step, "epoch": epoch, "loss": loss, "lr": lr,
+        "grad_norm": None if grad_norm is None or not torch.isfinite(grad_norm) else grad_norm.item(),
+        "skipped_nonfinite": skipped, "samples": samples,
+    }
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Model card and Hub
 # --------------------------------------------------------------------------------------------------------------
@@ -536,7 +626,20 @@ def _get_push_function():
 
 def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> RevFormerForCausalLM:
     if args.model_name_or_path is not None:
-        return AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+        if len(tokenizer) > model.config.vocab_size:
+            # Ids >= vocab_size would index past the embedding matrix: refuse before training, not at some batch.
+            raise ValueError(
+                f"The tokenizer has {len(tokenizer)} tokens but the model `--model_name_or_path` "
+                f"{args.model_name_or_path!r} has vocab_size {model.config.vocab_size}: its vocabulary does not fit "
+                "the model. Use the model's own tokenizer (or a smaller `--tokenizer_name`/`--bpe_vocab_size`)."
+            )
+        if model.config.max_position_embeddings < args.block_size:
+            raise ValueError(
+                f"`--block_size` {args.block_size} exceeds the model's max_position_embeddings "
+                f"{model.config.max_position_embeddings}."
+            )
+        return model
     special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     if args.config_name is not None:
         config = AutoConfig.from_pretrained(args.config_name, vocab_size=len(tokenizer), **special)
@@ -651,6 +754,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     set_seed(args.seed)
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        remove_interrupted_saves(args.output_dir)
     accelerator.wait_for_everyone()
     start_time = time.time()
 
@@ -732,6 +836,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # ---- resume ------------------------------------------------------------------------------------------------
     completed_steps, starting_epoch, skip_batches, tokens_seen, train_time = 0, 0, 0, 0, 0.0
+    nonfinite_steps = 0
     eval_history: list[dict[str, Any]] = []
     budget_fitted = resume_state is not None and resume_state.get("budget_fitted", False)
     if resume_state is not None:
@@ -740,6 +845,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         completed_steps, starting_epoch = state["completed_steps"], state["epoch"]
         skip_batches, tokens_seen = state["batches_in_epoch"], state["tokens_seen"]
         train_time, eval_history = state["train_time_s"], state["eval_history"]
+        nonfinite_steps = state.get("nonfinite_steps", 0)
         logger.info(f"Resumed from {ckpt} at step {completed_steps} (epoch {starting_epoch}, batch {skip_batches}).")
 
     total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -764,6 +870,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     final_eval_tokens = sum(eval_sets[split].num_rows for split in ("validation", "test") if split in eval_sets)
     final_eval_tokens *= args.block_size
     periodic_eval_tokens = eval_sets["periodic"].num_rows * args.block_size
+    # Per-step log (main process), flushed every step so a killed run keeps it; on resume the steps after the
+    # checkpoint are dropped, so the file always describes the run that produced the current weights.
+    train_log = open_train_log(args.output_dir, completed_steps) if accelerator.is_main_process else None
+    step_loss, step_micro, step_samples = torch.zeros((), device=accelerator.device), 0, []
+    check_grad_norm, step_nonfinite = accelerator.mixed_precision != "fp16", False
     model.train()
     segment_start = time.time()
     for epoch in range(starting_epoch, num_epochs):
@@ -776,12 +887,53 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                    lr_scheduler.step()
-                optimizer.zero_grad()
+                step_loss, step_micro = step_loss + loss.detach().float(), step_micro + 1
+                step_samples.extend(block_fingerprints(batch["input_ids"]))
+                if accelerator.sync_gradients:
+                    grad_norm = None
+                    if args.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        grad_norm = None if grad_norm is None else torch.as_tensor(grad_norm, dtype=torch.float32)
+                    # fp16's GradScaler skips inf gradients itself; any other non-finite loss/norm is divergence.
+                    norm_bad = grad_norm is not None and check_grad_norm and not torch.isfinite(grad_norm).item()
+                    local_bad = float((not torch.isfinite(step_loss).item()) or norm_bad)
+                    # One collective per step: all ranks see the mean loss and take the same skip/stop decision.
+                    stats = accelerator.reduce(
+                        torch.stack([torch.nan_to_num(step_loss), step_loss.new_tensor(float(step_micro)), step_loss.new_tensor(local_bad)]),
+                        "sum",
+                    )
+                    step_nonfinite = stats[2].item() > 0
+                    lr = lr_scheduler.get_last_lr()[0]
+                    if step_nonfinite:
+                        optimizer.zero_grad()  # the step is not applied: weights, optimizer and schedule unchanged
+                        nonfinite_steps += 1
+                        where = (
+                            f"at step {completed_steps + 1} (epoch {epoch}, batch {batches_in_epoch + 1} of the epoch): "
+                            f"loss {step_loss.item()}"
+                            + (f", gradient norm {grad_norm.item()}" if grad_norm is not None else "")
+                        )
+                        log_step(train_log, completed_steps + 1, epoch, None, lr, grad_norm, True, step_samples)
+                        if nonfinite_steps > args.skip_nonfinite_steps:
+                            good = list_checkpoints(args.output_dir)
+                            raise RuntimeError(
+                                f"Non-finite training loss or gradients {where}. Training stopped "
+                                f"({nonfinite_steps - 1} step(s) skipped before, --skip_nonfinite_steps "
+                                f"{args.skip_nonfinite_steps}); no checkpoint was written after the last good step: "
+                                f"last checkpoint {good[-1] if good else 'none'}. Lower --learning_rate (or lengthen "
+                                "--num_warmup_steps), then --resume_from_checkpoint latest."
+                            )
+                        logger.warning(
+                            f"Non-finite training loss or gradients {where}: step skipped "
+                            f"({nonfinite_steps}/{args.skip_nonfinite_steps} allowed)."
+                        )
+                    else:
+                        optimizer.step()
+                        if not accelerator.optimizer_step_was_skipped:
+                            lr_scheduler.step()
+                        optimizer.zero_grad()
+                        mean = (stats[0] / stats[1]).item()
+                        log_step(train_log, completed_steps + 1, epoch, mean, lr, grad_norm, False, step_samples)
+                    step_loss, step_micro, step_samples = torch.zeros((), device=accelerator.device), 0, []
             batches_in_epoch += 1
             tokens_seen += tokens_per_micro_batch
             window_tokens += tokens_per_micro_batch
@@ -818,13 +970,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 segment_start = time.time()
 
             end_of_epoch = batches_in_epoch >= len(train_dataloader)
-            if args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0:
+            # Never a checkpoint right after a non-finite step: the newest checkpoint stays the last good state.
+            if args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0 and not step_nonfinite:
                 state = {
                     "completed_steps": completed_steps,
                     "epoch": epoch + 1 if end_of_epoch else epoch,
                     "batches_in_epoch": 0 if end_of_epoch else batches_in_epoch,
                     "max_train_steps": args.max_train_steps,
                     "budget_fitted": budget_fitted,
+                    "nonfinite_steps": nonfinite_steps,
                     "tokens_seen": tokens_seen,
                     "train_time_s": train_time + time.time() - segment_start,
                     "eval_history": eval_history,
@@ -871,6 +1025,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             break
     train_time += time.time() - segment_start
     progress.close()
+    if train_log is not None:
+        train_log.close()
 
     # ---- final evaluation, save --------------------------------------------------------------------------------
     final = {split: run_eval(split) for split in eval_dataloaders if split != "periodic"}
@@ -896,6 +1052,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "steps": completed_steps,
             "max_train_steps": args.max_train_steps,
             "stopped_early": stopped_early,
+            "nonfinite_steps_skipped": nonfinite_steps,
             "tokens": tokens_seen,
             "train_time_s": train_time,
             "tokens_per_second": tokens_seen / max(train_time, 1e-9),

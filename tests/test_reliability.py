@@ -1,0 +1,309 @@
+"""Reliability of `training/train_lm.py`: bad data fails before training, non-finite steps stop (or are skipped), a
+SIGKILLed run resumes bit-exactly, a kill during a save leaves the previous checkpoint usable, seeds reproduce."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from training import train_lm  # noqa: E402
+from training.tokenization import build_byte_tokenizer, train_bpe_tokenizer  # noqa: E402
+
+from reformer_rev import RevFormerConfig, RevFormerForCausalLM  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator; accelerate keeps process-wide singletons."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    """Real English documents cut from the bundled corpus: 375 train blocks of 64 bytes."""
+    from training.corpus import bundled_lm_files
+
+    root = tmp_path_factory.mktemp("corpus")
+    files = {}
+    for split, n_docs, n_chars in (("train", 4, 6000), ("validation", 2, 1500)):
+        with gzip.open(bundled_lm_files()[split], "rt") as f:
+            docs = [json.loads(line)["text"][:n_chars] for line, _ in zip(f, range(n_docs))]
+        files[split] = root / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return files
+
+
+def tiny(corpus, out, *extra: str, train_file: Path | None = None) -> list[str]:
+    return [
+        "--train_file", str(train_file or corpus["train"]), "--validation_file", str(corpus["validation"]),
+        "--output_dir", str(out), "--block_size", "64", "--hidden_size", "32", "--num_hidden_layers", "2",
+        "--num_attention_heads", "2", "--intermediate_size", "64", "--per_device_train_batch_size", "2",
+        "--per_device_eval_batch_size", "8", "--max_train_steps", "12", "--num_warmup_steps", "2",
+        "--learning_rate", "1e-2", "--eval_steps", "0", "--max_eval_blocks", "4", "--eval_subset_blocks", "2",
+        "--logging_steps", "4", "--time_budget_minutes", "0", "--hidden_dropout", "0.1", "--cpu", *extra,
+    ]
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / train_lm.TRAIN_LOG_NAME).read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad data: a clear ValueError naming the problem, before any training step
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+BAD_DATA = {  # case: (files to write {split: content}, extra arguments, expected message)
+    "empty file": ({"train.jsonl": ""}, (), r"`--train_file` '.*train.jsonl' is empty \(0 bytes\)"),
+    "all-blank documents": ({"train.jsonl": '{"text": ""}\n{"text": "  \\n\\t "}\n'}, (), "all empty or blank"),
+    "all-blank text file": (
+        {"train.txt": "\n  \n\n", "validation.txt": "some text " * 20}, (), r"train split .* all empty or blank"
+    ),
+    "unknown column": ({}, ("--text_column_name", "content"), r"`--text_column_name` 'content' is not a column"),
+    "non-text column": (
+        {"train.jsonl": '{"text": 5}\n{"text": 7}\n', "validation.jsonl": '{"text": 1}\n'}, (), "must hold strings"
+    ),
+    "column types differ by split": ({"train.jsonl": '{"text": 5}\n'}, (), "Could not read the data files"),
+    "block larger than the data": ({}, ("--block_size", "20000"), r"fewer than `--block_size`=20000 tokens"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_fails_before_training(corpus, tmp_path, case):
+    files, extra, match = BAD_DATA[case]
+    out = tmp_path / "out"
+    argv = tiny(corpus, out, *extra)
+    for name, content in files.items():
+        split = name.split(".")[0]
+        argv[argv.index(f"--{split}_file") + 1] = str(_write(tmp_path / name, content))
+    with pytest.raises(ValueError, match=match) as err:
+        train_lm.main(argv)
+    print(f"{case}: {err.value}")
+    assert not (out / train_lm.TRAIN_LOG_NAME).exists() and not (out / "checkpoints").exists()
+
+
+def test_tokenizer_larger_than_model_vocabulary_is_refused(corpus, tmp_path):
+    model_dir, tok_dir = tmp_path / "model", tmp_path / "bpe"
+    RevFormerForCausalLM(
+        RevFormerConfig(vocab_size=260, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(model_dir)
+    texts = [json.loads(line)["text"] for line in corpus["train"].read_text().splitlines()]
+    train_bpe_tokenizer(texts, vocab_size=400).save_pretrained(tok_dir)
+    out = tmp_path / "out"
+    argv = tiny(corpus, out, "--model_name_or_path", str(model_dir), "--tokenizer_name", str(tok_dir))
+    with pytest.raises(ValueError, match=r"tokenizer has 400 tokens but the model .* has vocab_size 260"):
+        train_lm.main(argv)
+    assert not (out / train_lm.TRAIN_LOG_NAME).exists()
+
+
+def test_nonfinite_skip_limit_must_be_non_negative():
+    with pytest.raises(ValueError, match="skip_nonfinite_steps"):
+        train_lm.parse_args(["--skip_nonfinite_steps", "-1"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-finite loss
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_divergence_stops_at_the_step_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+    """A learning rate of 1e30 really diverges: step 1 is finite, step 2's gradients are NaN."""
+    out = tmp_path / "out"
+    argv = tiny(
+        corpus, out, "--learning_rate", "1e30", "--lr_scheduler_type", "constant", "--num_warmup_steps", "0",
+        "--checkpointing_steps", "1", "--checkpoints_total_limit", "3",
+    )
+    with pytest.raises(RuntimeError, match=r"Non-finite .* at step 2 .*last checkpoint .*step_1"):
+        train_lm.main(argv)
+    assert [p.name for p in train_lm.list_checkpoints(out)] == ["step_1"]  # nothing saved after the bad step
+    weights = load_file(out / "checkpoints" / "step_1" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    log = read_log(out)
+    assert [(r["step"], r["skipped_nonfinite"]) for r in log] == [(1, False), (2, True)]
+    assert math.isfinite(log[0]["loss"]) and log[1]["loss"] is None
+
+
+def _poison_training_forward(monkeypatch, calls: set[int]) -> None:
+    """Make the loss of the given training forward calls (1-based) NaN, like a bad batch would."""
+    original = RevFormerForCausalLM.forward
+    count = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training and out.loss is not None:
+            count["n"] += 1
+            if count["n"] in calls:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(RevFormerForCausalLM, "forward", forward)
+
+
+def test_nonfinite_step_is_skipped_with_accumulation(corpus, tmp_path, monkeypatch):
+    """With 2-step accumulation, a NaN in the *first* micro-batch of step 4 poisons the whole step: it is skipped
+    (no update, no schedule step, no checkpoint), and training goes on with finite weights."""
+    _poison_training_forward(monkeypatch, {7})  # micro-batches 7, 8 = step 4
+    out = tmp_path / "out"
+    extra = ("--gradient_accumulation_steps", "2", "--checkpointing_steps", "1", "--checkpoints_total_limit", "20",
+             "--max_train_steps", "6", "--skip_nonfinite_steps", "1")
+    results = train_lm.main(tiny(corpus, out, *extra))
+    log = read_log(out)
+    assert [r["step"] for r in log if r["skipped_nonfinite"]] == [4]
+    assert results["train"]["nonfinite_steps_skipped"] == 1 and results["train"]["steps"] == 6
+    assert log[3]["lr"] == log[4]["lr"] != log[2]["lr"]  # the schedule did not advance on the skipped step
+    assert all(len(r["samples"]) == 4 for r in log)  # 2 micro-batches x 2 blocks per step
+    assert [p.name for p in train_lm.list_checkpoints(out)] == ["step_1", "step_2", "step_3", "step_5", "step_6"]
+    assert all(torch.isfinite(w).all() for w in load_file(out / "model.safetensors").values())
+    # the default (0 tolerated) stops at that step
+    _poison_training_forward(monkeypatch, {7})
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with pytest.raises(RuntimeError, match=r"at step 4 \(epoch 0, batch 8 of the epoch\): loss nan"):
+        train_lm.main(tiny(corpus, tmp_path / "strict", *extra[:-2]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reproducibility, kills, interrupted saves
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory) -> Path:
+    """An uninterrupted in-process run (dropout on, checkpoints every 4 steps)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    out = tmp_path_factory.mktemp("reference")
+    train_lm.main(tiny(corpus, out, "--checkpointing_steps", "4", "--checkpoints_total_limit", "5"))
+    return out
+
+
+def test_same_seed_same_losses_other_seed_other_losses(corpus, reference, tmp_path):
+    ref = read_log(reference)
+    again = tmp_path / "again"
+    train_lm.main(tiny(corpus, again, "--checkpointing_steps", "4", "--checkpoints_total_limit", "5"))
+    assert read_log(again) == ref  # losses, learning rates, gradient norms and samples, bit for bit
+    # The seed really drives initialisation, dropout and data order (nothing reseeds the global RNG behind it).
+    other = tmp_path / "other"
+    train_lm.main(tiny(corpus, other, "--seed", "43"))
+    other_log = read_log(other)
+    assert other_log[0]["loss"] != ref[0]["loss"] and other_log[0]["samples"] != ref[0]["samples"]
+
+
+class SimulatedKill(BaseException):
+    """Stands for the process dying between writing the temp folder and renaming it."""
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(corpus, reference, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real_replace = os.replace
+
+    def dying_replace(src, dst):
+        if Path(src).name == ".tmp-step_8":
+            raise SimulatedKill
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    argv = tiny(corpus, out, "--checkpointing_steps", "4", "--checkpoints_total_limit", "5")
+    with pytest.raises(SimulatedKill):
+        train_lm.main(argv)
+    monkeypatch.setattr(os, "replace", real_replace)
+    tmp = out / "checkpoints" / ".tmp-step_8"
+    assert (tmp / "model.safetensors").is_file()  # the interrupted save had written its files
+    assert train_lm.resolve_checkpoint("latest", out).name == "step_4"
+    assert load_file(out / "checkpoints" / "step_4" / "model.safetensors").keys()
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    results = train_lm.main(argv + ["--resume_from_checkpoint", "latest"])
+    assert results["train"]["steps"] == 12 and not tmp.exists()
+    assert read_log(out) == read_log(reference)
+    a, b = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
+    """Real `kill -9` of a training subprocess once a checkpoint exists; `--resume_from_checkpoint latest` then gives
+    exactly the per-step losses and samples of an uninterrupted run (fp32, CPU, dropout on)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    script = str(REPO / "training" / "train_lm.py")
+    extra = ("--max_train_steps", "60", "--per_device_train_batch_size", "4", "--checkpointing_steps", "10",
+             "--checkpoints_total_limit", "2", "--logging_steps", "10")
+
+    def run(out: Path, *more: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, script, *tiny(corpus, out, *extra, *more)], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=600)
+
+    full = tmp_path / "full"
+    done = run(full)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, script, *tiny(corpus, killed, *extra)], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (killed / "checkpoints" / "step_20").is_dir():  # a complete checkpoint (renamed into place)
+            assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / train_lm.RESULTS_NAME).exists()  # really killed mid-way
+    before = read_log(killed)
+    ref = read_log(full)
+    assert 20 <= len(before) < 60 and before == ref[: len(before)]
+
+    resumed = run(killed, "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in resumed.stderr
+    after = read_log(killed)
+    assert [r["step"] for r in after] == list(range(1, 61))
+    assert [r["loss"] for r in after] == [r["loss"] for r in ref]  # exact float equality
+    samples = [s for r in after for s in r["samples"]]
+    assert samples == [s for r in ref for s in r["samples"]]
+    # No block seen twice or skipped: within this one epoch (240 of 375 blocks) no block occurs more often than it
+    # does in the data (the text repeats itself in places: 4 blocks of 64 bytes occur twice).
+    stream = []
+    for line in corpus["train"].read_text().splitlines():
+        stream += list(json.loads(line)["text"].encode()) + [build_byte_tokenizer().eos_token_id]
+    blocks = torch.tensor(stream[: len(stream) // 64 * 64]).view(-1, 64)
+    in_data = Counter(train_lm.block_fingerprints(blocks))
+    seen = Counter(samples)
+    assert len(samples) == 240 and len(in_data) == 371 and all(n <= in_data[s] for s, n in seen.items())
+    a, b = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
