@@ -80,7 +80,8 @@ class RevFormerDecoderBlock(RevFormerBlock):
                 past_key_values=kwargs.get("cross_past_key_values"),
             )
         )
-        return self_out + cross_out
+        # Same branch scaling as the self-attention part (a zero-initialised gate makes the whole f vanish at init).
+        return self_out + self.scale_branch(cross_out, "attn_gate")
 
 
 class RevFormerEncoder(nn.Module):
