@@ -190,6 +190,36 @@ def test_nonfinite_step_is_skipped_with_accumulation(corpus, tmp_path, monkeypat
         train_lm.main(tiny(corpus, tmp_path / "strict", *extra[:-2]))
 
 
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_a_nonfinite_step(corpus, tmp_path):
+    """2-process DDP (torchrun, gloo): only rank 1's loss is NaN at step 2; both ranks skip it (rank 0 logs it),
+    and without --skip_nonfinite_steps both ranks stop with the error instead of hanging."""
+    import socket
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("PYTEST_XDIST_WORKER", None)
+
+    def torchrun(out: Path, *more: str) -> subprocess.CompletedProcess:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={port}", str(REPO / "tests" / "distributed" / "nonfinite_one_rank.py"),
+               *tiny(corpus, out, "--gradient_accumulation_steps", "2", "--max_train_steps", "4", *more)]
+        return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+    done = torchrun(tmp_path / "skip", "--skip_nonfinite_steps", "1", "--checkpointing_steps", "1")
+    assert done.returncode == 0, done.stderr[-4000:]
+    log = read_log(tmp_path / "skip")
+    assert [(r["step"], r["skipped_nonfinite"]) for r in log] == [(1, False), (2, True), (3, False), (4, False)]
+    assert [p.name for p in train_lm.list_checkpoints(tmp_path / "skip")] == ["step_3", "step_4"]  # limit 2, no step_2
+    assert json.loads((tmp_path / "skip" / "results.json").read_text())["train"]["nonfinite_steps_skipped"] == 1
+
+    stopped = torchrun(tmp_path / "stop")
+    assert stopped.returncode != 0
+    assert stopped.stderr.count("Non-finite training loss or gradients at step 2") >= 2, stopped.stderr[-4000:]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Reproducibility, kills, interrupted saves
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,7 +305,9 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
-        while not (killed / "checkpoints" / "step_20").is_dir():  # a complete checkpoint (renamed into place)
+        log_file = killed / train_lm.TRAIN_LOG_NAME
+        # a complete checkpoint (renamed into place), and a few steps after it that the resume must drop and redo
+        while not ((killed / "checkpoints" / "step_20").is_dir() and log_file.read_text().count("\n") >= 24):
             assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
             time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)
@@ -286,8 +318,10 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
     assert not (killed / train_lm.RESULTS_NAME).exists()  # really killed mid-way
     before = read_log(killed)
     ref = read_log(full)
-    assert 20 <= len(before) < 60 and before == ref[: len(before)]
+    assert 24 <= len(before) < 60 and before == ref[: len(before)]
 
+    latest = train_lm.resolve_checkpoint("latest", killed).name
+    print(f"killed after {len(before)} logged steps; resuming from {latest}")
     resumed = run(killed, "--resume_from_checkpoint", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from" in resumed.stderr

@@ -258,14 +258,14 @@ def check_text_splits(raw: DatasetDict, args: argparse.Namespace) -> None:
     """Before any tokenising or training: every split has the text column and at least one non-blank document."""
     sources = {"train": args.train_file, "validation": args.validation_file, "test": args.test_file}
     for split, ds in raw.items():
-        where = f"The {split} split" + (f" ({sources[split]})" if sources.get(split) else "")
+        where = f"the {split} split" + (f" ({sources[split]})" if sources.get(split) else "")
         if args.text_column_name not in ds.column_names:
             raise ValueError(
                 f"`--text_column_name` {args.text_column_name!r} is not a column of the data: {where} has "
                 f"{ds.column_names}."
             )
         if ds.num_rows == 0:
-            raise ValueError(f"{where} is empty: it has no documents.")
+            raise ValueError(f"{where[:1].upper() + where[1:]} is empty: it has no documents.")
         has_text = False
         for batch in ds.select_columns([args.text_column_name]).iter(batch_size=1000):  # stops at the first text
             texts = batch[args.text_column_name]
@@ -279,7 +279,10 @@ def check_text_splits(raw: DatasetDict, args: argparse.Namespace) -> None:
                 has_text = True
                 break
         if not has_text:
-            raise ValueError(f"{where} has {ds.num_rows} document(s), all empty or blank: there is no text to train on.")
+            raise ValueError(
+                f"{where[:1].upper() + where[1:]} has {ds.num_rows} document(s), all empty or blank: "
+                "there is no text to train on."
+            )
 
 
 def get_tokenizer(args: argparse.Namespace, raw: DatasetDict, accelerator: Accelerator) -> PreTrainedTokenizerBase:
