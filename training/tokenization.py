@@ -38,7 +38,8 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
-def _wrap(tokenizer: Tokenizer, model_max_length: int) -> PreTrainedTokenizerFast:
+def wrap_tokenizer(tokenizer: Tokenizer, model_max_length: int) -> PreTrainedTokenizerFast:
+    """A `tokenizers.Tokenizer` as a `PreTrainedTokenizerFast` with the project's four special tokens."""
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token=PAD_TOKEN,
@@ -62,7 +63,7 @@ def build_byte_tokenizer(model_max_length: int = int(1e30)) -> PreTrainedTokeniz
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
-    return _wrap(tokenizer, model_max_length)
+    return wrap_tokenizer(tokenizer, model_max_length)
 
 
 def train_bpe_tokenizer(
@@ -74,8 +75,16 @@ def train_bpe_tokenizer(
             f"`bpe_vocab_size` must exceed {NUM_BYTES + len(SPECIAL_TOKENS)} (the byte alphabet plus special tokens), "
             f"got {vocab_size}."
         )
+    tokenizer = train_byte_level_bpe(_as_iterator(texts), vocab_size, min_frequency, add_prefix_space=False)
+    return wrap_tokenizer(tokenizer, model_max_length)
+
+
+def train_byte_level_bpe(
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, add_prefix_space: bool = False
+) -> Tokenizer:
+    """A raw byte-level BPE (`tokenizers`) learnt on `texts`, special tokens first (ids 0-3), never out of vocabulary."""
     tokenizer = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -84,8 +93,8 @@ def train_bpe_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_as_iterator(texts), trainer=trainer)
-    return _wrap(tokenizer, model_max_length)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
 
 
 def _as_iterator(texts: Iterable[str]) -> Iterator[str]:
