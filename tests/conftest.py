@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,3 +71,28 @@ def padded_batch():
     ids = ids.masked_fill(mask == 0, 0)
     labels = ids.masked_fill(mask == 0, -100)
     return ids, mask, labels
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Each in-process training run builds its own Accelerator; accelerate keeps process-wide singletons."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def cut_bundled_corpus(root: Path, splits: dict[str, tuple[int, int]]) -> dict[str, Path]:
+    """Small jsonl splits of real English cut from the bundled corpus: `{split: (n_docs, n_chars_per_doc)}`."""
+    from training.corpus import bundled_lm_files
+
+    files = {}
+    for split, (n_docs, n_chars) in splits.items():
+        with gzip.open(bundled_lm_files()[split], "rt") as f:
+            docs = [json.loads(line)["text"][:n_chars] for line, _ in zip(f, range(n_docs))]
+        files[split] = root / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return files

@@ -3,7 +3,6 @@ SIGKILLed run resumes bit-exactly, a kill during a save leaves the previous chec
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
@@ -22,36 +21,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from training import train_lm  # noqa: E402
+from conftest import cut_bundled_corpus  # noqa: E402
 from training.tokenization import build_byte_tokenizer, train_bpe_tokenizer  # noqa: E402
 
 from reformer_rev import RevFormerConfig, RevFormerForCausalLM  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator; accelerate keeps process-wide singletons."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, Path]:
     """Real English documents cut from the bundled corpus: 375 train blocks of 64 bytes."""
-    from training.corpus import bundled_lm_files
-
-    root = tmp_path_factory.mktemp("corpus")
-    files = {}
-    for split, n_docs, n_chars in (("train", 4, 6000), ("validation", 2, 1500)):
-        with gzip.open(bundled_lm_files()[split], "rt") as f:
-            docs = [json.loads(line)["text"][:n_chars] for line, _ in zip(f, range(n_docs))]
-        files[split] = root / f"{split}.jsonl"
-        files[split].write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return files
+    return cut_bundled_corpus(tmp_path_factory.mktemp("corpus"), {"train": (4, 6000), "validation": (2, 1500)})
 
 
 def tiny(corpus, out, *extra: str, train_file: Path | None = None) -> list[str]:

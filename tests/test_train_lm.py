@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import shutil
@@ -21,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from training import train_lm  # noqa: E402
+from conftest import cut_bundled_corpus  # noqa: E402
 from training.tokenization import (  # noqa: E402
     build_byte_tokenizer,
     is_byte_tokenizer,
@@ -32,32 +32,13 @@ from training.tokenization import (  # noqa: E402
 SAMPLE = "In the beginning God created the heaven and the earth. Ünïcödé — 😀 tabs\tand\r\nnewlines.\n"
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator; accelerate keeps process-wide singletons."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
 def corpus_files(tmp_path_factory) -> dict[str, Path]:
     """Small jsonl splits cut from the bundled corpus (real English, several documents)."""
-    from training.corpus import bundled_lm_files
-
-    root = tmp_path_factory.mktemp("corpus")
-    files = {}
-    for split, n_docs, n_chars in (("train", 4, 6000), ("validation", 2, 1500), ("test", 2, 1500)):
-        with gzip.open(bundled_lm_files()[split], "rt") as f:
-            docs = [json.loads(line)["text"][:n_chars] for line, _ in zip(f, range(n_docs))]
-        path = root / f"{split}.jsonl"
-        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-        files[split] = path
-    return files
+    return cut_bundled_corpus(tmp_path_factory.mktemp("corpus"), {"train": (4, 6000), "validation": (2, 1500), "test": (2, 1500)})
 
 
 def tiny_args(corpus_files, output_dir, *extra: str) -> list[str]:
