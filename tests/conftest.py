@@ -34,11 +34,14 @@ def tiny_config(**overrides) -> RevFormerConfig:
     return RevFormerConfig(**kwargs)
 
 
-def make_pair(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides):
+def make_pair(
+    dtype: torch.dtype = torch.float64, seed: int = 0, model_class=RevFormerForCausalLM, config_fn=None, **overrides
+):
     """A reversible model and its non-reversible twin sharing the same weights."""
+    config_fn = config_fn or tiny_config
     torch.manual_seed(seed)
-    rev = RevFormerForCausalLM(tiny_config(reversible=True, **overrides)).to(dtype)
-    twin = RevFormerForCausalLM(tiny_config(reversible=False, **overrides)).to(dtype)
+    rev = model_class(config_fn(reversible=True, **overrides)).to(dtype)
+    twin = model_class(config_fn(reversible=False, **overrides)).to(dtype)
     twin.load_state_dict(rev.state_dict())
     return rev, twin
 

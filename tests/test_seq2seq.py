@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM, EncoderDecoderCache
 
-from conftest import max_grad_rel_err, rel_err
+from conftest import make_pair, max_grad_rel_err, rel_err
 from reformer_rev import RevFormerConfig, RevFormerForConditionalGeneration
 from reformer_rev.modeling_reformer_rev_seq2seq import shift_tokens_right
 
@@ -39,11 +39,7 @@ def seq2seq_config(**overrides) -> RevFormerConfig:
 
 
 def make_seq2seq_pair(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    rev = RevFormerForConditionalGeneration(seq2seq_config(reversible=True, **overrides)).to(dtype)
-    twin = RevFormerForConditionalGeneration(seq2seq_config(reversible=False, **overrides)).to(dtype)
-    twin.load_state_dict(rev.state_dict())
-    return rev, twin
+    return make_pair(dtype, seed, RevFormerForConditionalGeneration, seq2seq_config, **overrides)
 
 
 @pytest.fixture
