@@ -194,8 +194,14 @@ def test_short_run_saves_everything(corpus_files, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     assert type(model).__name__ == "RevFormerForCausalLM" and len(tok) == model.config.vocab_size == 260
-    card = (out / "README.md").read_text()
-    assert f"{saved['validation']['bpb']:.4f}" in card and f"{saved['unigram_bpb']['validation']:.4f}" in card
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    metrics = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert metrics[("validation", "bits_per_byte")] == pytest.approx(saved["validation"]["bpb"], rel=1e-9)
+    assert metrics[("test", "bits_per_byte")] == pytest.approx(saved["test"]["bpb"], rel=1e-9)
+    assert "custom_code" in card.data.tags and card.data.library_name == "transformers"
+    assert f"{saved['unigram_bpb']['validation']:.6g}" in card.text  # the baseline is reported next to the model
     ids = tok("In the beginning", return_tensors="pt")["input_ids"]
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, ids.shape[1] + 4)
 

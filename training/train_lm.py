@@ -48,6 +48,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 import reformer_rev  # noqa: F401  (registers the `reformer_rev` model type with the Auto classes)
 from reformer_rev import RevFormerConfig, RevFormerForCausalLM
+from reformer_rev.model_card import write_model_card
 
 try:  # imported as `training.train_lm` (tests) or run as a script (`python training/train_lm.py`)
     from .tokenization import build_byte_tokenizer, token_byte_counts, token_byte_lengths, train_bpe_tokenizer
@@ -551,66 +552,6 @@ def log_step(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def write_model_card(output_dir: str | os.PathLike, results: dict[str, Any], args: argparse.Namespace) -> Path:
-    """Write `README.md` next to the weights with the run's measured figures (nothing made up)."""
-    val, test, train = results["validation"], results.get("test"), results["train"]
-    model_cfg = results["model"]
-    data_name = args.dataset_name or args.train_file or "bundled KJV + WEB Bible books (split by book)"
-    rows = [
-        f"| validation | {val['loss']:.4f} | {val['perplexity']:.3f} | {val['bpb']:.4f} | {results['unigram_bpb']['validation']:.4f} |"
-    ]
-    if test is not None:
-        rows.append(
-            f"| test | {test['loss']:.4f} | {test['perplexity']:.3f} | {test['bpb']:.4f} | {results['unigram_bpb']['test']:.4f} |"
-        )
-    blocks = ", ".join(f"{s} {b['evaluated']} of {b['in_split']}" for s, b in results.get("eval_blocks", {}).items())
-    card = f"""---
-library_name: transformers
-license: apache-2.0
-language: en
-tags:
-- reformer_rev
-- reversible
-- custom_code
-- text-generation
-pipeline_tag: text-generation
----
-
-# Reversible causal LM (`reformer_rev`)
-
-A `RevFormerForCausalLM` ({model_cfg['num_hidden_layers']} reversible blocks, hidden size {model_cfg['hidden_size']},
-{results['num_parameters'] / 1e6:.2f}M parameters, {results['tokenizer']} tokenizer, vocabulary {model_cfg['vocab_size']})
-trained with `training/train_lm.py` on {data_name}, blocks of {args.block_size} tokens.
-
-## Results (measured at the end of this run)
-
-| split | loss (nats/token) | perplexity | bits per byte | unigram byte baseline (bpb) |
-|---|---|---|---|---|
-{chr(10).join(rows)}
-
-The unigram baseline is the entropy of the byte frequencies of the same evaluated tokens (the best any
-byte-frequency model can do on them). Evaluated blocks (evenly spaced through each split): {blocks}.
-
-## Training
-
-- steps: {train['steps']}, tokens seen: {train['tokens']:,}, wall time {train['train_time_s']:.0f} s, {train['tokens_per_second']:.0f} tokens/s
-- processes: {results['num_processes']}, mixed precision: {results['mixed_precision']}, learning rate {args.learning_rate}
-  ({args.lr_scheduler_type}, {args.num_warmup_steps} warmup steps), batch {args.per_device_train_batch_size} x
-  {args.gradient_accumulation_steps} accumulation per process, seed {args.seed}
-
-## Use
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)  # or `import reformer_rev` first
-tokenizer = AutoTokenizer.from_pretrained(PATH)
-```
-"""
-    path = Path(output_dir) / "README.md"
-    path.write_text(card)
-    return path
-
-
 def _get_push_function():
     """`reformer_rev.hub.push_checkpoint`, checked before training so a run does not fail at its very end."""
     try:
@@ -1076,7 +1017,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["total_time_s"] = time.time() - start_time
         with open(Path(args.output_dir) / RESULTS_NAME, "w") as f:
             json.dump(results, f, indent=2)
-        write_model_card(args.output_dir, results, args)
+        # The same card code as `python -m reformer_rev.hub card`: YAML metadata + model-index from these results.
+        write_model_card(args.output_dir, results, "causal-lm", repo_id=args.hub_model_id)
         accelerator.print(
             f"trained {completed_steps} steps, {tokens_seen:,} tokens in {train_time:.0f} s "
             f"({results['train']['tokens_per_second']:.0f} tokens/s); total {results['total_time_s']:.0f} s; "
