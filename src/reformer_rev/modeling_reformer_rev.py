@@ -11,6 +11,7 @@ checkpoint for `trust_remote_code=True` loading.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -314,6 +315,24 @@ def resolve_use_cache(config: RevFormerConfig, use_cache: bool | None) -> bool:
             logger.warning_once("`use_cache=True` needs `torch.no_grad()` with a reversible model; ignoring it.")
         use_cache = False
     return bool(use_cache)
+
+
+def pop_cache_argument(past_key_values: Cache | None, kwargs: dict[str, Any]) -> Cache | None:
+    """The generation cache, whichever name the caller used.
+
+    transformers >= 5.24 passes it to `forward` as `cache=` (older releases as `past_key_values=`); reading only one
+    name silently drops the cache and every decoding step then sees a single token without its history.
+    """
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("Pass the generation cache once, as `cache=` or `past_key_values=`, not both.")
+    return past_key_values if past_key_values is not None else cache
+
+
+def output_cache(output: Any) -> Cache | None:
+    """The cache held by a model output (field `cache` from transformers 5.24 on, `past_key_values` before)."""
+    # Plain dict access: the 5.24 BC alias `output.past_key_values` logs a deprecation warning on every call.
+    return OrderedDict.get(output, "cache", OrderedDict.get(output, "past_key_values"))
 
 
 def resolve_position_ids(
@@ -660,6 +679,7 @@ class RevFormerModel(RevFormerPreTrainedModel):
             `num_unique_layers` distinct blocks); defaults to `config.num_hidden_layers`. Ignored in DEQ mode.
         """
         config = self.config
+        past_key_values = pop_cache_argument(past_key_values, kwargs)
         use_cache = resolve_use_cache(config, use_cache)
         deq = getattr(config, "depth_mode", "stack") == "deq"
         if deq and torch.is_grad_enabled():
@@ -836,6 +856,7 @@ class RevFormerForCausalLM(RevFormerPreTrainedModel, GenerationMixin):
         return_logits: with `labels`, the loss is computed chunk-wise and `logits` is `None` unless this is `True`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        past_key_values = pop_cache_argument(past_key_values, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -867,11 +888,11 @@ class RevFormerForCausalLM(RevFormerPreTrainedModel, GenerationMixin):
             logits = self.lm_head(keep)
 
         if not return_dict:
-            out = (logits, outputs.past_key_values, outputs.hidden_states)
+            out = (logits, output_cache(outputs), outputs.hidden_states)
             out = tuple(v for v in out if v is not None)
             return ((loss,) + out) if loss is not None else out
         return RevFormerCausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
+            loss=loss, logits=logits, past_key_values=output_cache(outputs), hidden_states=outputs.hidden_states,
             deq_stats=getattr(outputs, "deq_stats", None), jacobian_loss=getattr(outputs, "jacobian_loss", None),
         )
 
@@ -891,6 +912,8 @@ __all__ = [
     "embed_inputs",
     "resolve_use_cache",
     "resolve_position_ids",
+    "pop_cache_argument",
+    "output_cache",
     "run_blocks",
     "engine_options",
     "applied_layers",

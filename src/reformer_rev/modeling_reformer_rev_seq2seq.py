@@ -42,6 +42,8 @@ from .modeling_reformer_rev import (
     chunked_cross_entropy,
     embed_inputs,
     engine_options,
+    output_cache,
+    pop_cache_argument,
     resolve_position_ids,
     resolve_use_cache,
     rotary_tables,
@@ -262,6 +264,7 @@ class RevFormerSeq2SeqModel(RevFormerPreTrainedModel):
         **kwargs: Any,
     ) -> Seq2SeqModelOutput | tuple:
         config = self.config
+        past_key_values = pop_cache_argument(past_key_values, kwargs)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         )
@@ -302,7 +305,7 @@ class RevFormerSeq2SeqModel(RevFormerPreTrainedModel):
         )
         output = Seq2SeqModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
-            past_key_values=decoder_outputs.past_key_values,
+            past_key_values=output_cache(decoder_outputs),
             decoder_hidden_states=decoder_outputs.hidden_states,
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
             encoder_hidden_states=encoder_outputs.hidden_states,
@@ -376,6 +379,7 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
         return_logits: with `labels`, `logits` is `None` (chunked loss) unless this is `True`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        past_key_values = pop_cache_argument(past_key_values, kwargs)
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             if labels.dim() != 2:
                 raise ValueError(f"`labels` must have shape (batch, target length), got {tuple(labels.shape)}.")
@@ -406,7 +410,7 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
         output = Seq2SeqLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            past_key_values=output_cache(outputs),
             decoder_hidden_states=outputs.decoder_hidden_states,
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
             encoder_hidden_states=outputs.encoder_hidden_states,
