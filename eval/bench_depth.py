@@ -6,7 +6,7 @@ Three parts (`--part`), each writing JSON as it goes (nothing is lost if a run d
   coupling, fp32 and bf16 autocast, float and exact (int64 fixed point) streams, plus the float drift guard
   (`checkpoint_every`). Real RevFormer blocks (attention + gated FFN, dropout 0.1) at PyTorch's default
   initialisation, whose branch outputs are O(1): a stress case, trained models behave alike.
-* `memory`: profiler peak activation memory of one training step (DESIGN.md section 7: warm-up step first,
+* `memory`: profiler peak activation memory of one training step (docs/design.md §7: warm-up step first,
   `foreach=False`, `zero_grad(set_to_none=False)`) at depth 2 and depth 1,024, same width and batch.
 * `train`: a 1,024-layer small-width byte-level LM trained on the bundled Bible corpus (`data/bible_lm`), loss on a
   fixed validation batch before and after.
@@ -251,7 +251,7 @@ class LiveTensorBytes:
 
 
 def activation_memory(args: argparse.Namespace, depth: int, coupling: str, exact: bool, ids: torch.Tensor) -> dict:
-    """Peak activation memory of one training step, after a warm-up step (DESIGN.md section 7).
+    """Peak activation memory of one training step, after a warm-up step (docs/design.md §7).
 
     Two meters: the profiler method (`peak_allocated_bytes`), which keeps every allocator event and needs several GB of
     host memory at depth 1,024 (so it runs only up to `--profiler_max_depth`), and `LiveTensorBytes`, which follows

@@ -6,7 +6,7 @@ measured under the same machine load and can be compared as ratios. Reported per
 
 * validation bits-per-byte (mean cross-entropy over fixed validation windows / ln 2), during and after training;
 * peak activation memory of one training step (`reformer_rev.profiling.peak_allocated_bytes`, after a warm-up step,
-  `foreach=False` optimiser, DESIGN.md section 7);
+  `foreach=False` optimiser, docs/design.md §7);
 * training tokens/s (wall clock of the training steps only), and for DEQ the solver statistics;
 * at the end, "depth chosen at run time": validation bpb of the weight-tied model applied at other depths and of the
   DEQ model with other iteration budgets, without retraining.

@@ -1,6 +1,6 @@
 """Multi-process correctness on CPU (gloo): DDP through Accelerate and FSDP2 `fully_shard` vs one process.
 
-`accelerate launch --cpu --num_processes 2` starts a single process (DESIGN.md §4), so the workers in
+`accelerate launch --cpu --num_processes 2` starts a single process (docs/design.md §4), so the workers in
 `tests/distributed/` are started with `torchrun --nproc_per_node 2` (Accelerate with `cpu=True` then runs real DDP).
 """
 

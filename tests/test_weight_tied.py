@@ -222,7 +222,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_ddp_weight_tied_needs_static_graph_deq_works_by_default():
-    """DESIGN.md section 2, pattern A: a parameter whose gradient is accumulated by several inner backward calls
+    """docs/design.md §2, pattern A: a parameter whose gradient is accumulated by several inner backward calls
     (one per application of a tied block) is "marked ready" several times. Default DDP refuses that loudly;
     `static_graph=True` counts the hooks in the first iteration and matches single-process training. The DEQ
     implicit backward accumulates each parameter once, so default DDP works."""

@@ -612,7 +612,7 @@ def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) ->
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
     """The `Accelerator` of a run. DDP must not look for unused parameters: the recomputing backward accumulates
-    gradients from inside a custom autograd Function, which `find_unused_parameters=True` misreads (DESIGN.md §2)."""
+    gradients from inside a custom autograd Function, which `find_unused_parameters=True` misreads (docs/design.md §2)."""
     return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,

@@ -10,7 +10,7 @@ so the backward solves one more (adjoint, linear) fixed point with vector-Jacobi
 *phantom gradient* (Geng et al., 2021) back-propagates through `k` damped steps `z <- (1 - tau) z + tau f(z)` started
 at the (detached) fixed point: cheaper and often more stable, at the price of an approximate gradient.
 
-Design rules (see also DESIGN.md section 2):
+Design rules (see also docs/design.md §2):
 
 * the solver state is kept in at least float32 (`promote_types(dtype, float32)`), and Anderson's small linear solve runs
   in float64: bf16 solves are inaccurate and `torch.linalg.solve` has no bf16 kernel on CPU;

@@ -75,7 +75,7 @@ _BOOKKEEPING_ARGS = ("output_dir", "push_to_hub", "hub_model_id", "hub_token", "
                      "overwrite_output_dir",
                      "report_to", "with_tracking", "logging_steps", "checkpointing_steps", "checkpoints_total_limit",
                      "resume_from_checkpoint", "preprocessing_num_workers", "num_proc", "logging_dir")
-# What the training scripts train on when given no data argument (DESIGN.md §6; built by scripts/build_corpus.py).
+# What the training scripts train on when given no data argument (docs/design.md §6; built by scripts/build_corpus.py).
 _BUNDLED_DATA = {
     "causal-lm": {"name": "Public-domain English Bibles (KJV and WEB), whole books split by book "
                           "(bundled `data/bible_lm`)",

@@ -1,4 +1,4 @@
-"""Honest activation-memory measurement on CPU (and GPU) with the torch profiler (DESIGN.md §7).
+"""Honest activation-memory measurement on CPU (and GPU) with the torch profiler (docs/design.md §7).
 
 `ru_maxrss` is noisy because glibc keeps freed blocks; the profiler sees every allocator call, so the peak of the
 running sum of allocated bytes over one training step is reproducible to ~0.1 MB.

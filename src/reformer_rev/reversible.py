@@ -13,7 +13,7 @@ so activation memory is one block's worth whatever the depth.
 Nothing here knows about attention or feed-forward layers: blocks only have to expose `f(x, **kwargs)` and
 `g(x, **kwargs)` and, if `g` acts on every position independently, a `g_chunk_size` to bound its activations.
 
-Correctness rules this module follows (see DESIGN.md §2):
+Correctness rules this module follows (see docs/design.md §2):
 
 * dropout is replayed exactly: the RNG state of every device in use is captured before each `f`/`g` call of each
   forward *call* (stored on the autograd context, never on a module) and restored around the recompute with
