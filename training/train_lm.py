@@ -48,6 +48,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 import reformer_rev  # noqa: F401  (registers the `reformer_rev` model type with the Auto classes)
 from reformer_rev import RevFormerConfig, RevFormerForCausalLM
+from reformer_rev.distributed import register_fsdp_reversible_methods
 from reformer_rev.model_card import write_model_card
 
 try:  # imported as `training.train_lm` (tests) or run as a script (`python training/train_lm.py`)
@@ -623,46 +624,6 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
-
-
-def register_fsdp_reversible_methods(model: torch.nn.Module) -> int:
-    """Route the reversible blocks' `f`/`g` through FSDP2's hooks, including the recompute in backward.
-
-    The reversible engine calls `block.f` and `block.g`, never `block.forward`, so with `fully_shard` applied to each
-    `RevFormerBlock` the parameters would stay sharded inside them; FSDP2's `register_fsdp_forward_method` fixes the
-    forward. In backward the engine recomputes `g`, back-propagates, then recomputes `f` and back-propagates: two
-    forward calls of one module inside one backward. FSDP2 treats a forward call made while the module is in its
-    pre-backward state as an activation-checkpoint recompute and registers no post-backward hook, so `f`'s gradients
-    would never be reduce-scattered (measured: they stay in the unsharded parameters and the step ignores them).
-    Resetting the module's state to idle before each recompute call makes FSDP2 handle `f` and `g` as two ordinary
-    forward/backward pairs whose sharded gradients accumulate. Returns the number of blocks patched.
-    """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-        from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
-    except ImportError:  # torch without FSDP2
-        return 0
-
-    def wrap(module: torch.nn.Module, name: str) -> None:
-        orig_method = getattr(module, name)
-
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            state = module._get_fsdp_state()
-            if state._training_state == TrainingState.PRE_BACKWARD:
-                state._training_state = TrainingState.IDLE
-            args, kwargs = state._pre_forward(module, args, kwargs)
-            out = orig_method(*args, **kwargs)
-            return state._post_forward(module, args, out)
-
-        setattr(module, name, wrapped)
-
-    n = 0
-    for module in model.modules():
-        if isinstance(module, FSDPModule) and hasattr(module, "f") and hasattr(module, "g"):
-            wrap(module, "f")
-            wrap(module, "g")
-            n += 1
-    return n
 
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from reformer_rev import RevFormerForCausalLM
 from reformer_rev.modeling_reformer_rev import RevFormerBlock
-from training.train_lm import register_fsdp_reversible_methods
+from reformer_rev.distributed import register_fsdp_reversible_methods
 
 
 def run(optimizer_name: str, rank: int, world: int) -> dict:
