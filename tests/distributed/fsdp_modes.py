@@ -1,0 +1,82 @@
+"""Every model mode sharded with `reformer_rev.distributed.shard_reversible_model` (FSDP2, gloo, CPU) vs one process.
+
+Each rank trains `STEPS` SGD steps on its slice of each global batch. Recorded per mode: the largest relative
+difference of the (gathered) reduce-scattered gradients from the single-process gradients at every step, of the
+gathered parameters after the last step, how many parameters are sharded DTensors, or the error raised.
+Run: `torchrun --nproc_per_node 2 fsdp_modes.py [MODE ...] OUT.json`.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from _common import write_result
+from _modes import MODES, local_slice, max_rel_err, seed_for, train_reference
+from torch.distributed.fsdp import FSDPModule
+
+from reformer_rev.distributed import reversible_blocks, shard_reversible_model
+
+STEPS, ROWS, LR = 2, 4, 0.1
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def run_mode(mode_name: str) -> dict:
+    mode = MODES[mode_name]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ref_grads = {}
+    reference = train_reference(
+        mode, STEPS, ROWS, world, LR,
+        on_grads=lambda step, m: ref_grads.__setitem__(step, [p.grad.clone() for p in m.parameters()]),
+    )
+    model = mode.build()
+    names = [n for n, _ in model.named_parameters()]
+    result: dict = {}
+    try:
+        shard_reversible_model(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        grad_err, grad_name = 0.0, ""
+        for step in range(STEPS):
+            optimizer.zero_grad()
+            torch.manual_seed(seed_for(step, rank))
+            model(**local_slice(mode.global_batch(step, ROWS), rank, world)).loss.backward()
+            missing = [n for n, p in zip(names, model.parameters()) if p.grad is None]
+            if missing:
+                raise RuntimeError(f"no gradient for {missing[:3]}")
+            e, n = max_rel_err(zip(names, (full(p.grad) for p in model.parameters())), ref_grads[step])
+            if e > grad_err:
+                grad_err, grad_name = e, n
+            optimizer.step()
+        param_err, param_name = max_rel_err(zip(names, (full(p) for p in model.parameters())), reference.parameters())
+        result.update(
+            ok=True, grad_rel_err=grad_err, worst_grad=grad_name, param_rel_err=param_err, worst_param=param_name,
+            sharded_params=sum(hasattr(p, "full_tensor") for p in model.parameters()), num_params=len(names),
+            fsdp_blocks=sum(isinstance(b, FSDPModule) for b in reversible_blocks(model)),
+        )
+    except (RuntimeError, AssertionError, ValueError) as err:
+        result.update(ok=False, error=f"{type(err).__name__}: {str(err).strip().splitlines()[0][:240]}")
+    verdicts = [None] * world
+    dist.all_gather_object(verdicts, result)
+    result["ok"] = all(v["ok"] for v in verdicts)
+    return result
+
+
+def main() -> None:
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    modes = sys.argv[1:-1] or [m for m in MODES if m != "plain_autograd_twin"]
+    results = {}
+    for mode in modes:
+        results[mode] = run_mode(mode)
+        if dist.get_rank() == 0:
+            print(mode, results[mode], flush=True)
+    write_result({"world_size": dist.get_world_size(), "steps": STEPS, "rows": ROWS, "cases": results})
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
