@@ -16,7 +16,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from _common import write_result
+from _common import describe, write_result
 from _modes import MODES, local_slice, max_rel_err, seed_for, train_reference
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import GradientAccumulationPlugin
@@ -79,7 +79,7 @@ def run_case(mode_name: str, setting: str) -> dict:
                 grad_err, grad_name = e, n
             optimizer.step()
     except RuntimeError as err:
-        result.update(ok=False, error=str(err).strip().splitlines()[0][:240])
+        result.update(ok=False, error=describe(err))
     else:
         param_err, param_name = max_rel_err(model.named_parameters(), reference.parameters())
         result.update(

@@ -13,7 +13,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from _common import write_result
+from _common import describe, write_result
 from _modes import MODES, local_slice, reference_loss, seed_for
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
@@ -77,7 +77,7 @@ def run_mode(accelerator: Accelerator, mode_name: str, stage: int, clip: float, 
         dist.all_gather(gathered, flat)
         result["ranks_max_abs_diff"] = max((g - gathered[0]).abs().max().item() for g in gathered)
     except Exception as err:  # noqa: BLE001 - record DeepSpeed's failure, whatever its type
-        result.update(ok=False, error=f"{type(err).__name__}: {str(err).strip().splitlines()[0][:240]}")
+        result.update(ok=False, error=describe(err))
     verdicts = [None] * world
     dist.all_gather_object(verdicts, result["ok"])
     result["ok"] = all(verdicts)

@@ -13,7 +13,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from _common import write_result
+from _common import describe, write_result
 from _modes import MODES, local_slice, max_rel_err, seed_for, train_reference
 from torch.distributed.fsdp import FSDPModule
 
@@ -59,7 +59,7 @@ def run_mode(mode_name: str) -> dict:
             fsdp_blocks=sum(isinstance(b, FSDPModule) for b in reversible_blocks(model)),
         )
     except (RuntimeError, AssertionError, ValueError) as err:
-        result.update(ok=False, error=f"{type(err).__name__}: {str(err).strip().splitlines()[0][:240]}")
+        result.update(ok=False, error=describe(err))
     verdicts = [None] * world
     dist.all_gather_object(verdicts, result)
     result["ok"] = all(v["ok"] for v in verdicts)

@@ -16,7 +16,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from _common import write_result
+from _common import describe, write_result
 from _modes import MODES, max_rel_err
 from transformers import Trainer, TrainingArguments
 
@@ -62,7 +62,7 @@ def run_case(mode_name: str, find_unused: bool | None) -> dict:
         try:
             trainer.train()
         except RuntimeError as err:
-            result.update(ok=False, error=str(err).strip().splitlines()[0][:240])
+            result.update(ok=False, error=describe(err))
         else:
             result.update(ok=True, wrapped=type(trainer.model_wrapped).__name__)
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
