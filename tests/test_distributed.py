@@ -271,6 +271,16 @@ def test_fsdp2_shard_reversible_model_matches_one_process(fsdp_modes, mode):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["stack_chunked_ffn", "seq2seq"])
+def test_fsdp2_bf16_mixed_precision_as_accurate_as_plain_autograd(fsdp_modes, mode):
+    """Under `MixedPrecisionPolicy(param_dtype=bfloat16)` both the engine and ordinary autograd are ~1% off float32
+    (bf16 rounding; measured 1.08% / 1.06%): the engine must not add to it."""
+    case = fsdp_modes[f"{mode}/bf16_mixed_precision"]
+    assert case["reversible_grad_rel_err"] <= 1.5 * case["twin_grad_rel_err"] + 1e-3, case
+    assert case["reversible_grad_rel_err"] <= 5e-2, case
+
+
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="fully_shard refuses 0-dim parameters: the learnable gates must be 1-D")
 def test_fsdp2_learnable_branch_gates(fsdp_modes):
     assert fsdp_modes["branch_gates"]["ok"], fsdp_modes["branch_gates"]

@@ -2,7 +2,10 @@
 
 Each rank trains `STEPS` SGD steps on its slice of each global batch. Recorded per mode: the largest relative
 difference of the (gathered) reduce-scattered gradients from the single-process gradients at every step, of the
-gathered parameters after the last step, how many parameters are sharded DTensors, or the error raised.
+gathered parameters after the last step, how many parameters are sharded DTensors, or the error raised. Then, with
+bf16 mixed precision (`MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`, float32 model), the first
+step's gradients of the reversible model and of its plain-autograd twin, both sharded the same way, against float32
+single-process gradients: the engine must be as accurate as ordinary autograd under the same policy.
 Run: `torchrun --nproc_per_node 2 fsdp_modes.py [MODE ...] OUT.json`.
 """
 
@@ -14,8 +17,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from _common import describe, write_result
-from _modes import MODES, local_slice, max_rel_err, seed_for, train_reference
-from torch.distributed.fsdp import FSDPModule
+from _modes import MODES, Mode, local_slice, max_rel_err, reference_loss, seed_for, train_reference
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
 from reformer_rev.distributed import reversible_blocks, shard_reversible_model
 
@@ -66,6 +69,27 @@ def run_mode(mode_name: str) -> dict:
     return result
 
 
+def run_mixed_precision(mode_name: str) -> dict:
+    """bf16 FSDP2 gradients of the reversible model and of its twin vs float32 one-process gradients (step 0)."""
+    base = MODES[mode_name].deterministic()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batch = base.global_batch(0, ROWS)
+    reference = base.build(torch.float32)
+    reference_loss(base, reference, batch, 0, world).backward()
+    ref_grads = [p.grad for p in reference.parameters()]
+    result = {}
+    for reversible in (True, False):
+        mode = Mode(base.name, base.kind, {**base.config, "reversible": reversible})
+        model = mode.build(torch.float32)
+        names = [n for n, _ in model.named_parameters()]
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        shard_reversible_model(model, mp_policy=policy)
+        model(**local_slice(batch, rank, world)).loss.backward()
+        err, _ = max_rel_err(zip(names, (full(p.grad) for p in model.parameters())), ref_grads)
+        result["reversible_grad_rel_err" if reversible else "twin_grad_rel_err"] = err
+    return {"ok": True, **result}
+
+
 def main() -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     modes = sys.argv[1:-1] or [m for m in MODES if m != "plain_autograd_twin"]
@@ -74,6 +98,10 @@ def main() -> None:
         results[mode] = run_mode(mode)
         if dist.get_rank() == 0:
             print(mode, results[mode], flush=True)
+    for mode in ("stack_chunked_ffn", "seq2seq"):
+        results[f"{mode}/bf16_mixed_precision"] = run_mixed_precision(mode)
+        if dist.get_rank() == 0:
+            print(mode, "bf16", results[f"{mode}/bf16_mixed_precision"], flush=True)
     write_result({"world_size": dist.get_world_size(), "steps": STEPS, "rows": ROWS, "cases": results})
     dist.destroy_process_group()
 
