@@ -1,4 +1,4 @@
-"""Distributed training of reversible models: what DDP and FSDP2 need to see the engine's recomputing backward.
+"""Distributed training of reversible models: what DDP, DeepSpeed ZeRO and FSDP2 need from the recomputing backward.
 
 **DDP** needs nothing from this module. The engine delivers each parameter's gradient once per backward
 (`reversible.py`), which is what DDP's default mode expects; only `find_unused_parameters=True` must be avoided (the
@@ -16,7 +16,7 @@ recompute. `shard_reversible_model` shards every reversible block and the root a
 hooks; `register_fsdp_reversible_methods` does only the routing, for models that Accelerate (or a user) already
 sharded. The routing needs one private piece of FSDP2, so it is pinned to the torch releases it was tested on.
 
-Only torch is imported here, so the module can be copied next to the model files.
+Only torch is imported at module level (DeepSpeed lazily, by the function that needs it).
 """
 
 from __future__ import annotations
