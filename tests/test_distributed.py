@@ -253,7 +253,9 @@ def test_trainer_ddp_seq2seq_matches_one_process(trainer_modes):
 @pytest.mark.parametrize("mode", ["stack_chunked_ffn", "weight_tied", "deq_implicit", "seq2seq"])
 def test_trainer_default_find_unused_parameters_still_needs_overriding(trainer_modes, mode):
     """transformers 5.x picks `find_unused_parameters=True` for a PreTrainedModel that is not activation
-    checkpointing: users must pass `ddp_find_unused_parameters=False` (docs/distributed.md)."""
+    checkpointing: users must pass `ddp_find_unused_parameters=False` (docs/distributed.md). Measured: a model class
+    whose `is_activation_checkpointing` is True when reversible makes the Trainer pick False and train; when the model
+    files do that, this test turns into a parity test of the Trainer's defaults."""
     case = trainer_modes[f"{mode}/default"]
     assert case["find_unused_parameters"] is True
     assert not case["ok"] and "mark a variable ready only once" in case["error"], case
