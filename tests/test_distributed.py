@@ -157,23 +157,41 @@ LM_MODES = ("stack_chunked_ffn", "chunked_ffn_dropout", "branch_gates", "weight_
 DEQ_TWICE = ("deq_phantom", "deq_jacobian_reg")
 
 
-def _worker_result(tmp_path_factory, name: str) -> dict:
-    return run_worker(name, tmp_path_factory.mktemp(name.removesuffix(".py")))
+def _once_per_session(tmp_path_factory, worker_id: str, key: str, launch) -> dict:
+    """Run `launch()` once per test session, even when pytest-xdist spreads this module's tests over several
+    processes (each would otherwise build the module fixture, i.e. launch the same 2-process job again): the first
+    one writes the JSON under the session's shared temporary root, the others wait on the lock and read it."""
+    if worker_id == "master":  # no xdist
+        return launch()
+    from filelock import FileLock
+
+    cached = tmp_path_factory.getbasetemp().parent / f"{key}.json"
+    with FileLock(f"{cached}.lock"):
+        if cached.is_file():
+            return json.loads(cached.read_text())
+        result = launch()
+        cached.write_text(json.dumps(result))
+        return result
+
+
+def _worker_result(tmp_path_factory, worker_id: str, name: str) -> dict:
+    key = name.removesuffix(".py")
+    return _once_per_session(tmp_path_factory, worker_id, key, lambda: run_worker(name, tmp_path_factory.mktemp(key)))
 
 
 @pytest.fixture(scope="module")
-def ddp_modes(tmp_path_factory):
-    return _worker_result(tmp_path_factory, "ddp_modes.py")["cases"]
+def ddp_modes(tmp_path_factory, worker_id):
+    return _worker_result(tmp_path_factory, worker_id, "ddp_modes.py")["cases"]
 
 
 @pytest.fixture(scope="module")
-def fsdp_modes(tmp_path_factory):
-    return _worker_result(tmp_path_factory, "fsdp_modes.py")["cases"]
+def fsdp_modes(tmp_path_factory, worker_id):
+    return _worker_result(tmp_path_factory, worker_id, "fsdp_modes.py")["cases"]
 
 
 @pytest.fixture(scope="module")
-def trainer_modes(tmp_path_factory):
-    return _worker_result(tmp_path_factory, "trainer_modes.py")["cases"]
+def trainer_modes(tmp_path_factory, worker_id):
+    return _worker_result(tmp_path_factory, worker_id, "trainer_modes.py")["cases"]
 
 
 def _assert_exact(case: dict) -> None:
@@ -289,11 +307,14 @@ def test_fsdp2_learnable_branch_gates(fsdp_modes):
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
-def deepspeed_modes(request, tmp_path_factory):
+def deepspeed_modes(request, tmp_path_factory, worker_id):
     pytest.importorskip("deepspeed", reason="DeepSpeed is optional (not a project dependency)")
-    out = tmp_path_factory.mktemp(f"zero{request.param}") / "result.json"
+    key = f"zero{request.param}"
     config = f"training/accelerate_configs/deepspeed_zero{request.param}.yaml"
-    result = accelerate_launch(config, WORKERS / "deepspeed_modes.py", out)
+    result = _once_per_session(
+        tmp_path_factory, worker_id, key,
+        lambda: accelerate_launch(config, WORKERS / "deepspeed_modes.py", tmp_path_factory.mktemp(key) / "result.json"),
+    )
     assert result["world_size"] == 2 and result["zero_stage"] == request.param
     assert result["distributed_type"].endswith("DEEPSPEED")
     return result["cases"]
