@@ -21,7 +21,6 @@ from reformer_rev import (
     RevFormerForConditionalGeneration,
     RevFormerForSequenceClassification,
     RevFormerModel,
-    RevFormerSeq2SeqModel,
 )
 from test_seq2seq import seq2seq_config
 
@@ -83,8 +82,10 @@ def test_every_accepted_combination_trains_like_its_twin(kind, combo):
     assert err <= 1e-6, (err, name)
     if "deq" in combo:  # the DEQ mode really ran, in every stack of the model
         stats = [outs[0].encoder_deq_stats, outs[0].decoder_deq_stats] if kind == "seq2seq" else [outs[0].deq_stats]
-        assert all(s is not None and s.forward.converged and s.backward is not None for s in stats[:1])
-        assert all(s is not None for s in stats)
+        implicit = COMBINATIONS[combo].get("deq_backward", "implicit") == "implicit"
+        for s in stats:
+            assert s is not None and s.forward.converged, s
+            assert (s.backward is not None) == implicit  # the adjoint solve ran in backward
         assert (outs[0].jacobian_loss is not None) == ("jacobian" in combo)
     if "deq" in combo or combo == "weight_tied":  # only the distinct blocks were built
         stacks = [rev.model.encoder.layers, rev.model.decoder.layers] if kind == "seq2seq" else [rev.model.layers]
@@ -258,7 +259,8 @@ def test_attention_implementation_can_be_switched_and_loaded(tmp_path):
         ref = model(ids).logits
         model.set_attn_implementation("eager")
         assert model.config._attn_implementation == "eager"
-        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-12, atol=1e-12)
+        # (eager's softmax runs in float32, as Llama's: float64 models agree to ~1e-8, not 1e-15)
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-6, atol=1e-6)
     model.save_pretrained(tmp_path)
     # A loading choice, as in transformers: not stored in config.json, chosen by `from_pretrained`.
     assert "attn_implementation" not in json.loads((tmp_path / "config.json").read_text())
@@ -267,6 +269,7 @@ def test_attention_implementation_can_be_switched_and_loaded(tmp_path):
     assert RevFormerForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
 
 
+@pytest.mark.slow  # compiles the flex kernel: ~30 s
 def test_flex_attention_matches_sdpa():
     """A third implementation from transformers' interface runs through the same modules (its own mask builder)."""
     pytest.importorskip("torch.nn.attention.flex_attention")
@@ -304,7 +307,6 @@ def _relative_imports(path) -> set[str]:
         (RevFormerModel, tiny_config),
         (RevFormerForCausalLM, tiny_config),
         (RevFormerForSequenceClassification, tiny_config),
-        (RevFormerSeq2SeqModel, seq2seq_config),
         (RevFormerForConditionalGeneration, seq2seq_config),
     ],
 )

@@ -345,6 +345,10 @@ class RevFormerConfig(PretrainedConfig):
         self.deq_phantom_steps = deq_phantom_steps
         self.deq_damping = deq_damping
         self.deq_jacobian_reg = deq_jacobian_reg
+        self.chunk_size_feed_forward = chunk_size_feed_forward
+        self.is_encoder_decoder = is_encoder_decoder
+        # Before transformers' own validators, which fail on a wrongly typed field with an unrelated TypeError.
+        self._validate_fields()
         super().__init__(chunk_size_feed_forward=chunk_size_feed_forward, is_encoder_decoder=is_encoder_decoder, **kwargs)
         self.validate()
 
@@ -365,14 +369,17 @@ class RevFormerConfig(PretrainedConfig):
 
     def validate(self) -> None:
         """Raise `ValueError` naming the offending field and what is allowed (`FIELD_RULES`, then `RELATIONS`)."""
-        for name, rule in FIELD_RULES.items():
-            value = getattr(self, name)
-            if not rule.ok(value):
-                raise ValueError(f"`{name}` must be {rule.allowed}, got {value!r}.")
+        self._validate_fields()
         attn = self._attn_implementation
         allowed = supported_attention_implementations()
         if attn is not None and attn not in allowed:
             raise ValueError(f"`attn_implementation` must be one of {allowed}, got {attn!r}.")
+
+    def _validate_fields(self) -> None:
+        for name, rule in FIELD_RULES.items():
+            value = getattr(self, name)
+            if not rule.ok(value):
+                raise ValueError(f"`{name}` must be {rule.allowed}, got {value!r}.")
         for name, holds, message in RELATIONS:
             if not holds(self):
                 raise ValueError(f"`{name}` {message(self)}")

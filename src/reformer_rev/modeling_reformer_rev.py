@@ -292,6 +292,14 @@ class RevFormerCausalLMOutputWithPast(CausalLMOutputWithPast):
     jacobian_loss: torch.FloatTensor | None = None
 
 
+@dataclass
+class RevFormerSequenceClassifierOutputWithPast(SequenceClassifierOutputWithPast):
+    """`SequenceClassifierOutputWithPast` plus, in DEQ mode, the solver statistics and the Jacobian regulariser."""
+
+    deq_stats: DEQStats | None = None
+    jacobian_loss: torch.FloatTensor | None = None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------------------
@@ -565,7 +573,7 @@ class RevFormerForSequenceClassification(RevFormerPreTrainedModel):
         output_hidden_states: bool | None = None,
         num_hidden_layers: int | None = None,
         **kwargs: Any,
-    ) -> SequenceClassifierOutputWithPast:
+    ) -> RevFormerSequenceClassifierOutputWithPast:
         """
         labels: `(batch,)` class ids in `[0, num_labels)` (cross-entropy), or floats for regression
             (`num_labels == 1`) / multi-label classification (`(batch, num_labels)`), as `config.problem_type` says.
@@ -607,11 +615,13 @@ class RevFormerForSequenceClassification(RevFormerPreTrainedModel):
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
             if outputs.jacobian_loss is not None:
                 loss = loss + self.config.deq_jacobian_reg * outputs.jacobian_loss
-        return SequenceClassifierOutputWithPast(
+        return RevFormerSequenceClassifierOutputWithPast(
             loss=loss,
             logits=pooled_logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            deq_stats=outputs.deq_stats,
+            jacobian_loss=outputs.jacobian_loss,
             **{CACHE_FIELD: output_cache(outputs)},
         )
 
