@@ -149,6 +149,33 @@ def embed_inputs(
     return inputs_embeds
 
 
+def check_generate_inputs(vocab_size: int, inputs: Any, kwargs: dict[str, Any]) -> Any:
+    """Check what `generate()` is given before its own code touches it (it would fail with an AttributeError or
+    IndexError on a list or a 1-D tensor). Returns `inputs` as int64 ids when they are ids; `kwargs` is updated."""
+    name = "input_ids"
+    if inputs is None and "input_ids" in kwargs:
+        inputs = kwargs.pop("input_ids")
+    if inputs is not None:
+        inputs = check_token_ids(inputs, vocab_size, name)
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is not None:
+        _check_tensor(embeds, "inputs_embeds")
+        if not embeds.is_floating_point() or embeds.dim() != 3:
+            raise TypeError(
+                f"`inputs_embeds` must be a floating-point tensor of shape (batch, sequence, hidden), got dtype "
+                f"{embeds.dtype} and shape {tuple(embeds.shape)}."
+            )
+    reference = inputs if inputs is not None else embeds
+    mask = kwargs.get("attention_mask")
+    if mask is not None and reference is not None:
+        kwargs["attention_mask"] = check_padding_mask(mask, tuple(reference.shape[:2]), "attention_mask")
+        if kwargs["attention_mask"] is None:
+            kwargs["attention_mask"] = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
+        else:
+            kwargs["attention_mask"] = kwargs["attention_mask"].long()
+    return inputs
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Positions and attention masks
 # --------------------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from .losses import causal_lm_loss
 from .model_inputs import (
     CACHE_FIELD,
     check_class_labels,
+    check_generate_inputs,
     check_labels,
     embed_inputs,
     output_cache,
@@ -479,6 +480,12 @@ class RevFormerForCausalLM(RevFormerPreTrainedModel, GenerationMixin):
                 f"tokens), more than `max_position_embeddings`={limit}. Lower `max_new_tokens` to at most "
                 f"{limit - input_ids_length}."
             )
+
+    def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        """`GenerationMixin.generate`, after checking the prompt, mask and embeddings (clear errors, small integer
+        dtypes converted)."""
+        inputs = check_generate_inputs(self.config.vocab_size, inputs, kwargs)
+        return super().generate(inputs, *args, **kwargs)
 
     @can_return_tuple
     def forward(

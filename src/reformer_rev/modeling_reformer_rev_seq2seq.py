@@ -34,6 +34,7 @@ from .losses import chunked_cross_entropy
 from .model_inputs import (
     CACHE_FIELD,
     attention_mask_for,
+    check_generate_inputs,
     check_labels,
     check_padding_mask,
     embed_inputs,
@@ -378,6 +379,12 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Used by `DataCollatorForSeq2Seq` to build `decoder_input_ids` in the collator."""
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+    def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        """`GenerationMixin.generate`, after checking the prompt, mask and embeddings (clear errors, small integer
+        dtypes converted)."""
+        inputs = check_generate_inputs(self.config.vocab_size, inputs, kwargs)
+        return super().generate(inputs, *args, **kwargs)
 
     @can_return_tuple
     def forward(
