@@ -65,7 +65,7 @@ def load_and_classify(folder: str, library_path: bool) -> str:
         lambda path: PreTrainedModel.from_pretrained.__func__(RevFormerForCausalLM, path))
     model = cls_load(folder)
     init = model.config.initializer_range
-    weight = model.model.embed_tokens.weight
+    weight = model.model.embed_tokens.weight.detach()
     config_says = next(n for n, (i, _) in MARKS.items() if abs(i - init) < 1e-9)
     values = {float(v) for v in torch.unique(weight)}
     weights_say = next((n for n, (_, v) in MARKS.items() if values == {v}), None)

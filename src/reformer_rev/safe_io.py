@@ -44,6 +44,9 @@ except ImportError:  # pragma: no cover - Windows: locks fall back to exclusive 
 T = TypeVar("T")
 
 SAVE_LOCK_NAME = ".save.lock"
+# Taken by a save before it waits for SAVE_LOCK_NAME, and briefly by readers before theirs: a save waits only for the
+# loads already running, never for a stream of new ones (writer preference).
+SAVE_INTENT_NAME = ".save.intent"
 SAVE_IN_PROGRESS_NAME = ".save_in_progress"
 _SAVING_MARK = ".saving-"
 # Weight files that a new save replaces: stale ones (e.g. shards of an older, larger save) must not survive it.
@@ -51,7 +54,11 @@ _WEIGHT_FILE_RE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensor
 
 
 class WriteError(OSError):
-    """A file or folder could not be written; the message names the path and the cause (e.g. disk full)."""
+    """A file or folder could not be written; the message names the path and the cause (e.g. disk full).
+    `errno` is the cause's (ENOSPC for a full disk)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class FolderLockedError(RuntimeError):
@@ -340,7 +347,8 @@ def save_model_folder(save_directory: str | os.PathLike, write: Callable[[Path],
 
 
 def _move_into_place(tmp: Path, target: Path, names: list[str]) -> None:
-    with FolderLock(target, SAVE_LOCK_NAME, timeout=None, record_owner=False):
+    with FolderLock(target, SAVE_INTENT_NAME, timeout=None, record_owner=False), \
+            FolderLock(target, SAVE_LOCK_NAME, timeout=None, record_owner=False):
         with reraise_as_write_error(target, "moving a save into"):
             # While this marker exists the folder may hold files of two saves; a save killed in this (short) phase
             # leaves it behind, and readers then refuse the folder instead of loading a mix.
@@ -376,9 +384,17 @@ def load_model_folder(folder: str | os.PathLike, load: Callable[[], T], timeout:
     if not (folder / SAVE_LOCK_NAME).exists():  # never written by `save_model_folder`
         check_model_folder(folder)
         return load()
-    with FolderLock(folder, SAVE_LOCK_NAME, shared=True, timeout=timeout):
+    lock = FolderLock(folder, SAVE_LOCK_NAME, shared=True, timeout=timeout)
+    if (folder / SAVE_INTENT_NAME).exists():
+        with FolderLock(folder, SAVE_INTENT_NAME, shared=True, timeout=timeout):  # no save is waiting to move files
+            lock.acquire()
+    else:
+        lock.acquire()
+    try:
         check_model_folder(folder)
         return load()
+    finally:
+        lock.release()
 
 
 __all__ = [
