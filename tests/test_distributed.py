@@ -121,7 +121,7 @@ def test_train_lm_script_under_two_process_ddp(tmp_path):
     assert results["num_processes"] == 2 and results["train"]["steps"] == 6
     assert results["train"]["tokens"] == 6 * 2 * 2 * 2 * 64
     assert results["validation"]["loss"] < results["eval_history"][0]["loss"] + 1.0
-    assert [p.name for p in (out / "checkpoints").iterdir()] and (out / "checkpoints" / "step_6" / "random_states_1.pkl").is_file()
+    assert [p.name for p in (out / "checkpoints").iterdir()] and (out / "checkpoints" / "step_6" / "rng_state_1.safetensors").is_file()
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2

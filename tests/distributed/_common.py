@@ -9,13 +9,9 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from reformer_rev import RevFormerConfig
 
 torch.set_num_threads(1)
-
-from reformer_rev import RevFormerConfig  # noqa: E402
 
 
 def tiny_config(**overrides) -> RevFormerConfig:
