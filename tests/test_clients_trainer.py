@@ -128,27 +128,32 @@ def test_label_smoothing_is_applied_to_shifted_targets(tmp_path, kind):
                                    msg=lambda m, n=name: f"{n}: {m}")
 
 
+def assert_accumulation_equals_full_batch(tmp_path, build, batch, trainer_cls=Trainer, args_cls=TrainingArguments):
+    """One step over 4 rows: 2 micro-batches x 2 rows must log the full-batch loss and make the full-batch update."""
+    runs = {}
+    for accumulate in (1, 2):
+        model = build()
+        trainer = trainer_cls(model=model, train_dataset=rows(*batch),
+                              args=args(tmp_path, args_cls, per_device_train_batch_size=4 // accumulate,
+                                        gradient_accumulation_steps=accumulate))
+        trainer.train()
+        runs[accumulate] = ([h["loss"] for h in trainer.state.log_history if "loss" in h], params(model))
+    inputs, mask, labels = batch
+    with torch.no_grad():
+        full_loss = build()(input_ids=inputs, attention_mask=mask, labels=labels).loss.item()
+    assert runs[1][0] == [pytest.approx(full_loss, rel=1e-4)]
+    assert runs[2][0] == [pytest.approx(full_loss, rel=1e-4)]
+    for name, p in runs[1][1].items():
+        torch.testing.assert_close(runs[2][1][name], p, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("kind", ["llama", "reformer_rev"])
 def test_gradient_accumulation_with_padding_equals_full_batch(tmp_path, kind):
     """2 micro-batches x 2 rows with uneven padding: the same logged loss and update as one batch of 4."""
     ids, mask, labels = lm_batch(VOCAB, batch=4, length=20)
     mask[3, :11] = 0  # rows with 20, 15, 13 and 9 targets: a mean of micro-batch means would be biased
-    ids, labels = ids.masked_fill(mask == 0, 0), labels.masked_fill(mask == 0, -100)
-    runs = {}
-    for accumulate in (1, 2):
-        model = build(kind)
-        trainer = Trainer(model=model, train_dataset=rows(ids, mask, labels),
-                          args=args(tmp_path, per_device_train_batch_size=4 // accumulate,
-                                    gradient_accumulation_steps=accumulate))
-        trainer.train()
-        runs[accumulate] = ([h["loss"] for h in trainer.state.log_history if "loss" in h], params(model))
-    model = build(kind)
-    with torch.no_grad():
-        full_loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
-    assert runs[1][0] == [pytest.approx(full_loss, rel=1e-4)]
-    assert runs[2][0] == [pytest.approx(full_loss, rel=1e-4)]
-    for name, p in runs[1][1].items():
-        torch.testing.assert_close(runs[2][1][name], p, rtol=1e-5, atol=1e-7)
+    batch = ids.masked_fill(mask == 0, 0), mask, labels.masked_fill(mask == 0, -100)
+    assert_accumulation_equals_full_batch(tmp_path, lambda: build(kind), batch)
 
 
 def test_gradient_checkpointing_is_accepted_and_changes_nothing(tmp_path):
@@ -184,18 +189,5 @@ def test_seq2seq_gradient_accumulation_with_padding_equals_full_batch(tmp_path):
     src, mask, labels = seq2seq_batch(VOCAB)
     src, mask = torch.cat([src, src.flip(0)[:1]]), torch.cat([mask, mask.flip(0)[:1]])
     labels = torch.cat([labels, labels[:1].masked_fill(torch.arange(labels.shape[1]) >= 2, -100)])  # 2 targets
-    runs = {}
-    for accumulate in (1, 2):
-        model = build_seq2seq()
-        trainer = Seq2SeqTrainer(model=model, train_dataset=rows(src, mask, labels),
-                                 args=args(tmp_path, Seq2SeqTrainingArguments, per_device_train_batch_size=4 // accumulate,
-                                           gradient_accumulation_steps=accumulate))
-        trainer.train()
-        runs[accumulate] = ([h["loss"] for h in trainer.state.log_history if "loss" in h], params(model))
-    model = build_seq2seq()
-    with torch.no_grad():
-        full_loss = model(input_ids=src, attention_mask=mask, labels=labels).loss.item()
-    assert runs[1][0] == [pytest.approx(full_loss, rel=1e-4)]
-    assert runs[2][0] == [pytest.approx(full_loss, rel=1e-4)]
-    for name, p in runs[1][1].items():
-        torch.testing.assert_close(runs[2][1][name], p, rtol=1e-5, atol=1e-7)
+    assert_accumulation_equals_full_batch(tmp_path, build_seq2seq, (src, mask, labels), Seq2SeqTrainer,
+                                          Seq2SeqTrainingArguments)
