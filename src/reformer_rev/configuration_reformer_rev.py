@@ -64,10 +64,14 @@ class RevFormerConfig(PretrainedConfig):
         coupling_step_size: Step size `h` of the leapfrog coupling.
         momentum_gamma: Velocity decay `gamma` in (0, 1) of the momentum coupling (used as the nearest fraction n/d
             with d <= 1024).
-        exact_reversal: Hold the streams as int64 fixed point and round every F/G output onto that grid, so the
-            backward reconstructs every block's inputs bit for bit in any compute dtype (gradients treat the rounding
-            as the identity). Needed by `"momentum"` at depth, whose float inverse amplifies rounding by 1/gamma.
-        fixed_point_scale_bits: Fractional bits of the fixed-point streams (resolution 2^-bits, range +-2^(62-bits)).
+        exact_reversal: `True`: hold the streams as int64 fixed point and round every F/G output onto that grid, so
+            the backward reconstructs every block's inputs bit for bit in any compute dtype (gradients treat the
+            rounding as the identity); needed by `"momentum"` at depth, whose float inverse amplifies rounding by
+            1/gamma. `False`: float streams. `"auto"` (default): exact when the stack computes in half precision
+            (bf16/fp16 weights, or autocast to a half dtype), where float reversal drifts (docs/precision.md), with the
+            scale chosen from the input magnitude; float in fp32/fp64, where it is measured to be accurate.
+        fixed_point_scale_bits: Fractional bits of the fixed-point streams when `exact_reversal=True` (resolution
+            2^-bits, range +-2^(62-bits)).
         stream_checkpoint_every: Drift guard for float streams: keep an exact copy of the streams every this many
             blocks and restore it in backward (0 disables; costs `2 * layers / k` stream copies).
         branch_scale: Depth-stable scaling of every F/G output: `None`/`"none"`, `"inv_sqrt_depth"` (times
@@ -127,7 +131,7 @@ class RevFormerConfig(PretrainedConfig):
         coupling: str = "additive",
         coupling_step_size: float = 1.0,
         momentum_gamma: float = 0.9,
-        exact_reversal: bool = False,
+        exact_reversal: bool | str = "auto",
         fixed_point_scale_bits: int = 32,
         stream_checkpoint_every: int = 0,
         branch_scale: str | None = None,
@@ -285,7 +289,9 @@ class RevFormerConfig(PretrainedConfig):
         gamma = self.momentum_gamma
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 1e-3 <= gamma <= 1 - 1e-3:
             raise ValueError(f"`momentum_gamma` must be a float in [0.001, 0.999], got {gamma!r}.")
-        for name in ("exact_reversal", "debug_reversal_drift"):
+        if not (isinstance(self.exact_reversal, bool) or self.exact_reversal == "auto"):
+            raise ValueError(f"`exact_reversal` must be True, False or 'auto', got {self.exact_reversal!r}.")
+        for name in ("debug_reversal_drift",):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
         bits = self.fixed_point_scale_bits

@@ -364,7 +364,7 @@ def engine_options(config: RevFormerConfig) -> dict[str, Any]:
             step_size=getattr(config, "coupling_step_size", 1.0),
             gamma=getattr(config, "momentum_gamma", 0.9),
         ),
-        "fixed_point_bits": config.fixed_point_scale_bits if getattr(config, "exact_reversal", False) else None,
+        "fixed_point_bits": {True: config.fixed_point_scale_bits, False: None}.get(config.exact_reversal, "auto"),
         "checkpoint_every": getattr(config, "stream_checkpoint_every", 0),
         "drift_report": report,
     }
