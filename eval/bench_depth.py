@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from reformer_rev import RevFormerConfig, RevFormerForCausalLM  # noqa: E402
 from reformer_rev.couplings import SUPPORTED_COUPLINGS, DriftReport, make_coupling  # noqa: E402
-from reformer_rev.modeling_reformer_rev import RevFormerBlock, rotary_tables  # noqa: E402
+from reformer_rev.model_inputs import rotary_tables  # noqa: E402
+from reformer_rev.modeling_reformer_rev import RevFormerBlock  # noqa: E402
 from reformer_rev.profiling import peak_allocated_bytes  # noqa: E402
 from reformer_rev.reversible import run_reversible_stack  # noqa: E402
 
@@ -119,7 +120,9 @@ def run_drift(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     blocks = torch.nn.ModuleList(RevFormerBlock(config, i) for i in range(depth_max)).train()
     pos = torch.arange(args.drift_seq_len)[None]
-    static = {"rotary": rotary_tables(pos, config.head_dim, config.rope_theta, torch.float32), "is_causal": True}
+    static = {
+        "position_embeddings": rotary_tables(pos, config.head_dim, config.rope_theta, torch.float32), "is_causal": True
+    }
     jobs = []
     for coupling in args.couplings:
         for dtype in ("fp32", "bf16"):

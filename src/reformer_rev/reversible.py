@@ -423,6 +423,18 @@ def _is_fsdp_sharded(block: Any) -> bool:
     return callable(getattr(block, "_get_fsdp_state", None))
 
 
+def _release_scope(block: Any):
+    """The context in which the parameters whose lowest use is `block` receive their gradients.
+
+    A block whose parameters are materialised only inside its sub-modules' forward and backward hooks (DeepSpeed
+    ZeRO-3 partitions them to empty tensors outside) sets `gradient_release_scope` to a factory of a context that
+    gathers them: the sink hands over full-size gradients after the recompute, when the hooks have partitioned the
+    parameters again (`distributed.register_deepspeed_zero3_scopes`).
+    """
+    scope = getattr(block, "gradient_release_scope", None)
+    return scope() if scope is not None else nullcontext()
+
+
 class _ReversibleStackFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor, x1, x2, blocks, static_kwargs, options, diff_names, *diff_values):  # type: ignore[override]
@@ -466,7 +478,8 @@ class _ReversibleStackFunction(torch.autograd.Function):
                 y1, y2, dy1, dy2 = block_backward(
                     block, y1, y2, dy1, dy2, kwargs, record, coupling, ar, sink, local_leaves
                 )
-                sink.release(i)
+                with _release_scope(block):
+                    sink.release(i)
                 if i == 0 and ctx.probe is not None:
                     # Before a stream checkpoint replaces it: the error the gradients below have inherited.
                     _probe_drift(ar, (y1, y2), *ctx.probe)
