@@ -256,11 +256,6 @@ def test_trainer_ddp_with_dropout_keeps_ranks_identical(trainer_modes):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="RevFormerForConditionalGeneration.forward takes **kwargs but ignores Trainer's num_items_in_batch: its "
-    "gradients come out x gradient_accumulation_steps x world_size (measured update ratio 2.0 at GA=2, one process)",
-)
 def test_trainer_ddp_seq2seq_matches_one_process(trainer_modes):
     case = trainer_modes["seq2seq/find_unused_false"]
     assert case["ok"] and case["ranks_max_abs_diff"] == 0.0, case
