@@ -46,13 +46,14 @@ def test_float64_parity_input_embedding_gradient(padded_batch):
 
 
 def test_bf16_autocast_parity(padded_batch):
-    """Reversible vs twin, both under bf16 autocast with fp32 weights and streams.
+    """Reversible vs twin, both under bf16 autocast with fp32 weights (exact streams: the `"auto"` default).
 
-    The recompute replays autocast, so f/g see the same bf16 casts as in the forward. What remains is the fp32
-    reconstruction of each block's input (rounding of y - f(x), ~1e-7 relative), which can flip the bf16 rounding of a
-    few matmul inputs in the recompute: a bf16 ulp is 2^-8 = 3.9e-3, so per-tensor gradients agree to ~1e-3 relative
-    when all elements agree but a few flipped. We allow 2e-2 (a missing autocast replay gives O(1) errors: the f/g
-    recompute then runs in fp32 and the gradients belong to another function).
+    The recompute replays autocast around f/g only, so f/g see the same bf16 casts as in the forward and their
+    gradients are computed outside autocast, as plain autograd computes them. The streams are exact, so the recompute
+    sees bit-identical inputs. What remains is the order in which fp32 gradient contributions are summed, which can
+    flip the bf16 rounding of a few elements of a later bf16 matmul's gradient: ~2.5e-3 relative (measured; a bf16 ulp
+    is 3.9e-3). Running the gradients under autocast too gave 9.4e-3, a missing autocast replay O(1): 5e-3 separates
+    both from what remains.
     """
     ids, mask, labels = padded_batch
     rev, twin = make_pair(dtype=torch.float32, **{**DEEP, "num_hidden_layers": 8})
@@ -66,7 +67,7 @@ def test_bf16_autocast_parity(padded_batch):
         losses.append(out.loss.item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     err, name = max_grad_rel_err(rev, twin)
-    assert err <= 2e-2, (err, name)
+    assert err <= 5e-3, (err, name)
 
 
 def test_two_forwards_then_one_backward(padded_batch):

@@ -290,9 +290,12 @@ class _ImplicitFixedPoint(torch.autograd.Function):
         z_star, *inputs = ctx.saved_tensors
         leaves = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
         grad = grad.contiguous()
-        with torch.enable_grad(), ctx.autocast.context():
+        # f is rebuilt under the forward's autocast state; the vector-Jacobian products run outside it, as plain
+        # autograd's backward does.
+        with torch.enable_grad(), torch.autocast(ctx.autocast.device_type, enabled=False):
             z = z_star.detach().requires_grad_(True)
-            fz = ctx.f(z, *leaves)
+            with ctx.autocast.context():
+                fz = ctx.f(z, *leaves)
 
             def adjoint(u: torch.Tensor) -> torch.Tensor:
                 (vjp,) = torch.autograd.grad(fz, z, u.to(fz.dtype), retain_graph=True)

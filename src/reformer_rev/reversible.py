@@ -21,7 +21,9 @@ Correctness rules this module follows (docs/design.md §2, §8):
   `torch.random.fork_rng`. Nothing is inferred from config fields: a state is dropped only when the generators are
   provably untouched by the call (their state compares equal afterwards), so blocks without random ops cost nothing.
   Two forwards before one backward, or gradient accumulation, stay exact and the global generator is never reseeded;
-* autocast is replayed: the autocast state of the forward is recorded and re-entered in backward;
+* autocast is replayed: the autocast state of the forward is recorded and re-entered around the recompute of `f`/`g`
+  -- and only there: the gradients are then computed outside autocast, as plain autograd computes them (backward
+  ops under autocast differ, e.g. 5e-3 in the gradients of SDPA with dropout under bf16);
 * gradients do not depend on what requires grad: the stack is on the autograd graph whenever any block parameter
   (or input) needs a gradient, even if the inputs are frozen (a frozen embedding, PEFT adapters);
 * every parameter's gradient is delivered once per backward, at its last use (the lowest block that applies it),
@@ -260,8 +262,10 @@ def _branch_backward(
     kwargs: dict[str, Any],
     sink: _GradientSink,
     local_grads: dict[int, torch.Tensor | None],
+    autocast: AutocastState,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Recompute `out = coef * fn(x)` and back-propagate `grad_out` through it; returns `(out, dL/dx)`, detached.
+    """Recompute `out = coef * fn(x)` (under the forward's autocast state) and back-propagate `grad_out` through it
+    (without autocast, like plain autograd); returns `(out, dL/dx)`, detached.
 
     Chunk-wise with a leaf per chunk (the same chunks as the forward, so the values are bit-identical), so only one
     chunk's graph is alive at a time. Gradients of the differentiable kwargs (the backward's own leaves, keyed by id in
@@ -271,9 +275,10 @@ def _branch_backward(
     others: list[torch.Tensor] | None = None
     for s in _chunks(x.shape[1], chunk):
         x_c = x[:, s].detach().requires_grad_(True)
-        o = fn(x_c, **kwargs)
-        if coef != 1.0:
-            o = o * coef
+        with autocast.context():
+            o = fn(x_c, **kwargs)
+            if coef != 1.0:
+                o = o * coef
         if sink.in_place:
             torch.autograd.backward(o, grad_out[:, s].to(o.dtype))
             g_x = x_c.grad
@@ -344,6 +349,7 @@ def block_backward(
     arith: Any,
     sink: _GradientSink,
     local_grads: dict[int, torch.Tensor | None],
+    autocast: AutocastState,
 ) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
     """Reconstruct `(x1, x2)` from `(y1, y2)` and turn `(dL/dy1, dL/dy2)` into `(dL/dx1, dL/dx2)`.
 
@@ -357,7 +363,8 @@ def block_backward(
         xin = coupling.inverse_input(ar, y1, y2)
         with _maybe_fork(rng):
             out, g_in = _branch_backward(
-                fn, ar.view(xin), coupling.grad_out(dy1, dy2), chunk, coupling.coef, kwargs, sink, local_grads
+                fn, ar.view(xin), coupling.grad_out(dy1, dy2), chunk, coupling.coef, kwargs, sink, local_grads,
+                autocast,
             )
         with torch.no_grad():
             y1, y2 = coupling.inverse_combine(ar, y1, y2, xin, ar.quant(out))
@@ -491,11 +498,13 @@ class _ReversibleStackFunction(torch.autograd.Function):
         ctx.arith = None
         report = run.report
         sink = _GradientSink(ctx.blocks, in_place=any(_is_fsdp_sharded(b) for b in ctx.blocks))
-        with torch.enable_grad(), ctx.autocast.context():
+        # Autocast is off here (and re-entered only around each recompute): backward may even be called inside an
+        # unrelated autocast region.
+        with torch.enable_grad(), torch.autocast(ctx.autocast.device_type, enabled=False):
             for i in reversed(range(len(ctx.blocks))):
                 block, record = ctx.blocks[i], ctx.records[i]
                 y1, y2, dy1, dy2 = block_backward(
-                    block, y1, y2, dy1, dy2, kwargs, record, coupling, ar, sink, local_grads
+                    block, y1, y2, dy1, dy2, kwargs, record, coupling, ar, sink, local_grads, ctx.autocast
                 )
                 with _release_scope(block):
                     sink.release(i)
