@@ -8,6 +8,8 @@ import math
 
 import pytest
 import torch
+from conftest import make_pair, max_grad_rel_err, rel_err, tiny_config
+from test_seq2seq import seq2seq_config
 from transformers import (
     AutoModelForSequenceClassification,
     LlamaConfig,
@@ -19,9 +21,7 @@ from transformers.cache_utils import Cache
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
-from conftest import make_pair, max_grad_rel_err, rel_err, tiny_config
 from reformer_rev import RevFormerForCausalLM, RevFormerForConditionalGeneration, RevFormerForSequenceClassification
-from test_seq2seq import seq2seq_config
 
 VOCAB = 48
 

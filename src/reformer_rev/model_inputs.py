@@ -215,7 +215,8 @@ def rotary_tables(
     Adapted from `transformers.models.llama.modeling_llama.LlamaRotaryEmbedding` (default rope), computed on the fly
     instead of from a buffer: nothing to re-initialise after meta-device loading, and no length limit.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (theta**exponents)
     freqs = position_ids[..., None].to(torch.float32) * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -319,7 +320,9 @@ def prepare_stack_inputs(
     return static, padding_mask
 
 
-def resolve_output_flags(config: Any, output_attentions: bool | None, output_hidden_states: bool | None) -> tuple[bool, bool]:
+def resolve_output_flags(
+    config: Any, output_attentions: bool | None, output_hidden_states: bool | None
+) -> tuple[bool, bool]:
     """`output_attentions` / `output_hidden_states`, defaulting to the config. Attention maps exist only on the eager
     path (the fused kernels never form them): asking for them with another implementation is an error, not `None`."""
     output_attentions = config.output_attentions if output_attentions is None else output_attentions

@@ -31,7 +31,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import can_return_tuple, logging
 
-from .configuration_reformer_rev import RevFormerConfig
+from .configuration_reformer_rev import RevFormerConfig, resolve_chunk_size
 from .deq import DEQStats
 from .losses import causal_lm_loss
 from .model_inputs import (
@@ -231,7 +231,7 @@ class RevFormerBlock(nn.Module):
         self.ffn_norm = RevFormerRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = RevFormerMLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
-        self.g_chunk_size = config.chunk_size_feed_forward
+        self.g_chunk_size = resolve_chunk_size(config.chunk_size_feed_forward, config.intermediate_size)
         # Depth-stable branch scaling (docs/depth.md): a fixed 1/sqrt(depth), or ReZero-style gates starting at 0.
         scale = config.branch_scale
         self.branch_multiplier = 1.0 / math.sqrt(config.num_hidden_layers) if scale == "inv_sqrt_depth" else 1.0
@@ -369,7 +369,8 @@ class RevFormerPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
         if self._auto_class is not None:
             # `auto_map` exists only on configs that went through remote-code registration or loading.
-            self.config.auto_map = {"AutoModel": self._remote_base_model, **(getattr(self.config, "auto_map", None) or {})}
+            auto_map = getattr(self.config, "auto_map", None) or {}
+            self.config.auto_map = {"AutoModel": self._remote_base_model, **auto_map}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
@@ -528,9 +529,8 @@ class RevFormerForCausalLM(RevFormerPreTrainedModel, GenerationMixin):
         loss = logits = None
         if labels is not None:
             labels = check_labels(labels, self.config.vocab_size, hidden.shape[:2])
-            loss = causal_lm_loss(
-                hidden, self.lm_head, labels, self.config.loss_chunk_size, kwargs.get("num_items_in_batch")
-            )
+            chunk = resolve_chunk_size(self.config.loss_chunk_size, self.config.vocab_size)
+            loss = causal_lm_loss(hidden, self.lm_head, labels, chunk, kwargs.get("num_items_in_batch"))
             if outputs.jacobian_loss is not None:
                 loss = loss + self.config.deq_jacobian_reg * outputs.jacobian_loss
         if labels is None or wants_logits(self, return_logits):

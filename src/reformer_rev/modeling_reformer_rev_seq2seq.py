@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
 from transformers.utils import can_return_tuple
 
-from .configuration_reformer_rev import RevFormerConfig
+from .configuration_reformer_rev import RevFormerConfig, resolve_chunk_size
 from .deq import DEQStats
 from .losses import chunked_cross_entropy
 from .model_inputs import (
@@ -229,11 +229,6 @@ class RevFormerDecoder(nn.Module):
         )
 
 
-def _sum_jacobian_losses(*outputs: Any) -> torch.Tensor | None:
-    losses = [o.jacobian_loss for o in outputs if getattr(o, "jacobian_loss", None) is not None]
-    return sum(losses) if losses else None
-
-
 class RevFormerSeq2SeqModel(RevFormerPreTrainedModel):
     """Reversible encoder and decoder sharing one token embedding. Returns `Seq2SeqModelOutput`."""
 
@@ -324,6 +319,10 @@ class RevFormerSeq2SeqModel(RevFormerPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
+        # DEQ mode: both stacks' Jacobian regularisers (an encoder output passed in by the caller has none).
+        jacobian_losses = [
+            o.jacobian_loss for o in (encoder_outputs, decoder_outputs) if getattr(o, "jacobian_loss", None) is not None
+        ]
         return RevFormerSeq2SeqModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
             decoder_hidden_states=decoder_outputs.hidden_states,
@@ -334,7 +333,7 @@ class RevFormerSeq2SeqModel(RevFormerPreTrainedModel):
             encoder_attentions=encoder_outputs.attentions,
             encoder_deq_stats=getattr(encoder_outputs, "deq_stats", None),
             decoder_deq_stats=decoder_outputs.deq_stats,
-            jacobian_loss=_sum_jacobian_losses(encoder_outputs, decoder_outputs),
+            jacobian_loss=sum(jacobian_losses) if jacobian_losses else None,
             **{CACHE_FIELD: decoder_outputs.cache},
         )
 
@@ -436,9 +435,8 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
         if labels is not None:
             if labels.shape != hidden.shape[:2]:
                 raise ValueError(f"`labels` must have shape {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}.")
-            loss = chunked_cross_entropy(
-                hidden, self.lm_head, labels, self.config.loss_chunk_size, kwargs.get("num_items_in_batch")
-            )
+            chunk = resolve_chunk_size(self.config.loss_chunk_size, self.config.vocab_size)
+            loss = chunked_cross_entropy(hidden, self.lm_head, labels, chunk, kwargs.get("num_items_in_batch"))
             if outputs.jacobian_loss is not None:
                 loss = loss + self.config.deq_jacobian_reg * outputs.jacobian_loss
         if labels is None or wants_logits(self, return_logits):
