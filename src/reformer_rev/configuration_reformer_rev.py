@@ -181,6 +181,14 @@ RELATIONS: tuple[tuple[str, Callable[[Any], bool], Callable[[Any], str]], ...] =
     _token_id_in_vocab("bos_token_id"),
     _token_id_in_vocab("decoder_start_token_id"),
     (
+        "eos_token_id",
+        lambda c: c.eos_token_id is None or all(
+            _is_int(i) and 0 <= i < c.vocab_size
+            for i in (c.eos_token_id if isinstance(c.eos_token_id, (list, tuple)) else [c.eos_token_id])
+        ),
+        lambda c: f"must be None, or a token id or list of ids in [0, vocab_size={c.vocab_size}), got {c.eos_token_id!r}.",
+    ),
+    (
         "num_unique_layers",
         lambda c: c.depth_mode != "stack" or c.num_unique_layers is None
         or all(c.num_unique_layers <= d for d in _stack_depths(c).values()),

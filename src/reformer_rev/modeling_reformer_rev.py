@@ -39,7 +39,9 @@ from .model_inputs import (
     check_class_labels,
     check_generate_inputs,
     check_labels,
+    check_unused_kwargs,
     embed_inputs,
+    keep_positions,
     output_cache,
     pop_cache_argument,
     prepare_stack_inputs,
@@ -419,6 +421,7 @@ class RevFormerModel(RevFormerPreTrainedModel):
             `num_unique_layers` distinct blocks); defaults to `config.num_hidden_layers`. Ignored in DEQ mode.
         """
         cache = pop_cache_argument(past_key_values, kwargs)
+        check_unused_kwargs(kwargs, type(self).__name__)
         output_attentions, output_hidden_states = resolve_output_flags(
             self.config, output_attentions, output_hidden_states
         )
@@ -513,11 +516,13 @@ class RevFormerForCausalLM(RevFormerPreTrainedModel, GenerationMixin):
             never materialises the `(sequence x vocab)` logits, like Liger's fused loss; `True` forces them.
         num_hidden_layers: number of block applications for this call (weight-tied depth chosen at run time).
         """
+        cache = pop_cache_argument(past_key_values, kwargs)
+        check_unused_kwargs(kwargs, type(self).__name__)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=pop_cache_argument(past_key_values, kwargs),
+            past_key_values=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -534,7 +539,7 @@ class RevFormerForCausalLM(RevFormerPreTrainedModel, GenerationMixin):
             if outputs.jacobian_loss is not None:
                 loss = loss + self.config.deq_jacobian_reg * outputs.jacobian_loss
         if labels is None or wants_logits(self, return_logits):
-            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
+            logits = self.lm_head(keep_positions(hidden, logits_to_keep))
         return RevFormerCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -585,11 +590,13 @@ class RevFormerForSequenceClassification(RevFormerPreTrainedModel):
         labels: `(batch,)` class ids in `[0, num_labels)` (cross-entropy), or floats for regression
             (`num_labels == 1`) / multi-label classification (`(batch, num_labels)`), as `config.problem_type` says.
         """
+        cache = pop_cache_argument(past_key_values, kwargs)
+        check_unused_kwargs(kwargs, type(self).__name__)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=pop_cache_argument(past_key_values, kwargs),
+            past_key_values=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,

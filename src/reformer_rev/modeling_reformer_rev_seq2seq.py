@@ -37,7 +37,9 @@ from .model_inputs import (
     check_generate_inputs,
     check_labels,
     check_padding_mask,
+    check_unused_kwargs,
     embed_inputs,
+    keep_positions,
     output_cache,
     pop_cache_argument,
     prepare_stack_inputs,
@@ -144,8 +146,9 @@ class RevFormerEncoder(nn.Module):
         inputs_embeds: torch.FloatTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs: Any,
     ) -> RevFormerEncoderOutput:
+        # No **kwargs: `generate()` then passes the encoder only the arguments it names (it hands an encoder that
+        # takes **kwargs every model argument, labels and logits_to_keep included).
         output_attentions, output_hidden_states = resolve_output_flags(
             self.config, output_attentions, output_hidden_states
         )
@@ -278,6 +281,7 @@ class RevFormerSeq2SeqModel(RevFormerPreTrainedModel):
     ) -> RevFormerSeq2SeqModelOutput:
         config = self.config
         cache = pop_cache_argument(past_key_values, kwargs)
+        check_unused_kwargs(kwargs, type(self).__name__)
         output_attentions, output_hidden_states = resolve_output_flags(config, output_attentions, output_hidden_states)
         if encoder_outputs is None:
             encoder_outputs = self.encoder(
@@ -302,6 +306,12 @@ class RevFormerSeq2SeqModel(RevFormerPreTrainedModel):
             self.encoder.embed_tokens, decoder_input_ids, decoder_inputs_embeds, "decoder_input_ids",
             "decoder_inputs_embeds",
         )
+        if decoder_inputs_embeds.shape[0] != encoder_outputs.last_hidden_state.shape[0]:
+            raise ValueError(
+                f"The decoder inputs (`decoder_input_ids`/`decoder_inputs_embeds`, or `labels` shifted into them) have "
+                f"batch {decoder_inputs_embeds.shape[0]} but the encoder inputs (`input_ids`/`inputs_embeds`/"
+                f"`encoder_outputs`) have batch {encoder_outputs.last_hidden_state.shape[0]}."
+            )
         if not resolve_use_cache(config, use_cache):
             cache = None
         elif cache is None:
@@ -415,6 +425,8 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
             labels = check_labels(labels, self.config.vocab_size, None)
             if decoder_input_ids is None and decoder_inputs_embeds is None:
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+        cache = pop_cache_argument(past_key_values, kwargs)
+        check_unused_kwargs(kwargs, type(self).__name__)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -422,7 +434,7 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
             decoder_attention_mask=decoder_attention_mask,
             decoder_position_ids=decoder_position_ids,
             encoder_outputs=encoder_outputs,
-            past_key_values=pop_cache_argument(past_key_values, kwargs),
+            past_key_values=cache,
             inputs_embeds=inputs_embeds,
             decoder_inputs_embeds=decoder_inputs_embeds,
             use_cache=use_cache,
@@ -440,7 +452,7 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
             if outputs.jacobian_loss is not None:
                 loss = loss + self.config.deq_jacobian_reg * outputs.jacobian_loss
         if labels is None or wants_logits(self, return_logits):
-            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
+            logits = self.lm_head(keep_positions(hidden, logits_to_keep))
         return RevFormerSeq2SeqLMOutput(
             loss=loss,
             logits=logits,
