@@ -44,6 +44,15 @@ LABELS = {
     "hf_reformer_local": "transformers Reformer (local attn)",
 }
 RESULT_MARKER = "@@BENCH_RESULT@@"
+# Benchmarks write here unless asked (`--update_docs`) to refresh the committed figures in DOCS_DIR.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRATCH_DIR = REPO_ROOT / "outputs" / "benchmarks"
+DOCS_DIR = REPO_ROOT / "docs" / "benchmarks"
+
+
+def results_dir(args: argparse.Namespace) -> Path:
+    """`--output_dir` (default: the scratch folder), or the docs folder with `--update_docs`."""
+    return DOCS_DIR if getattr(args, "update_docs", False) else args.output_dir
 MB = 1024**2
 GB = 1024**3
 
@@ -369,14 +378,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_json(path: Path, payload: Any) -> None:
-    """Write atomically: a run that dies mid-write leaves the previous file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
-
-
 def fmt(value: float | None, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -387,6 +388,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Benchmark worker: one configuration in this fresh process.")
     parser.add_argument("--worker", required=True, help="JSON spec: {'shape': {...}, 'mode': 'profile'|'rss'}")
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     res = worker_main(json.loads(args.worker))
     print(RESULT_MARKER + json.dumps(res), flush=True)

@@ -11,31 +11,33 @@ Three parts (`--part`), each writing JSON as it goes (nothing is lost if a run d
 * `train`: a 1,024-layer small-width byte-level LM trained on the bundled Bible corpus (`data/bible_lm`), loss on a
   fixed validation batch before and after.
 
-    python eval/bench_depth.py --part all --output_dir outputs/depth
+    python -m eval.bench_depth --part all --output_dir outputs/depth
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from reformer_rev import RevFormerConfig, RevFormerForCausalLM
+from reformer_rev.couplings import SUPPORTED_COUPLINGS, DriftReport, make_coupling
+from reformer_rev.model_inputs import rotary_tables
+from reformer_rev.modeling_reformer_rev import RevFormerBlock
+from reformer_rev.profiling import peak_allocated_bytes
+from reformer_rev.reversible import run_reversible_stack
+from reformer_rev.safe_io import atomic_write_json, atomic_write_text
+from reformer_rev.training.cli import config_from_args
+from reformer_rev.training.corpus import load_corpus_bytes
 
-from reformer_rev import RevFormerConfig, RevFormerForCausalLM  # noqa: E402
-from reformer_rev.couplings import SUPPORTED_COUPLINGS, DriftReport, make_coupling  # noqa: E402
-from reformer_rev.model_inputs import rotary_tables  # noqa: E402
-from reformer_rev.modeling_reformer_rev import RevFormerBlock  # noqa: E402
-from reformer_rev.profiling import peak_allocated_bytes  # noqa: E402
-from reformer_rev.reversible import run_reversible_stack  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+# RevFormerConfig fields of the trained / memory-measured models that come from the command line.
+TRAIN_CONFIG_FIELDS = ("hidden_size", "num_attention_heads", "intermediate_size", "coupling_step_size", "momentum_gamma",
+                       "fixed_point_scale_bits", "branch_scale")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,12 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="intra-op threads; >1 on a shared machine can be 100x slower")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def _save(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
 
 
 def _progress(iterable, total: int, desc: str):
@@ -138,8 +134,8 @@ def run_drift(args: argparse.Namespace) -> dict[str, Any]:
             args.seed,
         )
         payload["results"].append({"coupling": coupling, "dtype": dtype, "mode": mode, "depth": depth, **rec})
-        _save(path, payload)
-    (args.output_dir / "drift.md").write_text(drift_markdown(payload, args))
+        atomic_write_json(path, payload)
+    atomic_write_text(args.output_dir / "drift.md", drift_markdown(payload, args))
     return payload
 
 
@@ -170,15 +166,6 @@ def drift_markdown(payload: dict[str, Any], args: argparse.Namespace) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_bytes(split: str) -> torch.Tensor:
-    """The bundled LM corpus as one long byte sequence (token id = UTF-8 byte, the byte tokenizer's convention)."""
-    from training.corpus import bundled_lm_files
-
-    with gzip.open(bundled_lm_files()[split], "rt", encoding="utf-8") as fh:
-        text = "\n\n".join(json.loads(line)["text"] for line in fh)
-    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
-
-
 def batches(data: torch.Tensor, batch_size: int, seq_len: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     while True:
@@ -187,13 +174,9 @@ def batches(data: torch.Tensor, batch_size: int, seq_len: int, seed: int):
 
 
 def build_model(args: argparse.Namespace, depth: int, coupling: str, exact: bool) -> RevFormerForCausalLM:
-    config = RevFormerConfig(
-        vocab_size=260, hidden_size=args.hidden_size, num_hidden_layers=depth,
-        num_attention_heads=args.num_attention_heads, intermediate_size=args.intermediate_size,
-        max_position_embeddings=args.seq_len, coupling=coupling, exact_reversal=exact,
-        coupling_step_size=args.coupling_step_size, momentum_gamma=args.momentum_gamma,
-        fixed_point_scale_bits=args.fixed_point_scale_bits, branch_scale=args.branch_scale, loss_chunk_size=0,
-        use_cache=False,
+    config = config_from_args(
+        args, TRAIN_CONFIG_FIELDS, vocab_size=260, num_hidden_layers=depth, max_position_embeddings=args.seq_len,
+        coupling=coupling, exact_reversal=exact, loss_chunk_size=0, use_cache=False,
     )
     torch.manual_seed(args.seed)
     return RevFormerForCausalLM(config).train()
@@ -283,7 +266,7 @@ def activation_memory(args: argparse.Namespace, depth: int, coupling: str, exact
 
 
 def run_memory(args: argparse.Namespace) -> dict[str, Any]:
-    ids = next(batches(load_bytes("train"), args.batch_size, args.seq_len, args.seed))
+    ids = next(batches(load_corpus_bytes("train"), args.batch_size, args.seq_len, args.seed))
     path = args.output_dir / "memory.json"
     payload = {"config": {k: str(v) for k, v in vars(args).items()}, "results": []}
     cases = [("additive", False)] + [(c, True) for c in args.couplings]
@@ -291,7 +274,7 @@ def run_memory(args: argparse.Namespace) -> dict[str, Any]:
     for coupling, exact in _progress(cases, len(cases), "memory"):
         for depth in depths:
             payload["results"].append(activation_memory(args, depth, coupling, exact, ids))
-            _save(path, payload)
+            atomic_write_json(path, payload)
     lines = [
         f"| coupling | streams | profiler, depth 2 / {depths[1]} (MB) | live tensor bytes, depth 2 / {depths[1]} / "
         f"{depths[2]} (MB) | ratio {depths[2]} : 2 |",
@@ -304,7 +287,7 @@ def run_memory(args: argparse.Namespace) -> dict[str, Any]:
             f"{b['profiler_peak_mb']:.3f} | {a['tracker_act_mb']:.3f} / {b['tracker_act_mb']:.3f} / "
             f"{c['tracker_act_mb']:.3f} | {c['tracker_act_mb'] / a['tracker_act_mb']:.3f} |"
         )
-    (args.output_dir / "memory.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(args.output_dir / "memory.md", "\n".join(lines) + "\n")
     return payload
 
 
@@ -317,7 +300,7 @@ def eval_loss(model: RevFormerForCausalLM, ids: torch.Tensor) -> float:
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
-    train, valid = load_bytes("train"), load_bytes("validation")
+    train, valid = load_corpus_bytes("train"), load_corpus_bytes("validation")
     model = build_model(args, args.train_depth, args.train_coupling, args.train_exact)
     opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, foreach=False)
     val_ids = next(batches(valid, 16, args.seq_len, args.seed + 1))
@@ -341,9 +324,9 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         payload["seconds"] = time.perf_counter() - start
         if not math.isfinite(loss.item()):
             break
-        _save(path, payload)
+        atomic_write_json(path, payload)
     payload["val_loss_end"] = eval_loss(model, val_ids)
-    _save(path, payload)
+    atomic_write_json(path, payload)
     return payload
 
 

@@ -15,7 +15,7 @@ Results go to `<output_dir>/memory.json` (rewritten after every configuration, s
 
 Example (the committed results, see docs/benchmarks/README.md):
 
-    python eval/bench_memory.py --output_dir docs/benchmarks
+    python -m eval.bench_memory --update_docs
 """
 
 from __future__ import annotations
@@ -23,17 +23,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reformer_rev.safe_io import atomic_write_json, atomic_write_text
 
-from _bench_common import (  # noqa: E402
+from eval._bench_common import (
     CANDIDATES,
+    DOCS_DIR,
+    SCRATCH_DIR,
     GB,
     LABELS,
     MB,
@@ -44,8 +45,8 @@ from _bench_common import (  # noqa: E402
     markdown_table,
     parse_candidates,
     parse_int_list,
+    results_dir,
     run_worker,
-    write_json,
 )
 
 
@@ -73,7 +74,8 @@ def parse_rss_runs(text: str) -> list[tuple[str, int, int]]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output_dir", type=Path, default=Path("docs/benchmarks"))
+    p.add_argument("--output_dir", type=Path, default=SCRATCH_DIR, help="where results go (a scratch folder)")
+    p.add_argument("--update_docs", action="store_true", help=f"write to {DOCS_DIR} (the committed figures) instead")
     p.add_argument("--candidates", type=parse_candidates, default=list(CANDIDATES))
     p.add_argument("--depths", type=parse_int_list, default=[2, 8, 24, 48, 96], help="depth sweep")
     p.add_argument("--depth_sweep_seq_len", type=int, default=4096)
@@ -122,6 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="keep results already in the JSON file, run only the rest")
     p.add_argument("--no_plots", action="store_true")
     args = p.parse_args(argv)
+    args.output_dir = results_dir(args)
     return args
 
 
@@ -405,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{args.results_name}.json"
     records: list[dict[str, Any]] = []
-    command = "python eval/bench_memory.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m eval.bench_memory " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     commands = [command.strip()]
     if args.resume and json_path.exists():
         previous = json.loads(json_path.read_text())
@@ -439,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
 
     def save() -> None:
-        write_json(json_path, payload())
+        atomic_write_json(json_path, payload())
 
     start = time.time()
     depth_points = [
@@ -459,8 +462,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_sweep(args, records, "rss", [(c, d, s) for c, s, d in args.rss_runs], save, mode="rss")
     final = payload()
     final["wall_seconds"] = time.time() - start
-    write_json(json_path, final)
-    (out_dir / f"{args.results_name}.md").write_text(render_markdown(final))
+    atomic_write_json(json_path, final)
+    atomic_write_text(out_dir / f"{args.results_name}.md", render_markdown(final))
     if not args.no_plots:
         final["plots"] = plot(final, out_dir)
     return final

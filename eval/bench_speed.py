@@ -10,7 +10,7 @@ Results go to `<output_dir>/speed.json` (rewritten after every round), `speed.md
 
 Example (the committed results, see docs/benchmarks/README.md):
 
-    python eval/bench_speed.py --output_dir docs/benchmarks
+    python -m eval.bench_speed --update_docs
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reformer_rev.safe_io import atomic_write_json, atomic_write_text
 
-from _bench_common import (  # noqa: E402
+from eval._bench_common import (
     CANDIDATES,
+    DOCS_DIR,
+    SCRATCH_DIR,
     LABELS,
     BenchShape,
     build_model,
@@ -39,15 +41,16 @@ from _bench_common import (  # noqa: E402
     markdown_table,
     parse_candidates,
     parse_int_list,
+    results_dir,
     summary,
     warm_up,
-    write_json,
 )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output_dir", type=Path, default=Path("docs/benchmarks"))
+    p.add_argument("--output_dir", type=Path, default=SCRATCH_DIR, help="where results go (a scratch folder)")
+    p.add_argument("--update_docs", action="store_true", help=f"write to {DOCS_DIR} (the committed figures) instead")
     p.add_argument("--candidates", type=parse_candidates, default=list(CANDIDATES))
     p.add_argument("--baseline", default="reversible", help="the candidate whose throughput is the numerator")
     p.add_argument("--depths", type=parse_int_list, default=[12])
@@ -70,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="measure nothing: rewrite the markdown and plot from the JSON already there (e.g. of an interrupted run)",
     )
     args = p.parse_args(argv)
+    args.output_dir = results_dir(args)
     if args.baseline not in args.candidates:
         raise ValueError(f"`--baseline` ({args.baseline}) must be one of the candidates {args.candidates}.")
     if args.repeats < 1:
@@ -222,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     json_path = args.output_dir / f"{args.results_name}.json"
-    command = "python eval/bench_speed.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m eval.bench_speed " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     payload: dict[str, Any] = {
         "environment": environment(),
         "command": command.strip(),
@@ -241,16 +245,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             def on_round(partial: dict[str, Any], done=done) -> None:
                 payload["results"] = done + [partial]
-                write_json(json_path, payload)
+                atomic_write_json(json_path, payload)
 
             bench_shape(args, depth, seq_len, on_round)
     payload["wall_seconds"] = time.time() - start
-    write_json(json_path, payload)
+    atomic_write_json(json_path, payload)
     return write_reports(payload, args)
 
 
 def write_reports(payload: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    (args.output_dir / f"{args.results_name}.md").write_text(render_markdown(payload))
+    atomic_write_text(args.output_dir / f"{args.results_name}.md", render_markdown(payload))
     if not args.no_plots:
         payload["plots"] = [plot(payload, args.output_dir / f"{args.results_name}_ratio.png")]
     return payload

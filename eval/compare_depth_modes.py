@@ -12,10 +12,12 @@ measured under the same machine load and can be compared as ratios. Reported per
   DEQ model with other iteration budgets, without retraining.
 
 Writes `<output_dir>/results.json` after every evaluation (nothing lost if the run dies) and, at the end, the table
-(`docs/infinite_depth_comparison.md` + `.json`) and the plot (`docs/infinite_depth_comparison.png`).
+(`infinite_depth_comparison.md` + `.json`) and the plot (`infinite_depth_comparison.png`) next to it, or into `docs/`
+with `--update_docs`.
 
     python eval/compare_depth_modes.py                # ~10-15 min on 2 shared CPU cores
-    python eval/compare_depth_modes.py --max_train_steps 20 --eval_windows 4 --output_dir outputs/smoke --no_docs
+    python -m eval.compare_depth_modes --max_train_steps 20 --eval_windows 4 --output_dir outputs/smoke
+    python -m eval.compare_depth_modes --update_docs           # the committed table and plot in docs/
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from reformer_rev import RevFormerForCausalLM
+from reformer_rev.profiling import peak_allocated_bytes
+from reformer_rev.safe_io import atomic_write_json, atomic_write_text
+from reformer_rev.training.cli import config_from_args
+from reformer_rev.training.corpus import load_corpus_bytes
 
-from reformer_rev import RevFormerConfig, RevFormerForCausalLM  # noqa: E402
-from reformer_rev.profiling import peak_allocated_bytes  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 LN2 = math.log(2.0)
 CANDIDATES = ("stack", "tied", "deq")
@@ -69,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 avoids oversubscription)")
     p.add_argument("--output_dir", default="outputs/compare_depth_modes")
     p.add_argument("--docs_dir", default=str(ROOT / "docs"))
-    p.add_argument("--no_docs", action="store_true", help="write only to --output_dir")
+    p.add_argument("--update_docs", action="store_true", help="also write the table and plot into --docs_dir")
     args = p.parse_args(argv)
     for name in ("max_train_steps", "eval_steps", "eval_windows", "block_size", "per_device_train_batch_size"):
         if getattr(args, name) <= 0:
@@ -85,16 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_bytes() -> dict[str, torch.Tensor]:
-    """Train/validation splits as one long uint8 stream each (books joined by a newline)."""
-    sys.path.insert(0, str(ROOT / "training"))
-    from corpus import load_bundled_lm_dataset
-
-    raw = load_bundled_lm_dataset()
-    out = {}
-    for split in ("train", "validation"):
-        text = "\n".join(raw[split]["text"])
-        out[split] = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
-    return out
+    """Train/validation splits as one byte stream each (`reformer_rev.training.corpus.load_corpus_bytes`)."""
+    return {split: load_corpus_bytes(split) for split in ("train", "validation")}
 
 
 def train_batches(data: torch.Tensor, block: int, batch: int, steps: int, seed: int):
@@ -116,21 +111,21 @@ def eval_windows(data: torch.Tensor, block: int, n: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
+# The config fields each candidate takes from the command line (same names as RevFormerConfig's).
+CONFIG_FIELDS = {
+    "stack": ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers"),
+    "tied": ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers", "num_unique_layers"),
+    "deq": ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers", "num_unique_layers",
+            "deq_solver", "deq_max_iter", "deq_tol", "deq_backward"),
+}
+
+
 def build(name: str, args: argparse.Namespace) -> RevFormerForCausalLM:
-    common = dict(
-        vocab_size=256, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
-        intermediate_size=args.intermediate_size, max_position_embeddings=args.block_size,
-        loss_chunk_size=args.block_size, num_hidden_layers=args.num_hidden_layers, reversible=True,
-    )
-    if name == "tied":
-        common["num_unique_layers"] = args.num_unique_layers
-    elif name == "deq":
-        common.update(
-            num_unique_layers=args.num_unique_layers, depth_mode="deq", deq_solver=args.deq_solver,
-            deq_max_iter=args.deq_max_iter, deq_tol=args.deq_tol, deq_backward=args.deq_backward,
-        )
+    fixed = dict(vocab_size=256, max_position_embeddings=args.block_size, loss_chunk_size=args.block_size, reversible=True)
+    if name == "deq":
+        fixed["depth_mode"] = "deq"
     torch.manual_seed(args.seed)
-    return RevFormerForCausalLM(RevFormerConfig(**common))
+    return RevFormerForCausalLM(config_from_args(args, CONFIG_FIELDS[name], **fixed))
 
 
 @torch.no_grad()
@@ -219,9 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokens_per_step = args.per_device_train_batch_size * (args.block_size - 1)
 
     def save() -> None:
-        tmp = out_dir / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(out_dir / "results.json")
+        atomic_write_json(out_dir / "results.json", results)
 
     def run_eval(step: int) -> None:
         for name, m in models.items():
@@ -282,7 +275,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for rec in results["candidates"].values():
         rec["speed_vs_stack"] = rec["tokens_per_second"] / base
     save()
-    if not args.no_docs:
+    write_docs(results, out_dir)
+    if args.update_docs:
         write_docs(results, Path(args.docs_dir))
     return results
 
@@ -325,11 +319,11 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 def write_docs(results: dict[str, Any], docs: Path) -> None:
     docs.mkdir(parents=True, exist_ok=True)
-    (docs / "infinite_depth_comparison.md").write_text(markdown_table(results))
+    atomic_write_text(docs / "infinite_depth_comparison.md", markdown_table(results))
     slim = json.loads(json.dumps(results))
     for rec in slim["candidates"].values():
         rec.pop("train_loss", None)
-    (docs / "infinite_depth_comparison.json").write_text(json.dumps(slim, indent=2) + "\n")
+    atomic_write_json(docs / "infinite_depth_comparison.json", slim)
     import matplotlib
 
     matplotlib.use("Agg")

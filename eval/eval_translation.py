@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Translate a split with beam search from a checkpoint and score it with BLEU and chrF (sacrebleu via `evaluate`).
 
-    python eval/eval_translation.py --model_name_or_path outputs/mt_rev/best --output_dir outputs/mt_rev/test
+    python -m eval.eval_translation --model_name_or_path outputs/mt_rev/best --output_dir outputs/mt_rev/test
 
 Writes `predictions.txt`, `references.txt`, `sources.txt` (one line per pair, in split order) and `scores.json`
 with BLEU/chrF of the model and of the copy-the-source baseline on the same pairs (`--no_copy_baseline` skips it).
@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-from translation_utils import load_translation_data, pairs, translate, translation_scores  # noqa: E402
+from reformer_rev.safe_io import atomic_write_json, atomic_write_text
+from reformer_rev.training.translation import load_translation_data, pairs, translate, translation_scores
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,8 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, lines in (("predictions", predictions), ("references", references), ("sources", sources)):
-        (out / f"{name}.txt").write_text("".join(line.replace("\n", " ") + "\n" for line in lines))
-    (out / "scores.json").write_text(json.dumps(scores, indent=1))
+        atomic_write_text(out / f"{name}.txt", "".join(line.replace("\n", " ") + "\n" for line in lines))
+    atomic_write_json(out / "scores.json", scores, indent=1)
     print(json.dumps(scores, indent=1))
     return scores
 

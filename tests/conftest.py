@@ -90,7 +90,7 @@ def fresh_accelerate_state():
 
 def cut_bundled_corpus(root: Path, splits: dict[str, tuple[int, int]]) -> dict[str, Path]:
     """Small jsonl splits of real English cut from the bundled corpus: `{split: (n_docs, n_chars_per_doc)}`."""
-    from training.corpus import bundled_lm_files
+    from reformer_rev.training.corpus import bundled_lm_files
 
     files = {}
     for split, (n_docs, n_chars) in splits.items():

@@ -6,17 +6,10 @@ No timing assertions (the CI machine is shared); memory assertions only where th
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-EVAL_DIR = Path(__file__).resolve().parents[1] / "eval"
-sys.path.insert(0, str(EVAL_DIR))
-
-import _bench_common  # noqa: E402
-import bench_memory  # noqa: E402
-import bench_speed  # noqa: E402
+from eval import _bench_common, bench_memory, bench_speed
 
 TINY = ["--hidden_size", "32", "--num_heads", "4", "--ffn_size", "64", "--rev_intermediate_size", "43", "--vocab_size", "64"]
 

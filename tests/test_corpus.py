@@ -5,16 +5,11 @@ from __future__ import annotations
 import gzip
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from training import corpus  # noqa: E402
+from reformer_rev.training import corpus
 
 SPLITS = ("train", "validation", "test")
 MAX_BYTES = 5_000_000

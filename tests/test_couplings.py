@@ -263,8 +263,9 @@ def test_inv_sqrt_depth_scales_branches(padded_batch):
 
 def test_config_defaults_unchanged_and_round_trip(tmp_path):
     config = RevFormerConfig()
+    # exact_reversal="auto": exact streams only under half precision (issue 17, tests/test_precision.py)
     assert (config.coupling, config.exact_reversal, config.branch_scale, config.stream_checkpoint_every) == (
-        "additive", False, None, 0,
+        "additive", "auto", None, 0,
     )
     assert config.debug_reversal_drift is False
     custom = tiny_config(coupling="leapfrog", coupling_step_size=0.25, exact_reversal=True, fixed_point_scale_bits=24,

@@ -17,14 +17,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import cut_bundled_corpus
+from reformer_rev import RevFormerConfig, RevFormerForCausalLM
+from reformer_rev.training.checkpointing import list_checkpoints
+from reformer_rev.training.loop import TRAIN_LOG_NAME
+from reformer_rev.training.tokenization import build_byte_tokenizer, train_bpe_tokenizer
+from training import train_lm
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from training import train_lm  # noqa: E402
-from conftest import cut_bundled_corpus  # noqa: E402
-from training.tokenization import build_byte_tokenizer, train_bpe_tokenizer  # noqa: E402
-
-from reformer_rev import RevFormerConfig, RevFormerForCausalLM  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -48,7 +48,7 @@ def tiny(corpus, out, *extra: str, train_file: Path | None = None) -> list[str]:
 
 
 def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / train_lm.TRAIN_LOG_NAME).read_text().splitlines()]
+    return [json.loads(line) for line in (out / TRAIN_LOG_NAME).read_text().splitlines()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def test_bad_data_fails_before_training(corpus, tmp_path, case):
     with pytest.raises(ValueError, match=match) as err:
         train_lm.main(argv)
     print(f"{case}: {err.value}")
-    assert not (out / train_lm.TRAIN_LOG_NAME).exists() and not (out / "checkpoints").exists()
+    assert not (out / TRAIN_LOG_NAME).exists() and not (out / "checkpoints").exists()
 
 
 def test_tokenizer_larger_than_model_vocabulary_is_refused(corpus, tmp_path):
@@ -101,7 +101,7 @@ def test_tokenizer_larger_than_model_vocabulary_is_refused(corpus, tmp_path):
     argv = tiny(corpus, out, "--model_name_or_path", str(model_dir), "--tokenizer_name", str(tok_dir))
     with pytest.raises(ValueError, match=r"tokenizer has 400 tokens but the model .* has vocab_size 260"):
         train_lm.main(argv)
-    assert not (out / train_lm.TRAIN_LOG_NAME).exists()
+    assert not (out / TRAIN_LOG_NAME).exists()
 
 
 def test_nonfinite_skip_limit_must_be_non_negative():
@@ -123,7 +123,7 @@ def test_divergence_stops_at_the_step_and_keeps_the_last_good_checkpoint(corpus,
     )
     with pytest.raises(RuntimeError, match=r"Non-finite .* at step 2 .*last checkpoint .*step_1"):
         train_lm.main(argv)
-    assert [p.name for p in train_lm.list_checkpoints(out)] == ["step_1"]  # nothing saved after the bad step
+    assert [p.name for p in list_checkpoints(out)] == ["step_1"]  # nothing saved after the bad step
     weights = load_file(out / "checkpoints" / "step_1" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     log = read_log(out)
@@ -160,7 +160,7 @@ def test_nonfinite_step_is_skipped_with_accumulation(corpus, tmp_path, monkeypat
     assert results["train"]["nonfinite_steps_skipped"] == 1 and results["train"]["steps"] == 6
     assert log[3]["lr"] == log[4]["lr"] != log[2]["lr"]  # the schedule did not advance on the skipped step
     assert all(len(r["samples"]) == 4 for r in log)  # 2 micro-batches x 2 blocks per step
-    assert [p.name for p in train_lm.list_checkpoints(out)] == ["step_1", "step_2", "step_3", "step_5", "step_6"]
+    assert [p.name for p in list_checkpoints(out)] == ["step_1", "step_2", "step_3", "step_5", "step_6"]
     assert all(torch.isfinite(w).all() for w in load_file(out / "model.safetensors").values())
     # the default (0 tolerated) stops at that step
     _poison_training_forward(monkeypatch, {7})
@@ -194,7 +194,7 @@ def test_ddp_ranks_agree_on_a_nonfinite_step(corpus, tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     log = read_log(tmp_path / "skip")
     assert [(r["step"], r["skipped_nonfinite"]) for r in log] == [(1, False), (2, True), (3, False), (4, False)]
-    assert [p.name for p in train_lm.list_checkpoints(tmp_path / "skip")] == ["step_3", "step_4"]  # limit 2, no step_2
+    assert [p.name for p in list_checkpoints(tmp_path / "skip")] == ["step_3", "step_4"]  # limit 2, no step_2
     assert json.loads((tmp_path / "skip" / "results.json").read_text())["train"]["nonfinite_steps_skipped"] == 1
 
     stopped = torchrun(tmp_path / "stop")
@@ -251,7 +251,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(corpus, reference, tmp_p
     monkeypatch.setattr(os, "replace", real_replace)
     tmp = out / "checkpoints" / ".tmp-step_8"
     assert (tmp / "model.safetensors").is_file()  # the interrupted save had written its files
-    assert train_lm.resolve_checkpoint("latest", out).name == "step_4"
+    assert list_checkpoints(out)[-1].name == "step_4"
     assert load_file(out / "checkpoints" / "step_4" / "model.safetensors").keys()
 
     from accelerate.state import AcceleratorState, GradientState
@@ -287,7 +287,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
-        log_file = killed / train_lm.TRAIN_LOG_NAME
+        log_file = killed / TRAIN_LOG_NAME
         # a complete checkpoint (renamed into place), and a few steps after it that the resume must drop and redo
         while not ((killed / "checkpoints" / "step_20").is_dir() and log_file.read_text().count("\n") >= 24):
             assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
@@ -302,7 +302,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
     ref = read_log(full)
     assert 24 <= len(before) < 60 and before == ref[: len(before)]
 
-    latest = train_lm.resolve_checkpoint("latest", killed).name
+    latest = list_checkpoints(killed)[-1].name
     print(f"killed after {len(before)} logged steps; resuming from {latest}")
     resumed = run(killed, "--resume_from_checkpoint", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -16,19 +16,18 @@ from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from training import train_lm  # noqa: E402
-from conftest import cut_bundled_corpus  # noqa: E402
-from training.tokenization import (  # noqa: E402
+from conftest import cut_bundled_corpus
+from reformer_rev.training.checkpointing import CheckpointError, list_checkpoints
+from reformer_rev.training.tokenization import (
     build_byte_tokenizer,
     is_byte_tokenizer,
     token_byte_counts,
     token_byte_lengths,
     train_bpe_tokenizer,
 )
+from training import train_lm
 
+REPO = Path(__file__).resolve().parents[1]
 SAMPLE = "In the beginning God created the heaven and the earth. Ünïcödé — 😀 tabs\tand\r\nnewlines.\n"
 
 
@@ -188,7 +187,7 @@ def test_short_run_saves_everything(corpus_files, tmp_path):
     assert saved["eval_history"][0]["step"] == 6
     assert results["validation"]["loss"] < math.log(260)
     # rotation kept the newest two complete checkpoints, no temp folders left
-    assert [p.name for p in train_lm.list_checkpoints(out)] == ["step_8", "step_12"]
+    assert [p.name for p in list_checkpoints(out)] == ["step_8", "step_12"]
     assert not list((out / "checkpoints").glob(".tmp-*"))
     # save_pretrained output loads with the Auto classes, model card carries the measured numbers
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -213,7 +212,7 @@ def test_resume_continues_with_the_same_data_order(corpus_files, tmp_path):
     train_lm.main(tiny_args(corpus_files, full, *extra))
     # an interrupted save must never be picked up as "latest"
     (full / "checkpoints" / ".tmp-step_99").mkdir()
-    assert train_lm.resolve_checkpoint("latest", full).name == "step_12"
+    assert list_checkpoints(full)[-1].name == "step_12"
     keep = tmp_path / "step_4"
     shutil.copytree(full / "checkpoints" / "step_4", keep)
     for d in (full / "checkpoints").iterdir():
@@ -229,5 +228,6 @@ def test_resume_continues_with_the_same_data_order(corpus_files, tmp_path):
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst == 0.0, worst
-    with pytest.raises(ValueError, match="not a complete checkpoint"):
-        train_lm.resolve_checkpoint(str(tmp_path), full)
+    # an explicit folder that is no checkpoint fails clearly (no fallback)
+    with pytest.raises(CheckpointError, match=r"manifest.json: missing"):
+        train_lm.main(tiny_args(corpus_files, tmp_path / "other", *extra, "--resume_from_checkpoint", str(tmp_path)))

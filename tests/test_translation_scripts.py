@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import sacrebleu
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "training"))
-
-from translation_utils import (  # noqa: E402
+from reformer_rev.training.checkpointing import list_checkpoints
+from reformer_rev.training.loop import TrainLog
+from reformer_rev.training.translation import (
     ChrFScore,
     SacreBleuScore,
     collate,
@@ -25,13 +21,6 @@ from translation_utils import (  # noqa: E402
     train_joint_tokenizer,
     translation_scores,
 )
-
-
-def _load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 TEXTS = ["In the beginning God created the heavens and the earth.", "En el principio crió Dios los cielos y la tierra."]
@@ -96,41 +85,43 @@ TINY = [
 
 
 @pytest.mark.slow
-def test_train_resume_and_eval_end_to_end(tmp_path):
-    train = _load_script(ROOT / "training" / "train_translation.py")
-    evaluate_script = _load_script(ROOT / "eval" / "eval_translation.py")
+def test_train_resume_and_eval_end_to_end(tmp_path, fresh_accelerate_state):
+    from eval import eval_translation
+    from training import train_translation
 
     straight = tmp_path / "straight"
-    summary = train.main(TINY + ["--output_dir", str(straight), "--max_train_steps", "8", "--eval_steps", "4",
-                                 "--checkpointing_steps", "4"])
+    summary = train_translation.main(TINY + ["--output_dir", str(straight), "--max_train_steps", "8",
+                                             "--eval_steps", "4", "--checkpointing_steps", "4"])
     assert summary["step"] == 8 and summary["stop_reason"] == "max_steps"
-    log = [json.loads(line) for line in (straight / "train_log.jsonl").read_text().splitlines()]
-    train_losses = [r["train_loss"] for r in log if "train_loss" in r]
-    evals = [r for r in log if "val_loss" in r]
-    assert len(train_losses) == 8 and all(math.isfinite(x) for x in train_losses)
+    log = TrainLog.read(straight)
+    evals = json.loads((straight / "train_summary.json").read_text())["evals"]
+    assert [r["step"] for r in log] == list(range(1, 9)) and all(math.isfinite(r["loss"]) for r in log)
     assert [r["step"] for r in evals] == [4, 8] and all(0 <= r["val_bleu"] <= 100 for r in evals)
     assert evals[-1]["val_loss"] < math.log(320)  # learnt something beyond a uniform guess over the vocabulary
     for name in ("best", "final"):
         assert (straight / name / "model.safetensors").is_file() and (straight / name / "tokenizer.json").is_file()
         assert (straight / name / "modeling_reformer_rev_seq2seq.py").is_file()
+    assert (straight / "loss_curve.png").stat().st_size > 0
+    assert [p.name for p in list_checkpoints(straight)] == ["step_4", "step_8"]
 
-    # Stop after 4 steps, resume to 8: the same weights as the straight run (data order, RNG and optimizer restored).
+    # Stop after 4 steps, resume to 8: the same weights and per-step losses as the straight run (data order, RNG,
+    # optimizer and schedule restored from the pickle-free checkpoint).
     resumed = tmp_path / "resumed"
-    train.main(TINY + ["--output_dir", str(resumed), "--max_train_steps", "4", "--eval_steps", "100",
-                       "--checkpointing_steps", "100"])
-    summary = train.main(TINY + ["--output_dir", str(resumed), "--max_train_steps", "8", "--eval_steps", "100",
-                                 "--checkpointing_steps", "100", "--resume_from_checkpoint", "latest"])
+    train_translation.main(TINY + ["--output_dir", str(resumed), "--max_train_steps", "4", "--eval_steps", "100",
+                                   "--checkpointing_steps", "100"])
+    summary = train_translation.main(TINY + ["--output_dir", str(resumed), "--max_train_steps", "8", "--eval_steps",
+                                             "100", "--checkpointing_steps", "100", "--resume_from_checkpoint", "latest"])
     assert summary["step"] == 8
+    assert [r["loss"] for r in TrainLog.read(resumed)] == [r["loss"] for r in log]
     a = load_file(straight / "final" / "model.safetensors")
     b = load_file(resumed / "final" / "model.safetensors")
     assert a.keys() == b.keys()
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst <= 1e-6, worst
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
 
     out = tmp_path / "test_eval"
-    scores = evaluate_script.main(["--model_name_or_path", str(straight / "final"), "--output_dir", str(out),
-                                   "--max_samples", "6", "--num_beams", "2", "--max_new_tokens", "6",
-                                   "--batch_size", "4", "--trust_remote_code"])
+    scores = eval_translation.main(["--model_name_or_path", str(straight / "final"), "--output_dir", str(out),
+                                    "--max_samples", "6", "--num_beams", "2", "--max_new_tokens", "6",
+                                    "--batch_size", "4", "--trust_remote_code"])
     assert scores["num_pairs"] == 6 and 0 <= scores["bleu"] <= 100 and 0 <= scores["chrf"] <= 100
     assert scores["copy_source_chrf"] > 0
     assert len((out / "predictions.txt").read_text().splitlines()) == 6

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Train a reversible causal language model on long sequences with 🤗 Accelerate.
 
-Modelled on `transformers`' `run_clm_no_trainer.py` (same argument names), for `RevFormerForCausalLM`:
+Modelled on `transformers`' `run_clm_no_trainer.py` (same argument names, same order of work), for
+`RevFormerForCausalLM`:
 
 * data through `datasets`: a hub dataset (`--dataset_name`), local text/json files (`--train_file`), or by default
   the bundled long-document corpus (whole books of the public-domain KJV and WEB Bibles, split by book);
@@ -9,27 +10,25 @@ Modelled on `transformers`' `run_clm_no_trainer.py` (same argument names), for `
   split (`--tokenizer_type bpe`); saved with the model as a `PreTrainedTokenizerFast`;
 * documents concatenated and cut into `--block_size` blocks (up to 65,536 tokens and more) with `datasets.map`;
 * one process, multi-process DDP or FSDP through `accelerate launch` (configs in `training/configs/`), mixed
-  precision, gradient accumulation, warmup + cosine schedule, clipping;
+  precision, gradient accumulation, warmup + cosine schedule, clipping, NaN/inf steps stopped or skipped;
+* a time budget for the whole job (`--time_budget_minutes`): the schedule is fitted to the measured step time so that
+  it completes, and the final evaluation is sized to the time left;
 * evaluation (loss, perplexity, bits-per-byte) every `--eval_steps` and at the end, against a unigram byte-frequency
-  baseline on the same tokens; final test figures; everything in `results.json`;
-* atomic, rotated `accelerator.save_state` checkpoints, `--resume_from_checkpoint {path,latest}` with the same data
-  order; final `save_pretrained` of model + tokenizer and a model card with the run's numbers.
+  baseline on the same tokens; a generated sample, `results.json` and a loss-curve PNG;
+* verified, pickle-free checkpoints (`reformer_rev.training.checkpointing`), `--resume_from_checkpoint {path,latest}`
+  with the same data order and RNG; one run per `--output_dir`; an atomic final save (model, tokenizer, results,
+  model card).
 
-With no arguments it runs the project's main job (`make train`): a 6-layer byte-level model on the bundled corpus,
-in minutes on two CPU cores.
+The loop, checkpoints, budget and arguments are the shared skeleton in `reformer_rev.training`; this file holds what
+is specific to language modelling. With no arguments it runs the project's main job (`make train`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
-import shutil
-import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -37,35 +36,66 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-import transformers
 from accelerate import Accelerator
-from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, set_seed
+from accelerate.utils import set_seed
 from datasets import DatasetDict, load_dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 import reformer_rev  # noqa: F401  (registers the `reformer_rev` model type with the Auto classes)
-from reformer_rev import RevFormerConfig, RevFormerForCausalLM
-from reformer_rev.distributed import register_fsdp_reversible_methods
 from reformer_rev.model_card import write_model_card
+from reformer_rev.safe_io import atomic_write_json, save_model_folder
+from reformer_rev.training.budget import StepFitter, TimeBudget, make_scheduler
+from reformer_rev.training.checkpointing import CheckpointManager, list_checkpoints, output_dir_lock
+from reformer_rev.training.cli import (
+    add_checkpoint_arguments,
+    add_model_arguments,
+    add_training_arguments,
+    config_from_args,
+    make_accelerator,
+    make_optimizer,
+    prepare_distributed_model,
+    setup_logging,
+    validate_training_args,
+)
+from reformer_rev.training.corpus import load_bundled_lm_dataset
+from reformer_rev.training.loop import (
+    GuardedStep,
+    StopFlag,
+    TrainingLoop,
+    TrainLog,
+    block_fingerprints,
+    stop_on_signals,
+)
+from reformer_rev.training.models import build_model
+from reformer_rev.training.reporting import generate_sample, plot_loss_curve
+from reformer_rev.training.state import TrainingState
+from reformer_rev.training.tokenization import (
+    build_byte_tokenizer,
+    token_byte_counts,
+    token_byte_lengths,
+    train_bpe_tokenizer,
+)
 
-try:  # imported as `training.train_lm` (tests) or run as a script (`python training/train_lm.py`)
-    from .tokenization import build_byte_tokenizer, token_byte_counts, token_byte_lengths, train_bpe_tokenizer
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from tokenization import build_byte_tokenizer, token_byte_counts, token_byte_lengths, train_bpe_tokenizer
-
-logger = get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 LN2 = math.log(2.0)
-CHECKPOINT_PREFIX = "step_"
-TRAINER_STATE_NAME = "trainer_state.json"
-TRAIN_LOG_NAME = "train_log.jsonl"
 RESULTS_NAME = "results.json"
-EVAL_SPEEDUP = 3.0  # conservative ratio of evaluation to training throughput (tokens/s), for the time budget
-SAVE_MARGIN_S = 20.0
+LOSS_CURVE_NAME = "loss_curve.png"
+SAMPLE_PROMPT = "In the beginning"
+# Forward-only evaluation runs ~4x faster per token than a training step (measured); the budget assumes 3 until the
+# first periodic evaluation measures it.
+EVAL_SPEEDUP = 3.0
+# Time the end of the job needs besides the final evaluation (sample, model/tokenizer/results/card/plot save),
+# measured about 10 s on the shared 2-core machine; doubled for safety.
+FINAL_SAVE_SECONDS = 20.0
+# The RevFormerConfig fields this script exposes, with its defaults (the main job's model).
+MODEL_FIELDS = {
+    "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": None,
+    "intermediate_size": 512, "hidden_dropout": 0.0, "attention_dropout": 0.0, "chunk_size_feed_forward": 0,
+    "loss_chunk_size": 1024, "max_position_embeddings": None, "reversible": True,
+}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -95,53 +125,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tok.add_argument("--tokenizer_name", type=str, default=None, help="A pretrained tokenizer (overrides --tokenizer_type).")
     tok.add_argument("--bpe_vocab_size", type=int, default=4096)
 
-    model = p.add_argument_group("model")
-    model.add_argument("--model_name_or_path", type=str, default=None, help="Start from a checkpoint instead of scratch.")
-    model.add_argument("--config_name", type=str, default=None)
-    model.add_argument("--hidden_size", type=int, default=128)
-    model.add_argument("--num_hidden_layers", type=int, default=4)
-    model.add_argument("--num_attention_heads", type=int, default=4)
-    model.add_argument("--num_key_value_heads", type=int, default=None)
-    model.add_argument("--intermediate_size", type=int, default=512)
-    model.add_argument("--hidden_dropout", type=float, default=0.0)
-    model.add_argument("--attention_dropout", type=float, default=0.0)
-    model.add_argument("--chunk_size_feed_forward", type=int, default=0)
-    model.add_argument("--loss_chunk_size", type=int, default=1024)
-    model.add_argument("--max_position_embeddings", type=int, default=None, help="Default: max(block_size, 65536).")
-    model.add_argument(
-        "--no_reversible", dest="reversible", action="store_false",
-        help="Train the plain-autograd twin (same modules, memory grows with depth).",
-    )
-
-    train = p.add_argument_group("training")
-    train.add_argument("--per_device_train_batch_size", type=int, default=4)
-    train.add_argument("--per_device_eval_batch_size", type=int, default=4)
-    train.add_argument("--learning_rate", type=float, default=3e-3)
-    train.add_argument("--weight_decay", type=float, default=0.01)
-    train.add_argument("--adam_beta2", type=float, default=0.99)
-    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping; 0 disables it.")
-    train.add_argument("--num_train_epochs", type=int, default=1)
-    train.add_argument("--max_train_steps", type=int, default=200, help="Overrides --num_train_epochs.")
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument(
-        "--lr_scheduler_type", type=str, default="cosine",
-        choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"),
-    )
-    train.add_argument("--num_warmup_steps", type=int, default=20)
-    train.add_argument("--mixed_precision", choices=("no", "bf16", "fp16"), default=None,
-                       help="Default: what `accelerate config`/launch says, else 'no'.")
-    train.add_argument(
-        "--skip_nonfinite_steps", type=int, default=0,
-        help="A step whose loss or gradient norm is NaN/inf is not applied. 0: stop training with an error naming the "
-        "step (the last checkpoint stays the last good one); N: skip up to N such steps, then stop.",
-    )
-    train.add_argument("--seed", type=int, default=42)
-    train.add_argument("--cpu", action="store_true", help="Force CPU (also: real multi-process DDP under torchrun).")
-    train.add_argument(
-        "--time_budget_minutes", type=float, default=9.0,
-        help="Wall-clock budget of the whole job (data, training, evaluation, saving); 0 disables it. After 10 steps, "
-        "the measured step time shortens --max_train_steps (and the LR schedule with it) so that training plus the "
-        "final evaluation fit; training also stops at that deadline.",
+    p.add_argument("--model_name_or_path", type=str, default=None, help="Start from a checkpoint instead of scratch.")
+    p.add_argument("--config_name", type=str, default=None, help="A config to start from (vocabulary from the tokenizer).")
+    add_model_arguments(p, MODEL_FIELDS)
+    add_training_arguments(
+        p, per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=3e-3, adam_beta2=0.99,
+        max_train_steps=200, num_warmup_steps=20, time_budget_minutes=9.0,
     )
 
     ev = p.add_argument_group("evaluation and logging")
@@ -149,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ev.add_argument(
         "--max_eval_blocks", type=int, default=128,
         help="Final validation/test figures use at most N blocks per split, evenly spaced through the split (every "
-        "book represented); the unigram baseline uses the same blocks. 0: whole splits.",
+        "book represented; fewer if the time budget runs short); the unigram baseline uses the same blocks. 0: all.",
     )
     ev.add_argument(
         "--eval_subset_blocks", type=int, default=32,
@@ -157,15 +146,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ev.add_argument("--logging_steps", type=int, default=10)
     ev.add_argument("--report_to", type=str, default="none", help="'tensorboard', 'wandb', 'all' or 'none'.")
+    ev.add_argument("--sample_tokens", type=int, default=200, help="Tokens of the sample generated at the end; 0: none.")
 
-    out = p.add_argument_group("output and checkpoints")
-    out.add_argument("--output_dir", type=str, default="outputs/lm")
-    out.add_argument("--checkpointing_steps", type=int, default=None, help="Save the full training state every N steps.")
-    out.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep only the newest N checkpoints.")
-    out.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder or 'latest'.")
-    out.add_argument("--push_to_hub", action="store_true")
-    out.add_argument("--hub_model_id", type=str, default=None)
-    out.add_argument("--hub_token", type=str, default=None)
+    add_checkpoint_arguments(p, output_dir="outputs/lm")
+    hub = p.add_argument_group("hub")
+    hub.add_argument("--push_to_hub", action="store_true")
+    hub.add_argument("--hub_model_id", type=str, default=None)
+    hub.add_argument("--hub_token", type=str, default=None)
 
     args = p.parse_args(argv)
     validate_args(args)
@@ -174,19 +161,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Fail before any work is done, naming the bad argument."""
-    positive = ["block_size", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise ValueError(f"`--{name}` must be a positive integer, got {getattr(args, name)}.")
-    for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise ValueError(f"`--{name}` must be a positive integer, got {value}.")
-    for name in ("eval_steps", "num_warmup_steps", "logging_steps", "max_eval_blocks", "eval_subset_blocks", "skip_nonfinite_steps"):
+    validate_training_args(args)
+    if args.block_size <= 0:
+        raise ValueError(f"`--block_size` must be a positive integer, got {args.block_size}.")
+    for name in ("eval_steps", "logging_steps", "max_eval_blocks", "eval_subset_blocks", "sample_tokens"):
         if getattr(args, name) < 0:
             raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}.")
-    if args.learning_rate <= 0:
-        raise ValueError(f"`--learning_rate` must be > 0, got {args.learning_rate}.")
     if args.dataset_name is not None and args.train_file is not None:
         raise ValueError("Pass either `--dataset_name` or `--train_file`, not both.")
     for name in ("train_file", "validation_file", "test_file"):
@@ -202,10 +182,11 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("`--validation_file`/`--test_file` need a `--train_file` (or `--dataset_name`).")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("`--push_to_hub` needs `--hub_model_id` (e.g. 'user/revformer-lm').")
-    if args.time_budget_minutes is not None and args.time_budget_minutes < 0:
-        raise ValueError(f"`--time_budget_minutes` must be >= 0 (0: no budget), got {args.time_budget_minutes}.")
-    if args.time_budget_minutes == 0:
-        args.time_budget_minutes = None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------
 
 
 def _file_format(path: str) -> str | None:
@@ -213,10 +194,6 @@ def _file_format(path: str) -> str | None:
     ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
     return {"txt": "text", "text": "text", "json": "json", "jsonl": "json"}.get(ext)
 
-
-# --------------------------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------------------------
 
 
 def load_raw_datasets(args: argparse.Namespace) -> DatasetDict:
@@ -241,10 +218,6 @@ def load_raw_datasets(args: argparse.Namespace) -> DatasetDict:
             cause = e.__cause__ or e.__context__ or e
             raise ValueError(f"Could not read the data files {files}: {type(cause).__name__}: {str(cause)[:300]}") from e
     else:
-        try:
-            from .corpus import load_bundled_lm_dataset
-        except ImportError:
-            from corpus import load_bundled_lm_dataset
         raw = load_bundled_lm_dataset()
 
     check_text_splits(raw, args)
@@ -390,19 +363,18 @@ def evaluate(
     dataloader: DataLoader,
     accelerator: Accelerator,
     token_bytes: torch.Tensor,
-    max_batches: int | None = None,
 ) -> dict[str, float]:
     """Loss (nats/token), perplexity and bits-per-byte over every target of every block, summed over processes.
 
     Per-block sums are gathered with `gather_for_metrics`, which drops the duplicates padded into the last batch, so
     the figures are exact whatever the number of processes. bpb = total nats / total bytes / ln 2 (for the byte
-    tokenizer this is loss / ln 2).
+    tokenizer this is loss / ln 2). Also returns the blocks evaluated and the seconds it took (the time budget's
+    measure of evaluation speed).
     """
+    start = time.perf_counter()
     model.eval()
-    nats, tokens, nbytes = [], [], []
-    for step, batch in enumerate(dataloader):
-        if max_batches is not None and step >= max_batches:
-            break
+    nats, tokens, nbytes, blocks = [], [], [], 0
+    for batch in dataloader:
         ids = batch["input_ids"]
         logits = model(input_ids=ids, use_cache=False).logits
         targets = ids[:, 1:]
@@ -419,6 +391,7 @@ def evaluate(
         nats.append(sums[:, 0].sum().item())
         tokens.append(sums[:, 1].sum().item())
         nbytes.append(sums[:, 2].sum().item())
+        blocks += sums.shape[0]
     model.train()
     total_nats, total_tokens, total_bytes = sum(nats), sum(tokens), sum(nbytes)
     loss = total_nats / total_tokens
@@ -428,129 +401,41 @@ def evaluate(
         "bpb": total_nats / total_bytes / LN2,
         "tokens": int(total_tokens),
         "bytes": int(total_bytes),
+        "blocks": blocks,
+        "seconds": time.perf_counter() - start,
     }
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Checkpoints: atomic, rotated, resumable
+# Model
 # --------------------------------------------------------------------------------------------------------------
 
 
-def checkpoint_root(output_dir: str | os.PathLike) -> Path:
-    return Path(output_dir) / "checkpoints"
+def get_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+    """A new `RevFormerForCausalLM` sized for the tokenizer, or `--model_name_or_path`, checked against the data."""
+    special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+               "eos_token_id": tokenizer.eos_token_id}
 
+    def new_config():
+        if args.config_name is not None:
+            return AutoConfig.from_pretrained(args.config_name, vocab_size=len(tokenizer), **special)
+        positions = args.max_position_embeddings or max(args.block_size, 65536)
+        return config_from_args(args, MODEL_FIELDS, vocab_size=len(tokenizer), max_position_embeddings=positions, **special)
 
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints (temp folders of interrupted saves are ignored), oldest first."""
-    root = checkpoint_root(output_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for d in root.iterdir():
-        if d.is_dir() and d.name.startswith(CHECKPOINT_PREFIX) and (d / TRAINER_STATE_NAME).is_file():
-            try:
-                found.append((int(d.name[len(CHECKPOINT_PREFIX) :]), d))
-            except ValueError:
-                continue
-    return [d for _, d in sorted(found)]
-
-
-def save_checkpoint(
-    accelerator: Accelerator, output_dir: str | os.PathLike, state: dict[str, Any], total_limit: int | None
-) -> Path:
-    """`accelerator.save_state` into a temp folder, then rename: a checkpoint folder is either complete or absent.
-
-    `trainer_state.json` (step, epoch, position in the epoch) is written last, inside the temp folder, and marks the
-    checkpoint complete. Older checkpoints beyond `total_limit` are then deleted (main process).
-    """
-    root = checkpoint_root(output_dir)
-    final = root / f"{CHECKPOINT_PREFIX}{state['completed_steps']}"
-    tmp = root / f".tmp-{final.name}"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(tmp / TRAINER_STATE_NAME, "w") as f:
-            json.dump(state, f, indent=2)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def resolve_checkpoint(path_or_latest: str, output_dir: str | os.PathLike) -> Path | None:
-    if path_or_latest == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(path_or_latest)
-    if not (path / TRAINER_STATE_NAME).is_file():
-        raise ValueError(f"`--resume_from_checkpoint` {path_or_latest!r} is not a complete checkpoint folder.")
-    return path
-
-
-def remove_interrupted_saves(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete the temp folders of saves that were killed before their rename (never a complete checkpoint)."""
-    root = checkpoint_root(output_dir)
-    stale = sorted(root.glob(".tmp-*")) if root.is_dir() else []
-    for d in stale:
-        logger.warning(f"Removing {d}: an interrupted checkpoint save.")
-        shutil.rmtree(d, ignore_errors=True)
-    return stale
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Per-step training log
-# --------------------------------------------------------------------------------------------------------------
-
-
-def block_fingerprints(input_ids: torch.Tensor) -> list[str]:
-    """A short hash of each block of a batch: the log shows which samples every step saw (none twice, none skipped)."""
-    rows = input_ids.detach().to("cpu", torch.int64).numpy()
-    return [f"{zlib.crc32(row.tobytes()):08x}" for row in rows]
-
-
-def open_train_log(output_dir: str | os.PathLike, completed_steps: int):
-    """`train_log.jsonl`, truncated to the steps <= `completed_steps` (0: a new run), opened for appending."""
-    path = Path(output_dir) / TRAIN_LOG_NAME
-    kept = []
-    if completed_steps > 0 and path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= completed_steps:
-                    kept.append(line + "\n")
-            except (ValueError, KeyError):  # a line cut by a kill
-                continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
-    return open(path, "a")
-
-
-def log_step(
-    log, step: int, epoch: int, loss: float | None, lr: float, grad_norm: torch.Tensor | None, skipped: bool, samples: list[str]
-) -> None:
-    if log is None:
-        return
-    record = {
-        "step": step, "epoch": epoch, "loss": loss, "lr": lr,
-        "grad_norm": None if grad_norm is None or not torch.isfinite(grad_norm) else grad_norm.item(),
-        "skipped_nonfinite": skipped, "samples": samples,
-    }
-    log.write(json.dumps(record) + "\n")
-    log.flush()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Model card and Hub
-# --------------------------------------------------------------------------------------------------------------
+    model = build_model(args, "causal-lm", new_config)
+    if len(tokenizer) > model.config.vocab_size:
+        # Ids >= vocab_size would index past the embedding matrix: refuse before training, not at some batch.
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model `--model_name_or_path` "
+            f"{args.model_name_or_path!r} has vocab_size {model.config.vocab_size}: its vocabulary does not fit "
+            "the model. Use the model's own tokenizer (or a smaller `--tokenizer_name`/`--bpe_vocab_size`)."
+        )
+    if model.config.max_position_embeddings < args.block_size:
+        raise ValueError(
+            f"`--block_size` {args.block_size} exceeds the model's max_position_embeddings "
+            f"{model.config.max_position_embeddings}."
+        )
+    return model
 
 
 def _get_push_function():
@@ -564,73 +449,16 @@ def _get_push_function():
     return push_checkpoint
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Model and distributed helpers
-# --------------------------------------------------------------------------------------------------------------
+class EvalClock:
+    """Seconds per evaluated block, measured by the periodic evaluations (estimated from the step time before)."""
 
+    def __init__(self, blocks_per_step: int) -> None:
+        self.blocks_per_step, self.seconds, self.blocks = blocks_per_step, 0.0, 0
 
-def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> RevFormerForCausalLM:
-    if args.model_name_or_path is not None:
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
-        if len(tokenizer) > model.config.vocab_size:
-            # Ids >= vocab_size would index past the embedding matrix: refuse before training, not at some batch.
-            raise ValueError(
-                f"The tokenizer has {len(tokenizer)} tokens but the model `--model_name_or_path` "
-                f"{args.model_name_or_path!r} has vocab_size {model.config.vocab_size}: its vocabulary does not fit "
-                "the model. Use the model's own tokenizer (or a smaller `--tokenizer_name`/`--bpe_vocab_size`)."
-            )
-        if model.config.max_position_embeddings < args.block_size:
-            raise ValueError(
-                f"`--block_size` {args.block_size} exceeds the model's max_position_embeddings "
-                f"{model.config.max_position_embeddings}."
-            )
-        return model
-    special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    if args.config_name is not None:
-        config = AutoConfig.from_pretrained(args.config_name, vocab_size=len(tokenizer), **special)
-    else:
-        config = RevFormerConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=args.hidden_size,
-            num_hidden_layers=args.num_hidden_layers,
-            num_attention_heads=args.num_attention_heads,
-            num_key_value_heads=args.num_key_value_heads,
-            intermediate_size=args.intermediate_size,
-            hidden_dropout=args.hidden_dropout,
-            attention_dropout=args.attention_dropout,
-            chunk_size_feed_forward=args.chunk_size_feed_forward,
-            loss_chunk_size=args.loss_chunk_size,
-            max_position_embeddings=args.max_position_embeddings or max(args.block_size, 65536),
-            reversible=args.reversible,
-            **special,
-        )
-    if config.max_position_embeddings < args.block_size:
-        raise ValueError(
-            f"`--block_size` {args.block_size} exceeds the model's max_position_embeddings {config.max_position_embeddings}."
-        )
-    return AutoModelForCausalLM.from_config(config)
-
-
-def make_accelerator(args: argparse.Namespace) -> Accelerator:
-    """The `Accelerator` of a run. DDP must not look for unused parameters: the recomputing backward accumulates
-    gradients from inside a custom autograd Function, which `find_unused_parameters=True` misreads (docs/design.md §2)."""
-    return Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        cpu=args.cpu,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_dir=args.output_dir,
-        # Data order depends only on (seed, epoch): a resumed run sees the very same batches.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
-    )
-
-
-def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only (not norms, biases, or 1-D parameters)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    def per_block(self, seconds_per_step: float) -> float:
+        if self.blocks:
+            return self.seconds / self.blocks
+        return seconds_per_step / self.blocks_per_step / EVAL_SPEEDUP
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -640,29 +468,19 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    budget = TimeBudget(args.time_budget_minutes)  # counts from process start: imports and data included
     push_checkpoint = _get_push_function() if args.push_to_hub else None
-    accelerator = make_accelerator(args)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
-        # e.g. plain `torchrun` on a machine without GPUs: every process would train alone, each as "rank 0".
-        raise RuntimeError(
-            f"Launched as {os.environ['WORLD_SIZE']} processes but Accelerate set up a single one. On CPU pass --cpu "
-            "(or set ACCELERATE_USE_CPU=1) so the processes form one DDP group."
-        )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if accelerator.is_local_main_process:
-        datasets.utils.logging.set_verbosity_warning()
-        transformers.utils.logging.set_verbosity_warning()
-    else:
-        datasets.utils.logging.set_verbosity_error()
-        transformers.utils.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
+    accelerator = make_accelerator(
+        args, log_with=None if args.report_to == "none" else args.report_to, project_dir=args.output_dir
+    )
+    setup_logging(accelerator)
     set_seed(args.seed)
-    if accelerator.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        remove_interrupted_saves(args.output_dir)
-    accelerator.wait_for_everyone()
-    start_time = time.time()
+    with output_dir_lock(accelerator, args.output_dir, "training/train_lm.py"), stop_on_signals(StopFlag()) as stop:
+        return train(args, accelerator, budget, stop, push_checkpoint)
 
+
+def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget, stop: StopFlag,
+          push_checkpoint: Any) -> dict[str, Any]:
     # ---- data --------------------------------------------------------------------------------------------------
     raw = load_raw_datasets(args)
     tokenizer = get_tokenizer(args, raw, accelerator)
@@ -671,281 +489,148 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     byte_counts = token_byte_counts(tokenizer)
     eval_sets = {split: evenly_spaced(lm[split], args.max_eval_blocks) for split in lm if split != "train"}
     eval_sets["periodic"] = evenly_spaced(eval_sets["validation"], args.eval_subset_blocks)
-    unigram = {split: unigram_baseline_bpb(ds, byte_counts) for split, ds in eval_sets.items()}
-    logger.info(
-        f"blocks of {args.block_size}: " + ", ".join(f"{k} {v.num_rows}" for k, v in lm.items())
-        + "; unigram baseline bpb: " + ", ".join(f"{k} {v:.4f}" for k, v in unigram.items()),
-        main_process_only=True,
-    )
-
+    logger.info(f"blocks of {args.block_size}: " + ", ".join(f"{k} {v.num_rows}" for k, v in lm.items()))
     # A private generator: creating the loader's iterator then draws no number from the global RNG, so a resumed run
     # replays dropout exactly (its restored RNG state is not shifted by re-creating the iterator).
     train_dataloader = DataLoader(
         lm["train"], shuffle=True, collate_fn=collate_blocks, batch_size=args.per_device_train_batch_size,
         generator=torch.Generator().manual_seed(args.seed),
     )
-    eval_dataloaders = {
-        split: DataLoader(ds, collate_fn=collate_blocks, batch_size=args.per_device_eval_batch_size)
-        for split, ds in eval_sets.items()
-    }
 
-    # ---- model, optimizer, schedule ----------------------------------------------------------------------------
-    model = build_model(args, tokenizer)
+    # ---- model, optimizer, schedule, checkpoints ---------------------------------------------------------------
+    model = get_model(args, tokenizer)
     num_parameters = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(
-        weight_decay_groups(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, args.adam_beta2)
-    )
-    model, optimizer, train_dataloader, *eval_loaders = accelerator.prepare(
-        model, optimizer, train_dataloader, *eval_dataloaders.values()
-    )
-    eval_dataloaders = dict(zip(eval_dataloaders, eval_loaders))
-    patched = register_fsdp_reversible_methods(model)
-    if accelerator.distributed_type == DistributedType.FSDP and patched == 0:
-        raise ValueError(
-            "FSDP needs `fsdp_version: 2` with `fsdp_transformer_layer_cls_to_wrap: RevFormerBlock` "
-            "(training/configs/fsdp.yaml): the reversible blocks' f/g must run under FSDP2's hooks."
-        )
-    if (
-        isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        and accelerator.unwrap_model(model).config.chunk_size_feed_forward > 0
-    ):
-        # The recompute back-propagates each feed-forward chunk separately, so each FFN weight's gradient hook fires
-        # once per chunk, which DDP rejects ("marked as ready twice"); static_graph fails with gradient accumulation.
-        raise ValueError(
-            "`--chunk_size_feed_forward` > 0 is not supported with multi-process DDP (the chunked recompute fires each "
-            "feed-forward gradient hook once per chunk). Use 0, or FSDP."
-        )
-
+    optimizer = make_optimizer(model, args)
+    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    prepare_distributed_model(model, accelerator)
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
-    ckpt, resume_state = None, None
-    if args.resume_from_checkpoint:
-        ckpt = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-        if ckpt is None:
-            logger.warning(f"No checkpoint found in {checkpoint_root(args.output_dir)}: starting from scratch.")
-        else:
-            resume_state = json.loads((ckpt / TRAINER_STATE_NAME).read_text())
-            # The (possibly time-budgeted) length of the run is part of its state: the LR schedule depends on it.
-            args.max_train_steps = resume_state["max_train_steps"]
+    requested_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     # Stepped by hand once per optimizer step (not via `prepare`, which would step it once per process).
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.num_warmup_steps,
-        num_training_steps=args.max_train_steps,
+    lr_scheduler = make_scheduler(optimizer, args.lr_scheduler_type, args.num_warmup_steps, requested_steps)
+    checkpoints = CheckpointManager(
+        accelerator, args.output_dir, model, optimizer, lr_scheduler, args.checkpoints_total_limit
     )
-    accelerator.register_for_checkpointing(lr_scheduler)
-
+    if accelerator.is_main_process:
+        checkpoints.remove_interrupted_saves()
+    state = TrainingState(max_train_steps=requested_steps, requested_steps=requested_steps)
+    if args.resume_from_checkpoint:
+        resumed = checkpoints.resume(args.resume_from_checkpoint, requested_steps)
+        if resumed is None:
+            logger.warning(f"No checkpoint found in {checkpoints.root}: starting from scratch.")
+        else:
+            # The (possibly time-budgeted) length of the run is part of its state: the LR schedule was built for it.
+            state = resumed
+            logger.info(f"Resumed from step {state.completed_steps} (epoch {state.epoch}, batch {state.batches_in_epoch}).")
     if args.report_to != "none":
         accelerator.init_trackers("train_lm", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
-    # ---- resume ------------------------------------------------------------------------------------------------
-    completed_steps, starting_epoch, skip_batches, tokens_seen, train_time = 0, 0, 0, 0, 0.0
-    nonfinite_steps = 0
-    eval_history: list[dict[str, Any]] = []
-    budget_fitted = resume_state is not None and resume_state.get("budget_fitted", False)
-    if resume_state is not None:
-        accelerator.load_state(str(ckpt))
-        state = resume_state
-        completed_steps, starting_epoch = state["completed_steps"], state["epoch"]
-        skip_batches, tokens_seen = state["batches_in_epoch"], state["tokens_seen"]
-        train_time, eval_history = state["train_time_s"], state["eval_history"]
-        nonfinite_steps = state.get("nonfinite_steps", 0)
-        logger.info(f"Resumed from {ckpt} at step {completed_steps} (epoch {starting_epoch}, batch {skip_batches}).")
+    # ---- train -------------------------------------------------------------------------------------------------
+    eval_loader = {split: accelerator.prepare(DataLoader(ds, collate_fn=collate_blocks, batch_size=args.per_device_eval_batch_size))
+                   for split, ds in eval_sets.items()}
+    clock = EvalClock(args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes)
+    final_blocks = sum(eval_sets[s].num_rows for s in eval_sets if s != "periodic")
+
+    def overhead(seconds_per_step: float) -> float:  # periodic evaluations and checkpoints, per step
+        evals = eval_sets["periodic"].num_rows * clock.per_block(seconds_per_step) / args.eval_steps if args.eval_steps else 0.0
+        saves = (checkpoints.last_save_seconds or 1.0) / args.checkpointing_steps if args.checkpointing_steps else 0.0
+        return evals + saves
+
+    fitter = StepFitter(budget, requested_steps, overhead=overhead,
+                        reserve=lambda s: final_blocks * clock.per_block(s) + FINAL_SAVE_SECONDS)
+    guard = GuardedStep(accelerator, model, optimizer, lr_scheduler, args.max_grad_norm, args.skip_nonfinite_steps)
+    # Per-step log (main process), flushed every step so a killed run keeps it; on resume the steps after the
+    # checkpoint are dropped, so the file always describes the run that produced the current weights.
+    train_log = TrainLog(args.output_dir, state.completed_steps, enabled=accelerator.is_main_process)
+    newest = lambda: str(list_checkpoints(args.output_dir)[-1]) if list_checkpoints(args.output_dir) else "none"  # noqa: E731
+    loop = TrainingLoop(accelerator, model, guard, state, train_log, fitter if budget.bounded else None, stop,
+                        last_checkpoint=newest, fingerprint=lambda batch: block_fingerprints(batch["input_ids"]))
+
+    def batches_for_epoch(epoch: int, skip: int):
+        train_dataloader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        return batches, len(train_dataloader)
+
+    def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        return model(**batch).loss, 1.0, batch["input_ids"].numel()
+
+    def run_eval(split: str, loader: DataLoader | None = None) -> dict[str, float]:
+        metrics = evaluate(model, loader or eval_loader[split], accelerator, token_bytes)
+        clock.seconds += metrics["seconds"]
+        clock.blocks += metrics["blocks"]
+        return metrics
 
     total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
         f"***** Training: {num_parameters / 1e6:.2f}M parameters, {lm['train'].num_rows} blocks of {args.block_size}, "
-        f"{args.max_train_steps} steps of {total_batch} blocks ({total_batch * args.block_size:,} tokens), "
-        f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision} *****",
-        main_process_only=True,
+        f"{state.max_train_steps} steps of {total_batch} blocks ({total_batch * args.block_size:,} tokens), "
+        f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}"
+        + (f", time budget {args.time_budget_minutes} min" if budget.bounded else "") + " *****"
     )
-    progress = tqdm(
-        total=args.max_train_steps, initial=completed_steps, disable=not accelerator.is_local_main_process,
-        desc="train", dynamic_ncols=True,
-    )
-
-    def run_eval(split: str) -> dict[str, float]:
-        return evaluate(model, eval_dataloaders[split], accelerator, token_bytes)
-
-    tokens_per_micro_batch = args.per_device_train_batch_size * args.block_size * accelerator.num_processes
-    window_loss, window_n, window_start, window_tokens = 0.0, 0, time.time(), 0
-    stopped_early = False
-    first_step, calib_start, train_deadline = completed_steps, time.time(), None
-    final_eval_tokens = sum(eval_sets[split].num_rows for split in ("validation", "test") if split in eval_sets)
-    final_eval_tokens *= args.block_size
-    periodic_eval_tokens = eval_sets["periodic"].num_rows * args.block_size
-    # Per-step log (main process), flushed every step so a killed run keeps it; on resume the steps after the
-    # checkpoint are dropped, so the file always describes the run that produced the current weights.
-    train_log = open_train_log(args.output_dir, completed_steps) if accelerator.is_main_process else None
-    step_loss, step_micro, step_samples = torch.zeros((), device=accelerator.device), 0, []
-    check_grad_norm, step_nonfinite = accelerator.mixed_precision != "fp16", False
-    model.train()
-    segment_start = time.time()
-    for epoch in range(starting_epoch, num_epochs):
-        train_dataloader.set_epoch(epoch)
-        batches_in_epoch = skip_batches if epoch == starting_epoch else 0
-        loader = (
-            accelerator.skip_first_batches(train_dataloader, batches_in_epoch) if batches_in_epoch else train_dataloader
-        )
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                step_loss, step_micro = step_loss + loss.detach().float(), step_micro + 1
-                step_samples.extend(block_fingerprints(batch["input_ids"]))
-                if accelerator.sync_gradients:
-                    grad_norm = None
-                    if args.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                        grad_norm = None if grad_norm is None else torch.as_tensor(grad_norm, dtype=torch.float32)
-                    # fp16's GradScaler skips inf gradients itself; any other non-finite loss/norm is divergence.
-                    norm_bad = grad_norm is not None and check_grad_norm and not torch.isfinite(grad_norm).item()
-                    local_bad = float((not torch.isfinite(step_loss).item()) or norm_bad)
-                    # One collective per step: all ranks see the mean loss and take the same skip/stop decision.
-                    stats = accelerator.reduce(
-                        torch.stack([torch.nan_to_num(step_loss), step_loss.new_tensor(float(step_micro)), step_loss.new_tensor(local_bad)]),
-                        "sum",
-                    )
-                    step_nonfinite = stats[2].item() > 0
-                    lr = lr_scheduler.get_last_lr()[0]
-                    if step_nonfinite:
-                        optimizer.zero_grad()  # the step is not applied: weights, optimizer and schedule unchanged
-                        nonfinite_steps += 1
-                        where = (
-                            f"at step {completed_steps + 1} (epoch {epoch}, batch {batches_in_epoch + 1} of the epoch): "
-                            f"loss {step_loss.item()}"
-                            + (f", gradient norm {grad_norm.item()}" if grad_norm is not None else "")
-                        )
-                        log_step(train_log, completed_steps + 1, epoch, None, lr, grad_norm, True, step_samples)
-                        if nonfinite_steps > args.skip_nonfinite_steps:
-                            good = list_checkpoints(args.output_dir)
-                            raise RuntimeError(
-                                f"Non-finite training loss or gradients {where}. Training stopped "
-                                f"({nonfinite_steps - 1} step(s) skipped before, --skip_nonfinite_steps "
-                                f"{args.skip_nonfinite_steps}); no checkpoint was written after the last good step: "
-                                f"last checkpoint {good[-1] if good else 'none'}. Lower --learning_rate (or lengthen "
-                                "--num_warmup_steps), then --resume_from_checkpoint latest."
-                            )
-                        logger.warning(
-                            f"Non-finite training loss or gradients {where}: step skipped "
-                            f"({nonfinite_steps}/{args.skip_nonfinite_steps} allowed)."
-                        )
-                    else:
-                        optimizer.step()
-                        if not accelerator.optimizer_step_was_skipped:
-                            lr_scheduler.step()
-                        optimizer.zero_grad()
-                        mean = (stats[0] / stats[1]).item()
-                        log_step(train_log, completed_steps + 1, epoch, mean, lr, grad_norm, False, step_samples)
-                    step_loss, step_micro, step_samples = torch.zeros((), device=accelerator.device), 0, []
-            batches_in_epoch += 1
-            tokens_seen += tokens_per_micro_batch
-            window_tokens += tokens_per_micro_batch
-            window_loss += loss.detach().float().item()
-            window_n += 1
-            if not accelerator.sync_gradients:
-                continue
-
-            completed_steps += 1
-            progress.update(1)
-            elapsed = time.time() - window_start
-            lr = lr_scheduler.get_last_lr()[0]
-            progress.set_postfix(loss=f"{window_loss / window_n:.4f}", tok_s=f"{window_tokens / max(elapsed, 1e-9):.0f}", lr=f"{lr:.2e}")
-            if args.logging_steps and completed_steps % args.logging_steps == 0:
-                mean_loss = accelerator.reduce(torch.tensor(window_loss / window_n, device=accelerator.device), "mean").item()
-                if args.report_to != "none":
-                    accelerator.log(
-                        {"train/loss": mean_loss, "train/bpb": mean_loss / LN2, "train/lr": lr,
-                         "train/tokens_per_second": window_tokens / max(elapsed, 1e-9)},
-                        step=completed_steps,
-                    )
-                window_loss, window_n, window_start, window_tokens = 0.0, 0, time.time(), 0
-
-            if args.eval_steps and completed_steps % args.eval_steps == 0 and completed_steps < args.max_train_steps:
-                train_time += time.time() - segment_start
-                metrics = run_eval("periodic")
-                eval_history.append({"step": completed_steps, **metrics})
-                progress.write(
-                    f"step {completed_steps}: validation loss {metrics['loss']:.4f}, ppl {metrics['perplexity']:.3f}, "
-                    f"bpb {metrics['bpb']:.4f} (unigram baseline {unigram['periodic']:.4f}, {metrics['tokens']:,} tokens)"
-                )
-                if args.report_to != "none":
-                    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=completed_steps)
-                segment_start = time.time()
-
-            end_of_epoch = batches_in_epoch >= len(train_dataloader)
-            # Never a checkpoint right after a non-finite step: the newest checkpoint stays the last good state.
-            if args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0 and not step_nonfinite:
-                state = {
-                    "completed_steps": completed_steps,
-                    "epoch": epoch + 1 if end_of_epoch else epoch,
-                    "batches_in_epoch": 0 if end_of_epoch else batches_in_epoch,
-                    "max_train_steps": args.max_train_steps,
-                    "budget_fitted": budget_fitted,
-                    "nonfinite_steps": nonfinite_steps,
-                    "tokens_seen": tokens_seen,
-                    "train_time_s": train_time + time.time() - segment_start,
-                    "eval_history": eval_history,
-                }
-                save_checkpoint(accelerator, args.output_dir, state, args.checkpoints_total_limit)
-            if args.time_budget_minutes is not None and not budget_fitted and completed_steps == first_step + 10:
-                # Fit training + final evaluation into the budget with a complete LR schedule, rather than cutting
-                # the run off mid-schedule. Forward-only evaluation runs ~4x faster per token than a training step
-                # (measured); EVAL_SPEEDUP is a conservative 3.
-                now = time.time()
-                per_step = (now - calib_start) / 9
-                eval_rate = EVAL_SPEEDUP * tokens_per_micro_batch * args.gradient_accumulation_steps / per_step
-                deadline = start_time + 60 * args.time_budget_minutes - final_eval_tokens / eval_rate - SAVE_MARGIN_S
-                periodic = periodic_eval_tokens / eval_rate / args.eval_steps if args.eval_steps else 0.0
-                fitted = completed_steps + int((deadline - now) / (per_step + periodic))
-                fitted = int(accelerator.reduce(torch.tensor(float(fitted), device=accelerator.device), "min").item())
-                train_deadline, budget_fitted = deadline, True
-                if fitted < args.max_train_steps:
-                    logger.warning(
-                        f"{per_step:.2f} s/step: --max_train_steps {args.max_train_steps} -> {fitted} to fit "
-                        f"--time_budget_minutes={args.time_budget_minutes}.", main_process_only=True,
-                    )
-                    args.max_train_steps = max(fitted, completed_steps + 1)
-                    refit = get_scheduler(
-                        args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.num_warmup_steps,
-                        num_training_steps=args.max_train_steps,
-                    )
-                    lr_scheduler.lr_lambdas = refit.lr_lambdas
-                    lr_scheduler.last_epoch -= 1
-                    lr_scheduler.step()
-                    progress.total = args.max_train_steps
-            if completed_steps == first_step + 1:
-                calib_start = time.time()
-            if train_deadline is not None:
-                # Every rank must take the same decision.
-                over = accelerator.reduce(torch.tensor(float(time.time() > train_deadline), device=accelerator.device), "max")
-                if over.item() > 0 and completed_steps < args.max_train_steps:
-                    logger.warning(f"Time budget reached at step {completed_steps}: stopping training.")
-                    stopped_early = True
-            if completed_steps >= args.max_train_steps or stopped_early:
-                break
-        skip_batches = 0
-        if completed_steps >= args.max_train_steps or stopped_early:
-            break
-    train_time += time.time() - segment_start
+    progress = tqdm(total=state.max_train_steps, initial=state.completed_steps, desc="train", dynamic_ncols=True,
+                    disable=not accelerator.is_local_main_process)
+    window: list[float] = []
+    update = None
+    for update in loop.updates(batches_for_epoch, compute_loss):
+        progress.total = state.max_train_steps
+        progress.update(1)
+        window += [] if update.skipped else [update.loss]
+        progress.set_postfix(loss=f"{sum(window) / max(1, len(window)):.4f}", lr=f"{update.lr:.2e}")
+        if args.logging_steps and update.step % args.logging_steps == 0:
+            if args.report_to != "none" and window:
+                mean = sum(window) / len(window)
+                accelerator.log({"train/loss": mean, "train/bpb": mean / LN2, "train/lr": update.lr}, step=update.step)
+            window = []
+        if args.eval_steps and update.step % args.eval_steps == 0 and not state.finished:
+            metrics = run_eval("periodic")
+            state.eval_history.append({"step": update.step, **metrics})
+            progress.write(f"step {update.step}: validation loss {metrics['loss']:.4f}, bpb {metrics['bpb']:.4f} "
+                           f"({metrics['tokens']:,} tokens)")
+            if args.report_to != "none":
+                accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=update.step)
+        # Never a checkpoint right after a non-finite step: the newest checkpoint stays the last good state.
+        if args.checkpointing_steps and update.step % args.checkpointing_steps == 0 and not update.skipped:
+            checkpoints.save(state)
     progress.close()
-    if train_log is not None:
-        train_log.close()
+    train_log.close()
+    if loop.stop_reason is not None and loop.stop_reason != "time budget":
+        # Stopped by a signal: keep the state for a resume and skip the (long) final evaluation and save.
+        newest = list_checkpoints(args.output_dir)[-1:]
+        if newest != [checkpoints.root / f"step_{state.completed_steps}"] and not (update is None or update.skipped):
+            checkpoints.save(state)
+        accelerator.print(f"Stopped by {loop.stop_reason} at step {state.completed_steps}; the state is in "
+                          f"{list_checkpoints(args.output_dir)[-1]}: resume with --resume_from_checkpoint latest.")
+        return {"stopped": loop.stop_reason, "step": state.completed_steps}
 
-    # ---- final evaluation, save --------------------------------------------------------------------------------
-    final = {split: run_eval(split) for split in eval_dataloaders if split != "periodic"}
-    unigram.pop("periodic")
-    for split, metrics in final.items():
+    # ---- final evaluation, sized to the time left --------------------------------------------------------------
+    unigram, final = {}, {}
+    splits = [s for s in eval_sets if s != "periodic"]
+    for i, split in enumerate(splits):
+        blocks = eval_sets[split]
+        if budget.bounded:  # what is left of the budget after the save, shared by the splits still to evaluate
+            affordable = (budget.left() - FINAL_SAVE_SECONDS) / clock.per_block(fitter.seconds_per_step or 1.0)
+            blocks = evenly_spaced(blocks, max(1, int(affordable / (len(splits) - i))))
+            if blocks.num_rows < eval_sets[split].num_rows:
+                logger.warning(f"Time budget: the final {split} evaluation uses {blocks.num_rows} of "
+                               f"{eval_sets[split].num_rows} blocks.")
+        loader = accelerator.prepare(DataLoader(blocks, collate_fn=collate_blocks, batch_size=args.per_device_eval_batch_size))
+        final[split] = run_eval(split, loader)
+        unigram[split] = unigram_baseline_bpb(blocks, byte_counts)
         accelerator.print(
-            f"{split}: loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.3f}, bits-per-byte {metrics['bpb']:.4f} "
-            f"| unigram byte baseline {unigram[split]:.4f} bpb ({metrics['tokens']:,} tokens, "
-            f"{eval_sets[split].num_rows}/{lm[split].num_rows} blocks)"
+            f"{split}: loss {final[split]['loss']:.4f}, perplexity {final[split]['perplexity']:.3f}, bits-per-byte "
+            f"{final[split]['bpb']:.4f} | unigram byte baseline {unigram[split]:.4f} bpb ({final[split]['tokens']:,} "
+            f"tokens, {blocks.num_rows}/{lm[split].num_rows} blocks)"
         )
     if args.report_to != "none":
-        accelerator.log({f"final/{s}_{k}": v for s, m in final.items() for k, v in m.items()}, step=completed_steps)
+        accelerator.log({f"final/{s}_{k}": v for s, m in final.items() for k, v in m.items()}, step=state.completed_steps)
 
+    # ---- sample, results, atomic final save --------------------------------------------------------------------
     unwrapped = accelerator.unwrap_model(model)
+    sample = None
+    if args.sample_tokens and accelerator.is_main_process:
+        sample = generate_sample(unwrapped, tokenizer, SAMPLE_PROMPT, args.sample_tokens, seed=args.seed)
+        accelerator.print(f"sample ({args.sample_tokens} tokens after {SAMPLE_PROMPT!r}):\n{sample}\n")
+    steps_log = TrainLog.read(args.output_dir) if accelerator.is_main_process else []
+    applied = [r for r in steps_log if not r["skipped_nonfinite"]]
     results = {
         "model": {k: getattr(unwrapped.config, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "reversible")},
         "num_parameters": num_parameters,
@@ -954,36 +639,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
         "train": {
-            "steps": completed_steps,
-            "max_train_steps": args.max_train_steps,
-            "stopped_early": stopped_early,
-            "nonfinite_steps_skipped": nonfinite_steps,
-            "tokens": tokens_seen,
-            "train_time_s": train_time,
-            "tokens_per_second": tokens_seen / max(train_time, 1e-9),
+            "steps": state.completed_steps,
+            "max_train_steps": state.max_train_steps,
+            "requested_steps": requested_steps,
+            "stopped_early": loop.stop_reason is not None,
+            "nonfinite_steps_skipped": state.nonfinite_steps,
+            "tokens": state.tokens_seen,
+            "train_time_s": state.train_time_s,
+            "tokens_per_second": state.tokens_seen / max(state.train_time_s, 1e-9),
+            "final_lr": applied[-1]["lr"] if applied else None,
+            "final_lr_fraction_of_peak": applied[-1]["lr"] / args.learning_rate if applied else None,
+            "budget_fits": [vars(f) for f in fitter.fits],
         },
         "validation": final["validation"],
         "test": final.get("test"),
         "unigram_bpb": unigram,
-        "eval_blocks": {split: {"evaluated": eval_sets[split].num_rows, "in_split": lm[split].num_rows} for split in final},
-        "eval_history": eval_history,
-        "total_time_s": time.time() - start_time,
+        "eval_blocks": {split: {"evaluated": final[split]["blocks"], "in_split": lm[split].num_rows} for split in final},
+        "eval_history": state.eval_history,
+        "sample": {"prompt": SAMPLE_PROMPT, "text": sample},
+        "time_budget_minutes": args.time_budget_minutes,
         "args": {k: v for k, v in vars(args).items() if k != "hub_token"},
     }
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(args.output_dir, state_dict=state_dict, save_function=accelerator.save)
-        tokenizer.save_pretrained(args.output_dir)
-        results["total_time_s"] = time.time() - start_time
-        with open(Path(args.output_dir) / RESULTS_NAME, "w") as f:
-            json.dump(results, f, indent=2)
-        # The same card code as `python -m reformer_rev.hub card`: YAML metadata + model-index from these results.
-        write_model_card(args.output_dir, results, "causal-lm", repo_id=args.hub_model_id)
+
+        def write_outputs(folder: Path) -> None:
+            unwrapped.save_pretrained(folder, state_dict=state_dict, save_function=accelerator.save)
+            tokenizer.save_pretrained(folder)
+            plot_loss_curve(folder / LOSS_CURVE_NAME, steps_log, state.eval_history, f"{num_parameters / 1e6:.2f}M-parameter reversible LM",
+                            scale=1 / LN2 if results["tokenizer"] == "byte" else 1.0,
+                            unit="bits per byte" if results["tokenizer"] == "byte" else "loss (nats/token)")
+            results["total_time_s"] = budget.elapsed()
+            atomic_write_json(folder / RESULTS_NAME, results)
+            # The same card code as `python -m reformer_rev.hub card`: YAML metadata + model-index from these results.
+            write_model_card(folder, results, "causal-lm", repo_id=args.hub_model_id)
+
+        # Model, tokenizer, results, plot and card move into --output_dir together, under one save manifest.
+        save_model_folder(args.output_dir, write_outputs)
         accelerator.print(
-            f"trained {completed_steps} steps, {tokens_seen:,} tokens in {train_time:.0f} s "
-            f"({results['train']['tokens_per_second']:.0f} tokens/s); total {results['total_time_s']:.0f} s; "
-            f"saved to {args.output_dir}"
+            f"trained {state.completed_steps} steps, {state.tokens_seen:,} tokens in {state.train_time_s:.0f} s "
+            f"({results['train']['tokens_per_second']:.0f} tokens/s); total {budget.elapsed():.0f} s"
+            + (f" of a {args.time_budget_minutes:g}-minute budget" if budget.bounded else "")
+            + f"; saved to {args.output_dir} ({RESULTS_NAME}, {LOSS_CURVE_NAME})"
         )
         if push_checkpoint is not None:
             push_checkpoint(args.output_dir, args.hub_model_id, args.hub_token)

@@ -1,39 +1,57 @@
 #!/usr/bin/env python3
-"""Train a reversible encoder-decoder (`RevFormerForConditionalGeneration`) for translation with `accelerate`.
+"""Train a reversible encoder-decoder (`RevFormerForConditionalGeneration`) for translation with 🤗 Accelerate.
 
 Defaults: the bundled English->Spanish Bible corpus (split by book), a joint byte-level BPE learnt on its training
-split, a small model that trains on a CPU in minutes. Any hub translation dataset works through the same code path:
+split, a 3+3-layer model (d=256). Any hub translation dataset works through the same code path:
 
     python training/train_translation.py --output_dir outputs/mt                      # bundled en->es
     python training/train_translation.py --dataset_name wmt14 --dataset_config_name de-en \\
         --source_lang en --target_lang de --output_dir outputs/wmt14
 
-Every `--eval_steps` the validation loss is computed on the whole validation split and BLEU/chrF (sacrebleu, through
-`evaluate`) on its first `--val_bleu_samples` pairs; the best-BLEU model is kept in `output_dir/best`. The run state
-(model, optimizer, scheduler, RNG, data position) is saved every `--checkpointing_steps` into `output_dir/checkpoint`
-and on exit (also on Ctrl-C or `--max_train_minutes`); `--resume_from_checkpoint` continues exactly where it stopped.
-`--no_reversible` trains the non-reversible twin (same modules, plain autograd) for comparisons.
+With no `--max_train_steps` and no time budget it trains `--num_train_epochs` 20 epochs (11,320 steps: many hours on a
+CPU); `--time_budget_minutes N` fits the run, its learning-rate schedule, the evaluations and the final save into N
+minutes. Every `--eval_steps` the validation loss is computed on the validation split and BLEU/chrF (sacrebleu, through
+`evaluate`) on its first `--val_bleu_samples` pairs; the best-BLEU model is kept in `output_dir/best`, the last one in
+`output_dir/final`. The loop, checkpoints (verified, pickle-free, `checkpoints/step_N`), time budget and arguments are
+the shared skeleton in `reformer_rev.training`, as in `training/train_lm.py`; SIGTERM/SIGINT stop at a step boundary
+and save the state. `--no_reversible` trains the non-reversible twin (same modules, plain autograd) for comparisons.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
-import os
-import signal
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
-from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerFast, get_scheduler
+from accelerate.utils import set_seed
+from transformers import PreTrainedTokenizerFast
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from translation_utils import (  # noqa: E402
+import reformer_rev  # noqa: F401  (registers the `reformer_rev` model type with the Auto classes)
+from reformer_rev.safe_io import atomic_write_json, save_model_folder
+from reformer_rev.training.budget import StepFitter, TimeBudget, make_scheduler
+from reformer_rev.training.checkpointing import CheckpointManager, list_checkpoints, output_dir_lock
+from reformer_rev.training.cli import (
+    add_checkpoint_arguments,
+    add_model_arguments,
+    add_training_arguments,
+    config_from_args,
+    make_accelerator,
+    make_optimizer,
+    prepare_distributed_model,
+    setup_logging,
+    validate_training_args,
+)
+from reformer_rev.training.loop import GuardedStep, StopFlag, TrainingLoop, TrainLog, stop_on_signals
+from reformer_rev.training.models import build_model
+from reformer_rev.training.reporting import plot_loss_curve
+from reformer_rev.training.state import TrainingState
+from reformer_rev.training.translation import (
     collate,
     length_grouped_batches,
     load_translation_data,
@@ -44,7 +62,19 @@ from translation_utils import (  # noqa: E402
     translation_scores,
 )
 
-from reformer_rev import RevFormerConfig, RevFormerForConditionalGeneration  # noqa: E402
+logger = logging.getLogger(__name__)
+
+SUMMARY_NAME = "train_summary.json"
+LOSS_CURVE_NAME = "loss_curve.png"
+TOKENIZER_DIR = "tokenizer"
+FINAL_SAVE_SECONDS = 20.0
+# At most this share of a time budget is held back for the final evaluation (it gets whatever is left anyway).
+FINAL_EVAL_SHARE = 0.15
+MODEL_FIELDS = {
+    "hidden_size": 256, "encoder_layers": 3, "decoder_layers": 3, "num_attention_heads": 4, "intermediate_size": 768,
+    "hidden_dropout": 0.1, "attention_dropout": 0.0, "chunk_size_feed_forward": 0, "tie_word_embeddings": True,
+    "reversible": True,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,83 +95,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t = p.add_argument_group("tokenizer")
     t.add_argument("--tokenizer_name", default=None, help="Existing tokenizer path; default: learn a joint BPE.")
     t.add_argument("--bpe_vocab_size", type=int, default=8000)
-    m = p.add_argument_group("model")
-    m.add_argument("--model_name_or_path", default=None, help="Fine-tune this checkpoint instead of a new model.")
-    m.add_argument("--hidden_size", type=int, default=256)
-    m.add_argument("--encoder_layers", type=int, default=3)
-    m.add_argument("--decoder_layers", type=int, default=3)
-    m.add_argument("--num_attention_heads", type=int, default=4)
-    m.add_argument("--intermediate_size", type=int, default=768)
-    m.add_argument("--hidden_dropout", type=float, default=0.1)
-    m.add_argument("--attention_dropout", type=float, default=0.0)
-    m.add_argument("--no_tie_word_embeddings", action="store_true", help="Separate LM head from the embedding.")
-    m.add_argument("--no_reversible", action="store_true", help="Train the non-reversible twin (plain autograd).")
-    m.add_argument("--chunk_size_feed_forward", type=int, default=0)
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--per_device_train_batch_size", type=int, default=48)
-    o.add_argument("--per_device_eval_batch_size", type=int, default=64)
-    o.add_argument("--learning_rate", type=float, default=1.5e-3)
-    o.add_argument("--weight_decay", type=float, default=0.01)
-    o.add_argument("--max_grad_norm", type=float, default=1.0)
-    o.add_argument("--num_train_epochs", type=int, default=20)
-    o.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
-    o.add_argument("--max_train_minutes", type=float, default=None, help="Stop (and save) after this wall time.")
-    o.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    o.add_argument("--lr_scheduler_type", default="inverse_sqrt", help="Any `transformers.get_scheduler` name.")
-    o.add_argument("--num_warmup_steps", type=int, default=300)
-    o.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
-    o.add_argument("--seed", type=int, default=42)
-    o.add_argument("--num_threads", type=int, default=None, help="torch intra-op threads (CPU).")
-    r = p.add_argument_group("evaluation and checkpoints")
-    r.add_argument("--output_dir", required=True)
+    p.add_argument("--model_name_or_path", default=None, help="Fine-tune this checkpoint instead of a new model.")
+    add_model_arguments(p, MODEL_FIELDS)
+    add_training_arguments(
+        p, per_device_train_batch_size=48, per_device_eval_batch_size=64, learning_rate=1.5e-3, adam_beta2=0.98,
+        num_train_epochs=20, lr_scheduler_type="inverse_sqrt", num_warmup_steps=300, mixed_precision="no",
+    )
+    p.add_argument("--num_threads", type=int, default=None, help="torch intra-op threads (CPU).")
+    r = p.add_argument_group("evaluation")
     r.add_argument("--eval_steps", type=int, default=500)
     r.add_argument("--extra_eval_steps", type=int, nargs="*", default=[], help="Also validate at these steps.")
-    r.add_argument("--checkpointing_steps", type=int, default=500)
-    r.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint dir, or 'latest'.")
     r.add_argument("--num_beams", type=int, default=1, help="Beams for the validation BLEU decode.")
     r.add_argument("--max_new_tokens", type=int, default=160)
     r.add_argument("--logging_steps", type=int, default=50)
+    add_checkpoint_arguments(p, output_dir=None, checkpointing_steps=500)
     args = p.parse_args(argv)
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "eval_steps", "checkpointing_steps"):
+    validate_training_args(args)
+    for name in ("eval_steps", "logging_steps"):
         if getattr(args, name) <= 0:
             raise ValueError(f"`--{name}` must be positive, got {getattr(args, name)}.")
     return args
 
 
-def build_tokenizer(args: argparse.Namespace, train_src: list[str], train_tgt: list[str]) -> PreTrainedTokenizerFast:
-    if args.tokenizer_name:
-        return PreTrainedTokenizerFast.from_pretrained(args.tokenizer_name)
-    if args.model_name_or_path:
-        return PreTrainedTokenizerFast.from_pretrained(args.model_name_or_path)
+def get_tokenizer(args: argparse.Namespace, train_src: list[str], train_tgt: list[str]) -> PreTrainedTokenizerFast:
+    """The run's tokenizer, kept in `output_dir/tokenizer` so that a resumed run uses the very same one."""
+    saved = Path(args.output_dir) / TOKENIZER_DIR
+    if args.resume_from_checkpoint and (saved / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(saved)
+    if args.tokenizer_name or args.model_name_or_path:
+        return PreTrainedTokenizerFast.from_pretrained(args.tokenizer_name or args.model_name_or_path)
     return train_joint_tokenizer(train_src + train_tgt, vocab_size=args.bpe_vocab_size)
 
 
-def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) -> RevFormerForConditionalGeneration:
-    if args.model_name_or_path:
-        model = RevFormerForConditionalGeneration.from_pretrained(args.model_name_or_path)
-        model.config.reversible = not args.no_reversible
-        return model
-    config = RevFormerConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=args.hidden_size,
-        num_hidden_layers=args.decoder_layers,
-        encoder_layers=args.encoder_layers,
-        decoder_layers=args.decoder_layers,
-        num_attention_heads=args.num_attention_heads,
-        intermediate_size=args.intermediate_size,
-        max_position_embeddings=max(args.max_source_length, args.max_target_length + args.max_new_tokens, 512),
-        hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout,
-        tie_word_embeddings=not args.no_tie_word_embeddings,
-        is_encoder_decoder=True,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.bos_token_id,
-        reversible=not args.no_reversible,
-        chunk_size_feed_forward=args.chunk_size_feed_forward,
-    )
-    return RevFormerForConditionalGeneration(config)
+def get_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) -> torch.nn.Module:
+    def new_config():
+        return config_from_args(
+            args, MODEL_FIELDS, vocab_size=len(tokenizer), num_hidden_layers=args.decoder_layers,
+            max_position_embeddings=max(args.max_source_length, args.max_target_length + args.max_new_tokens, 512),
+            is_encoder_decoder=True, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.bos_token_id,
+        )
+
+    model = build_model(args, "translation", new_config)
+    model.config.reversible = args.reversible
+    return model
 
 
 @torch.no_grad()
@@ -161,31 +158,65 @@ def validation_loss(model, examples, batch_size: int, pad_id: int, accelerator: 
     return total / max(count, 1)
 
 
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+class Evaluator:
+    """Validation loss + BLEU/chrF, timing itself per pair so the final evaluation can be sized to a time budget."""
+
+    def __init__(self, args, accelerator, model, tokenizer, val_examples, val_src, val_tgt) -> None:
+        self.args, self.accelerator, self.model, self.tokenizer = args, accelerator, model, tokenizer
+        self.val_examples, self.val_src, self.val_tgt = val_examples, val_src, val_tgt
+        self.seconds_per_pair = {"loss": None, "bleu": None}
+
+    def estimate(self, seconds_per_step: float, loss_pairs: int, bleu_pairs: int) -> float:
+        """Seconds for an evaluation of that many pairs (measured after the first one; guessed before)."""
+        guess = seconds_per_step / self.args.per_device_train_batch_size
+        loss = self.seconds_per_pair["loss"] or guess / 3
+        bleu = self.seconds_per_pair["bleu"] or guess * self.args.max_new_tokens / 8
+        return loss_pairs * loss + bleu_pairs * bleu
+
+    def __call__(self, step: int, loss_pairs: int | None = None, bleu_pairs: int | None = None) -> dict[str, Any]:
+        args, unwrapped = self.args, self.accelerator.unwrap_model(self.model)
+        examples = self.val_examples[:loss_pairs] if loss_pairs is not None else self.val_examples
+        start = time.perf_counter()
+        loss = validation_loss(unwrapped, examples, args.per_device_eval_batch_size, self.tokenizer.pad_token_id,
+                               self.accelerator)
+        self.seconds_per_pair["loss"] = (time.perf_counter() - start) / max(1, len(examples))
+        record = {"step": step, "val_loss": round(loss, 5), "loss_pairs": len(examples)}
+        k = min(args.val_bleu_samples if bleu_pairs is None else bleu_pairs, len(self.val_src))
+        if k > 0:
+            start = time.perf_counter()
+            hyps = translate(unwrapped, self.tokenizer, self.val_src[:k], batch_size=args.per_device_eval_batch_size,
+                             num_beams=args.num_beams, max_source_length=args.max_source_length,
+                             max_new_tokens=args.max_new_tokens)
+            self.seconds_per_pair["bleu"] = (time.perf_counter() - start) / k
+            record.update({f"val_{name}": v for name, v in translation_scores(hyps, self.val_tgt[:k]).items()})
+            record["bleu_pairs"] = k
+            record["val_example"] = {"source": self.val_src[0], "prediction": hyps[0], "reference": self.val_tgt[0]}
+        return record
 
 
-def main(argv: list[str] | None = None) -> dict:
+def save_model(folder: Path, model, tokenizer, accelerator: Accelerator) -> None:
+    """Model + tokenizer (+ remote code) into `folder`, atomically (readers never see a mix of two saves)."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        save_model_folder(folder, lambda tmp: (unwrapped.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    budget = TimeBudget(args.time_budget_minutes)  # counts from process start: imports and data included
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    # The reversible backward calls autograd.backward on each rebuilt block: DDP must not look for unused parameters.
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
-    )
+    accelerator = make_accelerator(args)
+    setup_logging(accelerator)
     set_seed(args.seed)
+    with output_dir_lock(accelerator, args.output_dir, "training/train_translation.py"), stop_on_signals(StopFlag()) as stop:
+        return train(args, accelerator, budget, stop)
+
+
+def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget, stop: StopFlag) -> dict[str, Any]:
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / "train_log.jsonl"
-
-    def log(record: dict) -> None:
-        if accelerator.is_main_process:
-            with log_path.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            accelerator.print(json.dumps(record))
-
+    # ---- data and tokenizer ------------------------------------------------------------------------------------
     raw = load_translation_data(
         args.dataset_name, args.dataset_config_name, args.train_file, args.validation_file, args.test_file
     )
@@ -197,160 +228,130 @@ def main(argv: list[str] | None = None) -> dict:
         train_src, train_tgt = train_src[: args.max_train_samples], train_tgt[: args.max_train_samples]
     if args.max_eval_samples:
         val_src, val_tgt = val_src[: args.max_eval_samples], val_tgt[: args.max_eval_samples]
-
-    resume_dir = None
-    if args.resume_from_checkpoint:
-        resume_dir = out_dir / "checkpoint" if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint)
-        if not (resume_dir / "trainer_state.json").is_file():
-            raise ValueError(f"`--resume_from_checkpoint`: no trainer_state.json in {resume_dir}.")
-    if resume_dir is not None:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(resume_dir / "tokenizer")
-    else:
-        tokenizer = build_tokenizer(args, train_src, train_tgt)
+    tokenizer = get_tokenizer(args, train_src, train_tgt)
+    if accelerator.is_main_process:
+        save_model_folder(out_dir / TOKENIZER_DIR, tokenizer.save_pretrained)
     train_examples = tokenize_pairs(tokenizer, train_src, train_tgt, args.max_source_length, args.max_target_length)
     val_examples = tokenize_pairs(tokenizer, val_src, val_tgt, args.max_source_length, args.max_target_length)
     lengths = [len(e["input_ids"]) + len(e["labels"]) for e in train_examples]
 
-    model = build_model(args, tokenizer)
+    # ---- model, optimizer, schedule, checkpoints ---------------------------------------------------------------
+    model = get_model(args, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    no_decay = ("bias", "norm")
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)],
-         "weight_decay": args.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.98), eps=1e-8)
+    optimizer = make_optimizer(model, args)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    prepare_distributed_model(model, accelerator)
     batches_per_epoch = math.ceil(len(train_examples) / args.per_device_train_batch_size / accelerator.num_processes)
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    scheduler_kwargs = {}
-    if args.lr_scheduler_type == "inverse_sqrt":
-        scheduler_kwargs = {"scheduler_specific_kwargs": {"timescale": args.num_warmup_steps}}
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
-        num_training_steps=max_steps, **scheduler_kwargs,
-    )
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_score": None, "best_step": None, "evals": []}
-    if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
-        state = json.loads((resume_dir / "trainer_state.json").read_text())
-        log({"event": "resumed", "from": str(resume_dir), "step": state["step"]})
-
-    def save_checkpoint() -> None:
-        ckpt = out_dir / "checkpoint"
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(ckpt))
-        if accelerator.is_main_process:
-            tokenizer.save_pretrained(ckpt / "tokenizer")
-            (ckpt / "trainer_state.json").write_text(json.dumps(state, indent=1))
-
-    def save_model(name: str) -> None:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(model)
-            unwrapped.save_pretrained(out_dir / name)
-            tokenizer.save_pretrained(out_dir / name)
-
-    def evaluate_now() -> dict:
-        unwrapped = accelerator.unwrap_model(model)
-        t0 = time.time()
-        loss = validation_loss(unwrapped, val_examples, args.per_device_eval_batch_size, tokenizer.pad_token_id,
-                               accelerator)
-        record = {"step": state["step"], "val_loss": round(loss, 5)}
-        if args.val_bleu_samples > 0:
-            k = min(args.val_bleu_samples, len(val_src))
-            hyps = translate(unwrapped, tokenizer, val_src[:k], batch_size=args.per_device_eval_batch_size,
-                             num_beams=args.num_beams, max_source_length=args.max_source_length,
-                             max_new_tokens=args.max_new_tokens)
-            record.update({f"val_{k2}": v for k2, v in translation_scores(hyps, val_tgt[:k]).items()})
-            record["val_example"] = {"source": val_src[0], "prediction": hyps[0], "reference": val_tgt[0]}
-        record["eval_seconds"] = round(time.time() - t0, 1)
-        state["evals"].append({k2: v for k2, v in record.items() if k2 != "val_example"})
-        # Best model: highest validation BLEU (lowest loss when BLEU is not computed).
-        score = record.get("val_bleu", -loss)
-        if state["best_score"] is None or score > state["best_score"]:
-            state["best_score"], state["best_step"] = score, state["step"]
-            save_model("best")
-        log(record)
-        return record
-
-    log({"event": "start", "parameters": n_params, "train_pairs": len(train_examples), "val_pairs": len(val_examples),
-         "vocab_size": len(tokenizer), "max_steps": max_steps, "reversible": not args.no_reversible,
-         "args": vars(args)})
-    progress = tqdm(total=max_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
-                    desc="train")
-    start_time = time.time()
-    stop_reason = "max_steps"
-    eval_at = set(args.extra_eval_steps)
-    model.train()
-    window_loss, window_tokens, window_start = 0.0, 0, time.time()
-    try:
-        while state["step"] < max_steps:
-            batches = length_grouped_batches(lengths, args.per_device_train_batch_size, args.seed + state["epoch"])
-            batches = batches[accelerator.process_index :: accelerator.num_processes][:batches_per_epoch]
-            while state["batch_in_epoch"] < len(batches) and state["step"] < max_steps:
-                idx = batches[state["batch_in_epoch"]]
-                batch = collate([train_examples[i] for i in idx], tokenizer.pad_token_id)
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        loss = model(**batch).loss
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad()
-                state["batch_in_epoch"] += 1
-                n_tok = int((batch["labels"] != -100).sum())
-                window_loss += loss.item() * n_tok
-                window_tokens += n_tok
-                if not accelerator.sync_gradients:
-                    continue
-                state["step"] += 1
-                progress.update(1)
-                step = state["step"]
-                if step % args.logging_steps == 0:
-                    elapsed = time.time() - window_start
-                    log({"step": step, "epoch": state["epoch"], "train_loss": round(window_loss / max(window_tokens, 1), 5),
-                         "lr": lr_scheduler.get_last_lr()[0], "tgt_tokens_per_s": round(window_tokens / elapsed, 1),
-                         "minutes": round((time.time() - start_time) / 60, 2)})
-                    progress.set_postfix(loss=f"{window_loss / max(window_tokens, 1):.3f}")
-                    window_loss, window_tokens, window_start = 0.0, 0, time.time()
-                if step % args.eval_steps == 0 or step in eval_at:
-                    evaluate_now()
-                if step % args.checkpointing_steps == 0:
-                    save_checkpoint()
-                if args.max_train_minutes and (time.time() - start_time) / 60 >= args.max_train_minutes:
-                    stop_reason = "max_train_minutes"
-                    break
-            if stop_reason != "max_steps":
-                break
-            if state["batch_in_epoch"] >= len(batches):
-                state["epoch"] += 1
-                state["batch_in_epoch"] = 0
-    except KeyboardInterrupt:
-        stop_reason = "interrupted"
-    finally:
-        # Nothing is lost when a run dies: the state at the last finished step is written.
-        save_checkpoint()
-    progress.close()
-    if not state["evals"] or state["evals"][-1]["step"] != state["step"]:
-        evaluate_now()
-    save_model("final")
-    summary = {"event": "end", "stop_reason": stop_reason, "step": state["step"],
-               "minutes": round((time.time() - start_time) / 60, 2), "best_step": state["best_step"],
-               "best_score": state["best_score"], "last_eval": state["evals"][-1]}
-    log(summary)
+    requested_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    lr_scheduler = make_scheduler(optimizer, args.lr_scheduler_type, args.num_warmup_steps, requested_steps)
+    checkpoints = CheckpointManager(accelerator, out_dir, model, optimizer, lr_scheduler, args.checkpoints_total_limit)
     if accelerator.is_main_process:
-        (out_dir / "train_summary.json").write_text(json.dumps({**summary, "evals": state["evals"]}, indent=1))
+        checkpoints.remove_interrupted_saves()
+    state = TrainingState(max_train_steps=requested_steps, requested_steps=requested_steps,
+                          extra={"best_score": None, "best_step": None})
+    if args.resume_from_checkpoint:
+        state = checkpoints.resume(args.resume_from_checkpoint, requested_steps) or state
+        logger.info(f"Resuming at step {state.completed_steps} (epoch {state.epoch}, batch {state.batches_in_epoch}).")
+
+    # ---- train -------------------------------------------------------------------------------------------------
+    evaluator = Evaluator(args, accelerator, model, tokenizer, val_examples, val_src, val_tgt)
+    full_eval = (len(val_examples), min(args.val_bleu_samples, len(val_src)))
+
+    def reserve(seconds_per_step: float) -> float:  # the final evaluation and save
+        share = FINAL_EVAL_SHARE * 60 * args.time_budget_minutes if budget.bounded else math.inf
+        return FINAL_SAVE_SECONDS + min(evaluator.estimate(seconds_per_step, *full_eval), share)
+
+    def overhead(seconds_per_step: float) -> float:  # periodic evaluations and checkpoints, per step
+        saves = (checkpoints.last_save_seconds or 1.0) / args.checkpointing_steps if args.checkpointing_steps else 0.0
+        return evaluator.estimate(seconds_per_step, *full_eval) / args.eval_steps + saves
+
+    fitter = StepFitter(budget, requested_steps, reserve=reserve, overhead=overhead)
+    guard = GuardedStep(accelerator, model, optimizer, lr_scheduler, args.max_grad_norm, args.skip_nonfinite_steps)
+    train_log = TrainLog(out_dir, state.completed_steps, enabled=accelerator.is_main_process)
+    newest = lambda: str(list_checkpoints(out_dir)[-1]) if list_checkpoints(out_dir) else "none"  # noqa: E731
+    loop = TrainingLoop(accelerator, model, guard, state, train_log, fitter if budget.bounded else None, stop,
+                        last_checkpoint=newest)
+
+    def batches_for_epoch(epoch: int, skip: int):
+        # Deterministic in (seed, epoch): a resumed run rebuilds the epoch's order and skips what it already saw.
+        order = length_grouped_batches(lengths, args.per_device_train_batch_size, args.seed + epoch)
+        order = order[accelerator.process_index :: accelerator.num_processes][:batches_per_epoch]
+        return (collate([train_examples[i] for i in idx], tokenizer.pad_token_id) for idx in order[skip:]), len(order)
+
+    def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            loss = model(**batch).loss
+        n_tokens = int((batch["labels"] != -100).sum())
+        return loss, float(n_tokens), n_tokens
+
+    def evaluate_now(step: int, **sizes: int) -> None:
+        record = evaluator(step, **sizes)
+        state.eval_history.append({k: v for k, v in record.items() if k != "val_example"})
+        # Best model: highest validation BLEU (lowest loss when BLEU is not computed).
+        score = record.get("val_bleu", -record["val_loss"])
+        if state.extra["best_score"] is None or score > state.extra["best_score"]:
+            state.extra.update(best_score=score, best_step=step)
+            save_model(out_dir / "best", model, tokenizer, accelerator)
+        accelerator.print(json.dumps(record))
+
+    logger.info(
+        f"***** Training: {n_params / 1e6:.2f}M parameters, {len(train_examples)} pairs ({steps_per_epoch} steps per "
+        f"epoch), {state.max_train_steps} steps, {accelerator.num_processes} process(es)"
+        + (f", time budget {args.time_budget_minutes} min" if budget.bounded else "") + " *****"
+    )
+    window, update = [], None
+    for update in loop.updates(batches_for_epoch, compute_loss):
+        window += [] if update.skipped else [update.loss]
+        if update.step % args.logging_steps == 0 and window:
+            accelerator.print(f"step {update.step}/{state.max_train_steps}: train loss {sum(window) / len(window):.4f}, "
+                              f"lr {update.lr:.3e}, {budget.elapsed() / 60:.1f} min")
+            window = []
+        if (update.step % args.eval_steps == 0 or update.step in args.extra_eval_steps) and not state.finished:
+            evaluate_now(update.step)
+        if args.checkpointing_steps and update.step % args.checkpointing_steps == 0 and not update.skipped:
+            checkpoints.save(state)
+    train_log.close()
+    # Whatever ended the run, its state is saved (a resume continues from here), never right after a skipped step.
+    if list_checkpoints(out_dir)[-1:] != [checkpoints.root / f"step_{state.completed_steps}"] and not (
+        update is not None and update.skipped
+    ):
+        checkpoints.save(state)
+    if loop.stop_reason is not None and loop.stop_reason != "time budget":
+        accelerator.print(f"Stopped by {loop.stop_reason} at step {state.completed_steps}: resume with "
+                          "--resume_from_checkpoint latest.")
+        return {"event": "end", "stop_reason": loop.stop_reason, "step": state.completed_steps}
+
+    # ---- final evaluation (sized to the time left) and save ----------------------------------------------------
+    if not state.eval_history or state.eval_history[-1]["step"] != state.completed_steps:
+        sizes = {}
+        if budget.bounded:
+            left = budget.left() - FINAL_SAVE_SECONDS
+            needed = evaluator.estimate(fitter.seconds_per_step or 1.0, *full_eval)
+            if needed > left:
+                scale = max(0.0, left) / needed
+                sizes = {"loss_pairs": max(1, int(full_eval[0] * scale)), "bleu_pairs": int(full_eval[1] * scale)}
+                logger.warning(f"Time budget: the final evaluation uses {sizes['loss_pairs']} validation pairs for "
+                               f"the loss and {sizes['bleu_pairs']} for BLEU.")
+        evaluate_now(state.completed_steps, **sizes)
+    save_model(out_dir / "final", model, tokenizer, accelerator)
+    summary = {"event": "end", "stop_reason": loop.stop_reason or "max_steps", "step": state.completed_steps,
+               "max_train_steps": state.max_train_steps, "requested_steps": requested_steps, "parameters": n_params,
+               "minutes": round(budget.elapsed() / 60, 2), "best_step": state.extra["best_step"],
+               "best_score": state.extra["best_score"], "last_eval": state.eval_history[-1],
+               "budget_fits": [vars(f) for f in fitter.fits], "train_pairs": len(train_examples),
+               "val_pairs": len(val_examples), "vocab_size": len(tokenizer),
+               "tokens_per_second": state.tokens_seen / max(state.train_time_s, 1e-9),
+               "args": vars(args)}
+    if accelerator.is_main_process:
+        atomic_write_json(out_dir / SUMMARY_NAME, {**summary, "evals": state.eval_history})
+        evals = [{"step": e["step"], "loss": e["val_loss"]} for e in state.eval_history]
+        plot_loss_curve(out_dir / LOSS_CURVE_NAME, TrainLog.read(out_dir), evals,
+                        f"{n_params / 1e6:.1f}M-parameter reversible encoder-decoder")
+        accelerator.print(json.dumps(summary))
     return summary
 
 
 if __name__ == "__main__":
-    # SIGTERM (and SIGINT, which background jobs ignore) end the run like Ctrl-C: the state is saved first.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _raise_keyboard_interrupt)
     main()

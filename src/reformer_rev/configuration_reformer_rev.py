@@ -118,7 +118,7 @@ FIELD_RULES: dict[str, FieldRule] = {
     "coupling": _one_of(SUPPORTED_COUPLINGS),
     "coupling_step_size": POSITIVE_NUMBER,
     "momentum_gamma": _number_in(0.001, 0.999),
-    "exact_reversal": BOOL,
+    "exact_reversal": FieldRule(lambda v: isinstance(v, bool) or v == "auto", "True, False or 'auto'"),
     "fixed_point_scale_bits": FieldRule(lambda v: _is_int(v) and 8 <= v <= 56, "an integer in [8, 56]"),
     "stream_checkpoint_every": NON_NEGATIVE_INT,
     "branch_scale": _one_of(SUPPORTED_BRANCH_SCALES),
@@ -151,10 +151,11 @@ def _stack_depths(c: RevFormerConfig) -> dict[str, int]:
 
 
 def _deq_ignores(name: str, what: str) -> tuple[str, Callable, Callable]:
-    """A reversible-backward option that a deep equilibrium (implicit gradient, no reconstruction) cannot honour."""
+    """A reversible-backward option that a deep equilibrium (implicit gradient, no reconstruction) cannot honour.
+    Its default (falsy, or `"auto"` for `exact_reversal`) is fine: it only switches things on for explicit stacks."""
     return (
         name,
-        lambda c: c.depth_mode != "deq" or not getattr(c, name),
+        lambda c: c.depth_mode != "deq" or not getattr(c, name) or getattr(c, name) == "auto",
         lambda c: f"is {getattr(c, name)!r}, but it {what}, and `depth_mode='deq'` differentiates implicitly at the "
         "fixed point and reconstructs nothing. Leave it at its default with DEQ.",
     )
@@ -186,7 +187,8 @@ RELATIONS: tuple[tuple[str, Callable[[Any], bool], Callable[[Any], str]], ...] =
             _is_int(i) and 0 <= i < c.vocab_size
             for i in (c.eos_token_id if isinstance(c.eos_token_id, (list, tuple)) else [c.eos_token_id])
         ),
-        lambda c: f"must be None, or a token id or list of ids in [0, vocab_size={c.vocab_size}), got {c.eos_token_id!r}.",
+        lambda c: f"must be None, or a token id or list of ids in [0, vocab_size={c.vocab_size}), "
+        f"got {c.eos_token_id!r}.",
     ),
     (
         "num_unique_layers",
@@ -250,10 +252,14 @@ class RevFormerConfig(PretrainedConfig):
         coupling_step_size: Step size `h` of the leapfrog coupling.
         momentum_gamma: Velocity decay `gamma` in (0, 1) of the momentum coupling (used as the nearest fraction n/d
             with d <= 1024).
-        exact_reversal: Hold the streams as int64 fixed point and round every F/G output onto that grid, so the
-            backward reconstructs every block's inputs bit for bit in any compute dtype (gradients treat the rounding
-            as the identity). Needed by `"momentum"` at depth, whose float inverse amplifies rounding by 1/gamma.
-        fixed_point_scale_bits: Fractional bits of the fixed-point streams (resolution 2^-bits, range +-2^(62-bits)).
+        exact_reversal: `True`: hold the streams as int64 fixed point and round every F/G output onto that grid, so
+            the backward reconstructs every block's inputs bit for bit in any compute dtype (gradients treat the
+            rounding as the identity); needed by `"momentum"` at depth, whose float inverse amplifies rounding by
+            1/gamma. `False`: float streams. `"auto"` (default): exact when the stack computes in half precision
+            (bf16/fp16 weights, or autocast to a half dtype), where float reversal drifts (docs/precision.md), with the
+            scale chosen from the input magnitude; float in fp32/fp64, where it is measured to be accurate.
+        fixed_point_scale_bits: Fractional bits of the fixed-point streams when `exact_reversal=True` (resolution
+            2^-bits, range +-2^(62-bits)).
         stream_checkpoint_every: Drift guard for float streams: keep an exact copy of the streams every this many
             blocks and restore it in backward (0 disables; costs `2 * layers / k` stream copies).
         branch_scale: Depth-stable scaling of every F/G output: `None`/`"none"`, `"inv_sqrt_depth"` (times
@@ -313,7 +319,7 @@ class RevFormerConfig(PretrainedConfig):
         coupling: str = "additive",
         coupling_step_size: float = 1.0,
         momentum_gamma: float = 0.9,
-        exact_reversal: bool = False,
+        exact_reversal: bool | str = "auto",
         fixed_point_scale_bits: int = 32,
         stream_checkpoint_every: int = 0,
         branch_scale: str | None = None,

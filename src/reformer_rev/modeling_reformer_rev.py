@@ -49,6 +49,7 @@ from .model_inputs import (
     resolve_use_cache,
     wants_logits,
 )
+from .safe_io import load_model_folder, save_model_folder
 from .stack import CacheSlot, RevFormerStack
 
 logger = logging.get_logger(__name__)
@@ -347,9 +348,12 @@ class RevFormerPreTrainedModel(PreTrainedModel):
         """
         allow_missing = kwargs.pop("allow_missing_weights", False)
         want_info = kwargs.pop("output_loading_info", False)
+        load = super().from_pretrained
         try:
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            # Under the folder's shared save lock, checked against its save manifest: never a mix of two saves.
+            model, info = load_model_folder(
+                pretrained_model_name_or_path,
+                lambda: load(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs),
             )
         except Exception as err:  # safetensors raises its own type for truncated/corrupted files
             if type(err).__name__ == "SafetensorError":
@@ -373,7 +377,13 @@ class RevFormerPreTrainedModel(PreTrainedModel):
             # `auto_map` exists only on configs that went through remote-code registration or loading.
             auto_map = getattr(self.config, "auto_map", None) or {}
             self.config.auto_map = {"AutoModel": self._remote_base_model, **auto_map}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        # Written to a temp sibling, then moved in under the folder's lock: concurrent saves and readers never mix.
+        save = super().save_pretrained
+        return save_model_folder(
+            save_directory,
+            lambda folder: save(folder, *args, **kwargs),
+            is_main_process=kwargs.get("is_main_process", True),
+        )
 
 
 class RevFormerModel(RevFormerPreTrainedModel):

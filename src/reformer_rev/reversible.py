@@ -37,6 +37,7 @@ exact stream checkpoints every k blocks, and a debug report measures the reconst
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from torch import nn
 from .couplings import (
     AdditiveCoupling,
     Coupling,
+    DriftMonitor,
     DriftReport,
     DualArith,
     ExactArith,
@@ -359,6 +361,36 @@ def _stream_arith(fixed_point_bits: int | None, dtype: torch.dtype, twin: bool =
     return (DualArith if twin else ExactArith)(fixed_point_bits, dtype)
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+# Fixed-point streams for `fixed_point_bits="auto"`: at most 32 fractional bits (a 2.3e-10 grid, finer than an fp32
+# ulp for any |x| > 0.004), and at least 2^24 of headroom above the largest input value for the growth of the
+# streams through the stack (measured on trained models: docs/precision.md).
+AUTO_MAX_BITS = 32
+AUTO_GROWTH_BITS = 24
+AUTO_MIN_BITS = 8
+
+
+def resolve_fixed_point_bits(fixed_point_bits: int | str | None, *streams: torch.Tensor) -> int | None:
+    """The stream arithmetic of one stack call: `None` (float), an int (exact, that many fractional bits), or
+    `"auto"`: exact when the stack computes in half precision -- the streams are bf16/fp16, or autocast to a half
+    dtype is on -- where float reversal drifts (docs/precision.md: 46% gradient error at depth 48 under bf16
+    autocast), float otherwise (fp32/fp64 reversal is measured to be accurate). The scale keeps 2^24 of headroom
+    above the largest input value, capped at 32 fractional bits."""
+    if fixed_point_bits != "auto":
+        return fixed_point_bits
+    x = streams[0]
+    autocast_half = torch.is_autocast_enabled(x.device.type) and (
+        torch.get_autocast_dtype(x.device.type) in HALF_DTYPES
+    )
+    if not (autocast_half or x.dtype in HALF_DTYPES):
+        return None
+    peak = max(float(s.detach().abs().amax()) if s.numel() else 0.0 for s in streams)
+    if not math.isfinite(peak):
+        raise ValueError(f"The reversible stack's input is not finite (max |x| = {peak}).")
+    magnitude_bits = math.ceil(math.log2(peak)) if peak > 0 else 0
+    return max(AUTO_MIN_BITS, min(AUTO_MAX_BITS, 62 - AUTO_GROWTH_BITS - magnitude_bits))
+
+
 class _StackRun:
     """Forward of a whole stack in one arithmetic, keeping what the drift guard and debug mode ask for."""
 
@@ -391,15 +423,30 @@ def _is_fsdp_sharded(block: Any) -> bool:
     return callable(getattr(block, "_get_fsdp_state", None))
 
 
+def _release_scope(block: Any):
+    """The context in which the parameters whose lowest use is `block` receive their gradients.
+
+    A block whose parameters are materialised only inside its sub-modules' forward and backward hooks (DeepSpeed
+    ZeRO-3 partitions them to empty tensors outside) sets `gradient_release_scope` to a factory of a context that
+    gathers them: the sink hands over full-size gradients after the recompute, when the hooks have partitioned the
+    parameters again (`distributed.register_deepspeed_zero3_scopes`).
+    """
+    scope = getattr(block, "gradient_release_scope", None)
+    return scope() if scope is not None else nullcontext()
+
+
 class _ReversibleStackFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor, x1, x2, blocks, static_kwargs, options, diff_names, *diff_values):  # type: ignore[override]
-        coupling, bits, checkpoint_every, report = options
+        coupling, bits, checkpoint_every, report, monitor = options
         kwargs = {**static_kwargs, **dict(zip(diff_names, diff_values))}
         devices = _cuda_devices((x1, x2))
         ar = _stream_arith(bits, x1.dtype)
         run = _StackRun(checkpoint_every, report)
         s1, s2, records = run.forward(blocks, coupling, ar, ar.enter(x1), ar.enter(x2), kwargs, devices)
+        ar.check()
+        # Drift probe: references to the inputs (no copy), compared with their reconstruction in backward.
+        ctx.probe = (monitor, x1, x2) if monitor is not None and monitor.should_probe() else None
         ctx.blocks = blocks
         ctx.records = records
         ctx.static_kwargs = static_kwargs
@@ -431,7 +478,11 @@ class _ReversibleStackFunction(torch.autograd.Function):
                 y1, y2, dy1, dy2 = block_backward(
                     block, y1, y2, dy1, dy2, kwargs, record, coupling, ar, sink, local_leaves
                 )
-                sink.release(i)
+                with _release_scope(block):
+                    sink.release(i)
+                if i == 0 and ctx.probe is not None:
+                    # Before a stream checkpoint replaces it: the error the gradients below have inherited.
+                    _probe_drift(ar, (y1, y2), *ctx.probe)
                 if i in run.inputs:
                     report.blocks.append(measure_drift(ar, i, (y1, y2), run.inputs.pop(i)))
                 if i in run.checkpoints:
@@ -440,15 +491,26 @@ class _ReversibleStackFunction(torch.autograd.Function):
                         report.checkpoints.append(measure_drift(ar, i, (y1, y2), exact))
                     y1, y2 = exact
             sink.release()  # leaves outside every block's parameters (closed over by f/g), after their last use
+        ar.check()
         if report is not None:
             report.blocks.sort(key=lambda b: b.index)
             report.checkpoints.sort(key=lambda b: b.index)
         # Free the references held by the context early (the graph may outlive this call).
-        ctx.blocks = ctx.records = ctx.static_kwargs = ctx.run = ctx.arith = None
+        ctx.blocks = ctx.records = ctx.static_kwargs = ctx.run = ctx.arith = ctx.probe = None
         diff_grads = tuple(leaf.grad if leaf.requires_grad else None for leaf in leaves)
         dx1 = dy1 if ctx.needs_input_grad[1] else None
         dx2 = dy2 if ctx.needs_input_grad[2] else None
         return (None, dx1, dx2, None, None, None, None, *diff_grads)
+
+
+def _probe_drift(ar: Any, reconstructed: tuple[Any, Any], monitor: DriftMonitor, x1, x2) -> None:
+    with torch.no_grad():
+        drift = measure_drift(ar, 0, reconstructed, (ar.enter(x1), ar.enter(x2)))
+    monitor.record(drift.rel_err, exact=ar.exact)
+
+
+#: The monitor of every stack call that is not given its own (`drift_monitor=None`); `drift_monitor=False` disables.
+default_drift_monitor = DriftMonitor()
 
 
 def run_reversible_stack(
@@ -463,6 +525,7 @@ def run_reversible_stack(
     fixed_point_bits: int | None = None,
     checkpoint_every: int = 0,
     drift_report: DriftReport | None = None,
+    drift_monitor: DriftMonitor | None | bool = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply `blocks` to the streams `(x1, x2)`.
 
@@ -476,17 +539,23 @@ def run_reversible_stack(
             `init_streams` / `merge_streams` to go from one hidden state to two streams and back.
         fixed_point_bits: if set, the streams are held as int64 fixed point with this many fractional bits and every
             `f`/`g` output is rounded onto that grid: reversal is bit-exact in any compute dtype. Gradients are those
-            of the float coupling (the rounding is straight-through), in the twin as well.
+            of the float coupling (the rounding is straight-through), in the twin as well. `"auto"`: exact only when
+            the stack computes in half precision (see `resolve_fixed_point_bits`).
         checkpoint_every: drift guard for the float arithmetic: keep an exact copy of the streams entering every
             `checkpoint_every`-th block (0 = off; memory `2 * depth / k` streams) and restore it in backward.
         drift_report: a `DriftReport` filled in backward with the reconstruction error at the checkpoints and, if
             `drift_report.per_block`, at every block (debug: the forward then keeps every block's inputs).
+        drift_monitor: the cheap always-on reconstruction check (`DriftMonitor`); `None` uses
+            `default_drift_monitor`, `False` disables it.
     """
     static_kwargs = dict(static_kwargs or {})
     diff_kwargs = dict(diff_kwargs or {})
     coupling = make_coupling(coupling)
-    if fixed_point_bits is not None and (isinstance(fixed_point_bits, bool) or not 1 <= int(fixed_point_bits) <= 62):
-        raise ValueError(f"`fixed_point_bits` must be None or an integer in [1, 62], got {fixed_point_bits!r}.")
+    if fixed_point_bits not in (None, "auto") and (
+        isinstance(fixed_point_bits, bool) or not isinstance(fixed_point_bits, int) or not 1 <= fixed_point_bits <= 62
+    ):
+        raise ValueError(f"`fixed_point_bits` must be None, 'auto' or an integer in [1, 62], got {fixed_point_bits!r}.")
+    fixed_point_bits = resolve_fixed_point_bits(fixed_point_bits, x1, x2)
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
         raise ValueError(f"`checkpoint_every` must be a non-negative integer, got {checkpoint_every!r}.")
     needs_grad = torch.is_grad_enabled() and (
@@ -501,11 +570,13 @@ def run_reversible_stack(
         s1, s2 = ar.enter(x1), ar.enter(x2)
         for block in blocks:
             s1, s2, _ = block_forward(block, s1, s2, kwargs, coupling=coupling, arith=ar)
+        ar.check()
         return ar.out(s1), ar.out(s2)
     if len(blocks) == 0:
         return x1, x2
     names = tuple(diff_kwargs)
-    options = (coupling, fixed_point_bits, checkpoint_every, drift_report)
+    monitor = default_drift_monitor if drift_monitor is None or drift_monitor is True else (drift_monitor or None)
+    options = (coupling, fixed_point_bits, checkpoint_every, drift_report, monitor)
     # A leaf that requires grad keeps the stack on the graph when only block parameters need gradients (frozen
     # embedding, PEFT adapters): a Function whose inputs all lack requires_grad returns outputs without a grad_fn.
     anchor = torch.empty(0, device=x1.device, requires_grad=True)
@@ -522,5 +593,8 @@ __all__ = [
     "run_reversible_stack",
     "Coupling",
     "DriftReport",
+    "DriftMonitor",
+    "default_drift_monitor",
+    "resolve_fixed_point_bits",
     "make_coupling",
 ]

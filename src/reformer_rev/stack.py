@@ -49,7 +49,7 @@ class StackOptions:
 
     reversible: bool
     coupling: Coupling
-    fixed_point_bits: int | None
+    fixed_point_bits: int | str | None
     checkpoint_every: int
     per_block_drift: bool
     depth_mode: str
@@ -67,7 +67,8 @@ class StackOptions:
         return cls(
             reversible=config.reversible,
             coupling=make_coupling(config.coupling, step_size=config.coupling_step_size, gamma=config.momentum_gamma),
-            fixed_point_bits=config.fixed_point_scale_bits if config.exact_reversal else None,
+            # "auto": the engine picks exact streams under half precision (docs/precision.md)
+            fixed_point_bits={True: config.fixed_point_scale_bits, False: None}.get(config.exact_reversal, "auto"),
             checkpoint_every=config.stream_checkpoint_every,
             per_block_drift=config.debug_reversal_drift,
             depth_mode=config.depth_mode,

@@ -9,13 +9,9 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from reformer_rev import RevFormerConfig
 
 torch.set_num_threads(1)
-
-from reformer_rev import RevFormerConfig  # noqa: E402
 
 
 def tiny_config(**overrides) -> RevFormerConfig:
@@ -30,6 +26,18 @@ def tiny_config(**overrides) -> RevFormerConfig:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def describe(err: BaseException) -> str:
+    """`Type: first line of the message` (some library assertions have no message: then where it was raised)."""
+    lines = str(err).strip().splitlines()
+    if lines:
+        return f"{type(err).__name__}: {lines[0][:240]}"
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}" if tb is not None else ""
+    return f"{type(err).__name__}{where}"
 
 
 def write_result(result: dict) -> None:

@@ -1,4 +1,4 @@
-"""Shared pieces of `training/train_translation.py` and `eval/eval_translation.py`.
+"""Translation data, tokenizer, batching, decoding and scores (`training/train_translation.py`, `eval/eval_translation.py`).
 
 * data: the bundled English-Spanish Bible corpus, any hub translation dataset (`--dataset_name`) or local json files,
   all in the Hugging Face translation format (`{"translation": {src: ..., tgt: ...}}`);
@@ -11,11 +11,8 @@
 
 from __future__ import annotations
 
-import math
 import random
-import sys
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -25,19 +22,8 @@ import torch
 from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from training.tokenization import (  # noqa: E402  (the repo root is put on sys.path above)
-    BOS_TOKEN,
-    EOS_TOKEN,
-    PAD_TOKEN,
-    SPECIAL_TOKENS,
-    UNK_TOKEN,
-    train_byte_level_bpe,
-    wrap_tokenizer,
-)
+from .corpus import load_bundled_translation_dataset
+from .tokenization import EOS_TOKEN, train_byte_level_bpe, wrap_tokenizer
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -58,8 +44,6 @@ def load_translation_data(
     files = {k: v for k, v in (("train", train_file), ("validation", validation_file), ("test", test_file)) if v}
     if files:
         return datasets.load_dataset("json", data_files=files)
-    from training.corpus import load_bundled_translation_dataset
-
     return load_bundled_translation_dataset()
 
 
@@ -254,7 +238,3 @@ def translation_scores(predictions: Sequence[str], references: Sequence[str]) ->
     bleu = load_metric("sacrebleu").compute(predictions=list(predictions), references=refs)
     chrf = load_metric("chrf").compute(predictions=list(predictions), references=refs)
     return {"bleu": round(float(bleu["score"]), 4), "chrf": round(float(chrf["score"]), 4)}
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 50 else float("inf")
