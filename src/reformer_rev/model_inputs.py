@@ -20,7 +20,7 @@ from transformers.masking_utils import (
     bidirectional_mask_function,
     causal_mask_function,
 )
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPast
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -121,6 +121,37 @@ def check_padding_mask(mask: Any, shape: tuple[int, int], name: str = "attention
     return None if bool(mask.all()) else mask
 
 
+def as_encoder_output(encoder_outputs: Any) -> BaseModelOutput:
+    """The `encoder_outputs` a caller passed (generate() passes the encoder's own output), as a `BaseModelOutput`."""
+    if isinstance(encoder_outputs, BaseModelOutput):
+        return encoder_outputs
+    if not isinstance(encoder_outputs, (tuple, list)) or not encoder_outputs:
+        raise TypeError(
+            "`encoder_outputs` must be the encoder's output (a BaseModelOutput, or a tuple whose first element is the "
+            f"encoder's last hidden state), got {type(encoder_outputs).__name__}."
+        )
+    hidden_states = encoder_outputs[1] if len(encoder_outputs) > 1 else None
+    return BaseModelOutput(last_hidden_state=encoder_outputs[0], hidden_states=hidden_states)
+
+
+def check_encoder_hidden_states(encoder_hidden_states: Any, batch: int, hidden_size: int) -> None:
+    """The encoder output a decoder attends to: `(batch, source length, hidden_size)`, one row per decoder row."""
+    if not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.dim() != 3 or (
+        encoder_hidden_states.shape[-1] != hidden_size
+    ):
+        shape = tuple(encoder_hidden_states.shape) if isinstance(encoder_hidden_states, torch.Tensor) else None
+        raise ValueError(
+            f"`encoder_hidden_states` (the encoder output) must be a tensor of shape (batch, source length, "
+            f"hidden_size={hidden_size}), got {shape or type(encoder_hidden_states).__name__}."
+        )
+    if encoder_hidden_states.shape[0] != batch:
+        raise ValueError(
+            f"The decoder inputs (`decoder_input_ids`/`decoder_inputs_embeds`, or `labels` shifted into them) have "
+            f"batch {batch} but the encoder inputs (`input_ids`/`inputs_embeds`/`encoder_outputs`) have batch "
+            f"{encoder_hidden_states.shape[0]}."
+        )
+
+
 def embed_inputs(
     embed_tokens: nn.Embedding,
     input_ids: Any,
@@ -160,8 +191,12 @@ def _token_ids(v: Any, vocab: int) -> bool:
     return bool(ids) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids)
 
 
+def _real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 _TOKEN_ID = (_token_ids, "a token id (or list of ids) in [0, {vocab})")
-_POSITIVE = ((lambda v, _: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0), "a positive number")
+_POSITIVE = ((lambda v, _: _real(v) and v > 0), "a positive number")
 # The generation arguments most often mistyped, checked before `generate()` reaches its own code (which would fail
 # with a ZeroDivisionError for num_beams=0, or quietly misbehave for an out-of-vocabulary pad/eos id).
 GENERATE_RULES: dict[str, tuple[Any, str]] = {
@@ -174,7 +209,7 @@ GENERATE_RULES: dict[str, tuple[Any, str]] = {
     "num_return_sequences": _int_at_least(1),
     "top_k": _int_at_least(0),
     "no_repeat_ngram_size": _int_at_least(0),
-    "top_p": ((lambda v, _: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1), "a number in (0, 1]"),
+    "top_p": ((lambda v, _: _real(v) and 0 < v <= 1), "a number in (0, 1]"),
     "temperature": _POSITIVE,
     "repetition_penalty": _POSITIVE,
     "pad_token_id": _TOKEN_ID,

@@ -33,7 +33,9 @@ from .deq import DEQStats
 from .losses import chunked_cross_entropy
 from .model_inputs import (
     CACHE_FIELD,
+    as_encoder_output,
     attention_mask_for,
+    check_encoder_hidden_states,
     check_generate_inputs,
     check_labels,
     check_padding_mask,
@@ -188,17 +190,7 @@ class RevFormerDecoder(nn.Module):
         output_hidden_states: bool = False,
     ) -> RevFormerDecoderOutput:
         batch, seq_len = inputs_embeds.shape[:2]
-        if (
-            not isinstance(encoder_hidden_states, torch.Tensor)
-            or encoder_hidden_states.dim() != 3
-            or encoder_hidden_states.shape[0] != batch
-            or encoder_hidden_states.shape[-1] != self.config.hidden_size
-        ):
-            shape = tuple(encoder_hidden_states.shape) if isinstance(encoder_hidden_states, torch.Tensor) else None
-            raise ValueError(
-                f"`encoder_hidden_states` (the encoder output) must be a tensor of shape (batch={batch}, source "
-                f"length, hidden_size={self.config.hidden_size}), got {shape or type(encoder_hidden_states).__name__}."
-            )
+        check_encoder_hidden_states(encoder_hidden_states, batch, self.config.hidden_size)
         self_cache = past_key_values.self_attention_cache if past_key_values is not None else None
         cross_cache = past_key_values.cross_attention_cache if past_key_values is not None else None
         past_length = self_cache.get_seq_length() if self_cache is not None else 0
@@ -292,32 +284,17 @@ class RevFormerSeq2SeqModel(RevFormerPreTrainedModel):
                 output_hidden_states=output_hidden_states,
                 return_dict=True,
             )
-        elif not isinstance(encoder_outputs, BaseModelOutput):
-            if not isinstance(encoder_outputs, (tuple, list)) or not encoder_outputs:
-                raise TypeError(
-                    "`encoder_outputs` must be the encoder's output (a BaseModelOutput, or a tuple whose first element "
-                    f"is the encoder's last hidden state), got {type(encoder_outputs).__name__}."
-                )
-            encoder_outputs = BaseModelOutput(
-                last_hidden_state=encoder_outputs[0],
-                hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
-            )
+        else:
+            encoder_outputs = as_encoder_output(encoder_outputs)
         decoder_inputs_embeds = embed_inputs(
             self.encoder.embed_tokens, decoder_input_ids, decoder_inputs_embeds, "decoder_input_ids",
             "decoder_inputs_embeds",
         )
-        if decoder_inputs_embeds.shape[0] != encoder_outputs.last_hidden_state.shape[0]:
-            raise ValueError(
-                f"The decoder inputs (`decoder_input_ids`/`decoder_inputs_embeds`, or `labels` shifted into them) have "
-                f"batch {decoder_inputs_embeds.shape[0]} but the encoder inputs (`input_ids`/`inputs_embeds`/"
-                f"`encoder_outputs`) have batch {encoder_outputs.last_hidden_state.shape[0]}."
-            )
         if not resolve_use_cache(config, use_cache):
             cache = None
-        elif cache is None:
-            cache = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
-        elif not isinstance(cache, EncoderDecoderCache):
-            cache = EncoderDecoderCache(cache, DynamicCache(config=config))
+        elif not isinstance(cache, EncoderDecoderCache):  # none yet, or the self-attention cache alone
+            self_cache = cache if cache is not None else DynamicCache(config=config)
+            cache = EncoderDecoderCache(self_cache, DynamicCache(config=config))
 
         decoder_outputs = self.decoder(
             inputs_embeds=decoder_inputs_embeds,
