@@ -179,6 +179,16 @@ def _branch_out(fn: Callable[..., torch.Tensor], x: torch.Tensor, chunk: int, co
     return out if coef == 1.0 else out * coef
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _accumulate(grads: dict[int, torch.Tensor | None], leaf: torch.Tensor, g: torch.Tensor) -> None:
+    g = g.to(_accumulation_dtype(g.dtype))
+    acc = grads[id(leaf)]
+    grads[id(leaf)] = g if acc is None else acc + g
+
+
 def _graph_leaves(out: torch.Tensor) -> list[torch.Tensor]:
     """The leaf tensors requiring grad that `out` was computed from: parameters (the block's own, or any other one
     `f`/`g` closes over, e.g. a shared adapter), differentiable kwargs and the recompute's input leaf."""
@@ -249,13 +259,13 @@ def _branch_backward(
     coef: float,
     kwargs: dict[str, Any],
     sink: _GradientSink,
-    local_leaves: dict[int, torch.Tensor],
+    local_grads: dict[int, torch.Tensor | None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Recompute `out = coef * fn(x)` and back-propagate `grad_out` through it; returns `(out, dL/dx)`, detached.
 
     Chunk-wise with a leaf per chunk (the same chunks as the forward, so the values are bit-identical), so only one
-    chunk's graph is alive at a time. Gradients of the differentiable kwargs (`local_leaves`, the backward's own
-    leaves) accumulate into their `.grad`; parameter gradients go to `sink`.
+    chunk's graph is alive at a time. Gradients of the differentiable kwargs (the backward's own leaves, keyed by id in
+    `local_grads`) are summed there; parameter gradients go to `sink`.
     """
     outs, grads = [], []
     others: list[torch.Tensor] | None = None
@@ -265,17 +275,22 @@ def _branch_backward(
         if coef != 1.0:
             o = o * coef
         if sink.in_place:
-            torch.autograd.backward(o, grad_out[:, s])
+            torch.autograd.backward(o, grad_out[:, s].to(o.dtype))
             g_x = x_c.grad
+            for leaf in kwargs.values():
+                if isinstance(leaf, torch.Tensor) and id(leaf) in local_grads and leaf.grad is not None:
+                    _accumulate(local_grads, leaf, leaf.grad)
+                    leaf.grad = None
         else:
             if others is None:  # every chunk's graph has the same leaves but its input
                 others = [leaf for leaf in _graph_leaves(o) if leaf is not x_c]
-            g_x, *g_others = torch.autograd.grad(o, [x_c, *others], grad_out[:, s], allow_unused=True)
+            g_out = grad_out[:, s].to(o.dtype)
+            g_x, *g_others = torch.autograd.grad(o, [x_c, *others], g_out, allow_unused=True)
             for leaf, g in zip(others, g_others):
                 if g is None:
                     continue
-                if id(leaf) in local_leaves:
-                    leaf.grad = g if leaf.grad is None else leaf.grad + g
+                if id(leaf) in local_grads:
+                    _accumulate(local_grads, leaf, g)
                 else:
                     sink.add(leaf, g)
         outs.append(o.detach())
@@ -328,7 +343,7 @@ def block_backward(
     coupling: Coupling,
     arith: Any,
     sink: _GradientSink,
-    local_leaves: dict[int, torch.Tensor],
+    local_grads: dict[int, torch.Tensor | None],
 ) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
     """Reconstruct `(x1, x2)` from `(y1, y2)` and turn `(dL/dy1, dL/dy2)` into `(dL/dx1, dL/dx2)`.
 
@@ -342,7 +357,7 @@ def block_backward(
         xin = coupling.inverse_input(ar, y1, y2)
         with _maybe_fork(rng):
             out, g_in = _branch_backward(
-                fn, ar.view(xin), coupling.grad_out(dy1, dy2), chunk, coupling.coef, kwargs, sink, local_leaves
+                fn, ar.view(xin), coupling.grad_out(dy1, dy2), chunk, coupling.coef, kwargs, sink, local_grads
             )
         with torch.no_grad():
             y1, y2 = coupling.inverse_combine(ar, y1, y2, xin, ar.quant(out))
@@ -453,6 +468,7 @@ class _ReversibleStackFunction(torch.autograd.Function):
         ctx.diff_names = diff_names
         ctx.coupling, ctx.arith, ctx.run = coupling, ar, run
         ctx.autocast = AutocastState.capture(x1.device.type)
+        ctx.input_dtypes = (x1.dtype, x2.dtype)
         ctx.save_for_backward(s1, s2, *diff_values)
         return ar.out(s1), ar.out(s2)
 
@@ -460,10 +476,13 @@ class _ReversibleStackFunction(torch.autograd.Function):
     def backward(ctx, dy1, dy2):  # type: ignore[override]
         y1, y2, *diff_values = ctx.saved_tensors
         leaves = [v.detach().requires_grad_(v.requires_grad) for v in diff_values]
-        local_leaves = {id(leaf): leaf for leaf in leaves if leaf.requires_grad}
+        # Gradients of the differentiable kwargs (e.g. an encoder output), summed over all blocks in >= float32.
+        local_grads: dict[int, torch.Tensor | None] = {id(leaf): None for leaf in leaves if leaf.requires_grad}
         kwargs = {**ctx.static_kwargs, **dict(zip(ctx.diff_names, leaves))}
-        dy1 = dy1.contiguous()
-        dy2 = dy2.contiguous()
+        # The stream gradients are summed over every block: in at least float32, or a bf16 model's gradients
+        # would lose precision with depth (each sub-step adds a rounding error of the half-precision sum).
+        dy1 = dy1.contiguous().to(_accumulation_dtype(dy1.dtype))
+        dy2 = dy2.contiguous().to(_accumulation_dtype(dy2.dtype))
         if ctx.blocks is None:
             raise RuntimeError("A reversible stack's backward can run once per forward (its state is consumed).")
         # Take the arithmetic (and the momentum information buffer) from the context rather than copying it: the
@@ -476,7 +495,7 @@ class _ReversibleStackFunction(torch.autograd.Function):
             for i in reversed(range(len(ctx.blocks))):
                 block, record = ctx.blocks[i], ctx.records[i]
                 y1, y2, dy1, dy2 = block_backward(
-                    block, y1, y2, dy1, dy2, kwargs, record, coupling, ar, sink, local_leaves
+                    block, y1, y2, dy1, dy2, kwargs, record, coupling, ar, sink, local_grads
                 )
                 with _release_scope(block):
                     sink.release(i)
@@ -497,9 +516,11 @@ class _ReversibleStackFunction(torch.autograd.Function):
             report.checkpoints.sort(key=lambda b: b.index)
         # Free the references held by the context early (the graph may outlive this call).
         ctx.blocks = ctx.records = ctx.static_kwargs = ctx.run = ctx.arith = ctx.probe = None
-        diff_grads = tuple(leaf.grad if leaf.requires_grad else None for leaf in leaves)
-        dx1 = dy1 if ctx.needs_input_grad[1] else None
-        dx2 = dy2 if ctx.needs_input_grad[2] else None
+        diff_grads = tuple(
+            None if local_grads.get(id(leaf)) is None else local_grads[id(leaf)].to(leaf.dtype) for leaf in leaves
+        )
+        dx1 = dy1.to(ctx.input_dtypes[0]) if ctx.needs_input_grad[1] else None
+        dx2 = dy2.to(ctx.input_dtypes[1]) if ctx.needs_input_grad[2] else None
         return (None, dx1, dx2, None, None, None, None, *diff_grads)
 
 
