@@ -212,6 +212,7 @@ def test_bad_inputs_raise_clear_errors(model, kwargs, error, match):
         (dict(hidden_dropout=1.5), "hidden_dropout"),
         (dict(attn_implementation="flash_attention_9"), "attn_implementation"),
         (dict(pad_token_id=48), "pad_token_id"),
+        (dict(eos_token_id=[2, 48]), "eos_token_id"),
     ],
 )
 def test_invalid_config_raises(overrides, match):

@@ -8,6 +8,8 @@ import math
 
 import pytest
 import torch
+from conftest import make_pair, max_grad_rel_err, rel_err, tiny_config
+from test_seq2seq import seq2seq_config
 from transformers import (
     AutoModelForSequenceClassification,
     LlamaConfig,
@@ -19,9 +21,7 @@ from transformers.cache_utils import Cache
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
-from conftest import make_pair, max_grad_rel_err, rel_err, tiny_config
 from reformer_rev import RevFormerForCausalLM, RevFormerForConditionalGeneration, RevFormerForSequenceClassification
-from test_seq2seq import seq2seq_config
 
 VOCAB = 48
 
@@ -163,6 +163,7 @@ def test_gradient_checkpointing_request_is_accepted_logged_once_and_changes_noth
     ids, mask, labels = padded_batch
     rev, ref = make_pair(hidden_dropout=0.1)
     logger = logging.get_logger("reformer_rev")
+    logging.warning_once.cache_clear()  # once per process: another test may have triggered it
     with CaptureLogger(logger) as cl, pytest.warns(FutureWarning):
         rev.gradient_checkpointing_enable()
         rev.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -320,6 +321,13 @@ BAD_FORWARD = [
     (dict(input_ids=IDS, position_ids=torch.arange(5.0)[None]), TypeError, r"`position_ids` must be an integer"),
     (dict(input_ids=IDS, position_ids=torch.arange(4)[None]), ValueError, r"`position_ids` must have shape"),
     (dict(input_ids=IDS, past_key_values=[(IDS, IDS)]), TypeError, r"cache must be a transformers `Cache`"),
+    (dict(input_ids=IDS, attention_masks=torch.ones_like(IDS)), TypeError, r"unexpected keyword.*attention_masks"),
+    (dict(input_ids=IDS, label=IDS), TypeError, r"unexpected keyword argument\(s\) \['label'\]"),
+    (dict(input_ids=IDS, token_type_ids=torch.ones_like(IDS)), ValueError, r"`token_type_ids` must be all zeros"),
+    (dict(input_ids=IDS, logits_to_keep=-1), ValueError, r"`logits_to_keep` must be a non-negative integer"),
+    (dict(input_ids=IDS, logits_to_keep=1.5), ValueError, r"`logits_to_keep` must be"),
+    (dict(input_ids=IDS, position_ids=torch.arange(-1, 4)[None]), ValueError, r"`position_ids` must lie in \[0, "),
+    (dict(input_ids=IDS, position_ids=torch.arange(300, 305)[None]), ValueError, r"max_position_embeddings=256"),
 ]
 
 
@@ -333,6 +341,15 @@ def lm():
 def test_bad_forward_input_gets_a_clear_error(lm, kwargs, error, match):
     with pytest.raises(error, match=match):
         lm(**kwargs)
+
+
+def test_harmless_extras_are_accepted(lm):
+    with torch.no_grad():
+        ref = lm(IDS).logits
+        torch.testing.assert_close(lm(IDS, token_type_ids=torch.zeros_like(IDS)).logits, ref, rtol=0, atol=0)
+        torch.testing.assert_close(lm(IDS, position_ids=torch.arange(5)).logits, ref, rtol=0, atol=0)  # 1-D
+        torch.testing.assert_close(lm(IDS, logits_to_keep=torch.tensor([1, 3])).logits, ref[:, [1, 3]])
+        torch.testing.assert_close(lm(IDS, logits_to_keep=2).logits, ref[:, -2:])
 
 
 def test_small_integer_dtypes_are_accepted_and_converted(lm):
@@ -358,6 +375,12 @@ def test_small_integer_dtypes_are_accepted_and_converted(lm):
         (dict(inputs=IDS, attention_mask=torch.full_like(IDS, 2)), ValueError, r"`attention_mask` .* found 2"),
         (dict(inputs=IDS, attention_mask=torch.ones(2, 3)), ValueError, r"`attention_mask` must have shape"),
         (dict(inputs_embeds=torch.ones(2, 5, 32, dtype=torch.long)), TypeError, r"`inputs_embeds` must be a float"),
+        (dict(inputs=IDS, num_beams=0), ValueError, r"`num_beams` must be an integer >= 1, got 0"),
+        (dict(inputs=IDS, top_p=1.5), ValueError, r"`top_p` must be a number in \(0, 1\]"),
+        (dict(inputs=IDS, pad_token_id=48), ValueError, r"`pad_token_id` must be a token id .* \[0, 48\)"),
+        (dict(inputs=IDS, eos_token_id=[2, -3]), ValueError, r"`eos_token_id` must be a token id"),
+        (dict(inputs=IDS, generation_config="greedy"), TypeError, r"`generation_config` must be a GenerationConfig"),
+        (dict(inputs=IDS, stopping_criteria=5), TypeError, r"`stopping_criteria` must be a list"),
     ],
 )
 @pytest.mark.parametrize("kind", ["causal_lm", "seq2seq"])
@@ -391,6 +414,8 @@ def test_generate_accepts_small_integer_ids(lm, kind):
         (dict(decoder_inputs_embeds=torch.ones(2, 5, 32, dtype=torch.float64)), TypeError,
          r"`decoder_inputs_embeds` has dtype"),
         (dict(decoder_input_ids=IDS, encoder_outputs="x"), TypeError, r"`encoder_outputs` must be"),
+        (dict(decoder_input_ids=_ids(3, 5)), ValueError, r"`decoder_input_ids`.* batch 3 but the encoder inputs"),
+        (dict(labels=_ids(3, 5)), ValueError, r"`labels` shifted into them\) have batch 3"),
         (dict(decoder_input_ids=IDS, encoder_outputs=(torch.ones(2, 5, 7),)), ValueError,
          r"`encoder_hidden_states`.*hidden_size=32"),
     ],

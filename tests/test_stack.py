@@ -13,8 +13,9 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import make_pair, max_grad_rel_err, rel_err, tiny_config
+from test_seq2seq import seq2seq_config
+
 from reformer_rev import (
     RevFormerConfig,
     RevFormerForCausalLM,
@@ -22,7 +23,6 @@ from reformer_rev import (
     RevFormerForSequenceClassification,
     RevFormerModel,
 )
-from test_seq2seq import seq2seq_config
 
 DROPOUT = dict(hidden_dropout=0.1, attention_dropout=0.1)
 DEQ = dict(depth_mode="deq", num_unique_layers=1, deq_tol=1e-11, deq_max_iter=80)
@@ -43,8 +43,12 @@ COMBINATIONS = {
 }
 CLASSES = {
     "causal_lm": (RevFormerForCausalLM, lambda **kw: tiny_config(num_hidden_layers=3, **kw)),
-    "classifier": (RevFormerForSequenceClassification, lambda **kw: tiny_config(num_hidden_layers=3, num_labels=3, **kw)),
-    "seq2seq": (RevFormerForConditionalGeneration, lambda **kw: seq2seq_config(encoder_layers=3, decoder_layers=3, **kw)),
+    "classifier": (
+        RevFormerForSequenceClassification, lambda **kw: tiny_config(num_hidden_layers=3, num_labels=3, **kw)
+    ),
+    "seq2seq": (
+        RevFormerForConditionalGeneration, lambda **kw: seq2seq_config(encoder_layers=3, decoder_layers=3, **kw)
+    ),
 }
 
 
@@ -356,7 +360,7 @@ def test_sequence_classifier_loads_as_remote_code_without_the_package(tmp_path):
 
 def test_config_round_trip_keeps_every_field(tmp_path):
     config = RevFormerConfig(vocab_size=40, hidden_size=32, num_attention_heads=4, num_unique_layers=2,
-                             num_hidden_layers=5, depth_mode="stack", coupling="leapfrog", branch_scale="inv_sqrt_depth")
+                             num_hidden_layers=5, coupling="leapfrog", branch_scale="inv_sqrt_depth")
     config.save_pretrained(tmp_path)
     loaded = RevFormerConfig.from_pretrained(tmp_path)
     assert loaded.to_diff_dict() == config.to_diff_dict()

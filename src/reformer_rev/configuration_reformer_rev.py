@@ -25,6 +25,22 @@ SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu"
 SUPPORTED_BRANCH_SCALES = (None, "none", "inv_sqrt_depth", "learnable_gate")
 
 
+# `chunk_size_feed_forward=None` / `loss_chunk_size=None` (the defaults): chunks of as many positions as keep one
+# chunk's widest intermediate (FFN inner width, vocabulary) within 2^22 values (16 MB in float32), between 256 and 1024
+# positions. Shorter sequences are not chunked, so memory stays flat at long sequence without any setting.
+AUTO_CHUNK_VALUES = 2**22
+AUTO_CHUNK_RANGE = (256, 1024)
+
+
+def resolve_chunk_size(size: int | None, width: int) -> int:
+    """The chunk length (positions) of a position-wise computation whose intermediate is `width` wide: `size` as
+    configured (0 = no chunking), or the automatic choice for None (see `AUTO_CHUNK_VALUES`)."""
+    if size is not None:
+        return size
+    low, high = AUTO_CHUNK_RANGE
+    return max(low, min(high, AUTO_CHUNK_VALUES // width))
+
+
 def supported_attention_implementations() -> tuple[str, ...]:
     """`"eager"` (in `modeling_reformer_rev.py`) and every implementation registered with transformers' attention
     interface (sdpa, flash, flex and any registered later); read at validation time so later registrations count."""
@@ -94,8 +110,8 @@ FIELD_RULES: dict[str, FieldRule] = {
     "tie_word_embeddings": BOOL,
     "use_cache": BOOL,
     "reversible": BOOL,
-    "chunk_size_feed_forward": NON_NEGATIVE_INT,
-    "loss_chunk_size": NON_NEGATIVE_INT,
+    "chunk_size_feed_forward": _optional(NON_NEGATIVE_INT, "chosen automatically"),
+    "loss_chunk_size": _optional(NON_NEGATIVE_INT, "chosen automatically"),
     "is_encoder_decoder": BOOL,
     "encoder_layers": POSITIVE_INT,
     "decoder_layers": POSITIVE_INT,
@@ -166,6 +182,15 @@ RELATIONS: tuple[tuple[str, Callable[[Any], bool], Callable[[Any], str]], ...] =
     _token_id_in_vocab("bos_token_id"),
     _token_id_in_vocab("decoder_start_token_id"),
     (
+        "eos_token_id",
+        lambda c: c.eos_token_id is None or all(
+            _is_int(i) and 0 <= i < c.vocab_size
+            for i in (c.eos_token_id if isinstance(c.eos_token_id, (list, tuple)) else [c.eos_token_id])
+        ),
+        lambda c: f"must be None, or a token id or list of ids in [0, vocab_size={c.vocab_size}), "
+        f"got {c.eos_token_id!r}.",
+    ),
+    (
         "num_unique_layers",
         lambda c: c.depth_mode != "stack" or c.num_unique_layers is None
         or all(c.num_unique_layers <= d for d in _stack_depths(c).values()),
@@ -206,11 +231,15 @@ class RevFormerConfig(PretrainedConfig):
         use_cache: Return key/value caches for fast generation.
         reversible: `True` runs the memory-saving recomputing backward; `False` runs the very same modules as an
             ordinary autograd stack (the "twin" used for gradient checks and speed ratios).
-        chunk_size_feed_forward: If > 0, the feed-forward runs over sequence chunks of this many positions, in the
-            forward and in the recomputing backward, bounding its intermediate activations. 0 disables chunking.
+        chunk_size_feed_forward: The feed-forward runs over sequence chunks of this many positions, in the forward
+            and in the recomputing backward, bounding its `(sequence x intermediate_size)` activations. `None` (the
+            default) chooses it: chunks whose intermediate holds at most 2^22 values, between 256 and 1024 positions
+            (`resolve_chunk_size`), so raising the sequence length keeps memory flat without any setting. 0 disables
+            chunking.
         loss_chunk_size: When `labels` are given, the LM head and cross-entropy run over chunks of this many
-            positions and are recomputed in backward, so the `(sequence x vocab)` logits are never materialised.
-            0 computes the loss over full logits.
+            positions and are recomputed in backward, so the `(sequence x vocab)` logits are never materialised in
+            training. `None` (the default) chooses it as for the feed-forward, from `vocab_size`. 0 computes the loss
+            over full logits.
         is_encoder_decoder: `True` for the sequence-to-sequence model (`RevFormerForConditionalGeneration`).
         encoder_layers / decoder_layers: Depth of the reversible encoder and decoder stacks of the sequence-to-sequence
             model. Default to `num_hidden_layers`; unused by the decoder-only models.
@@ -281,8 +310,8 @@ class RevFormerConfig(PretrainedConfig):
         eos_token_id: int | list[int] | None = None,
         use_cache: bool = True,
         reversible: bool = True,
-        chunk_size_feed_forward: int = 0,
-        loss_chunk_size: int = 1024,
+        chunk_size_feed_forward: int | None = None,
+        loss_chunk_size: int | None = None,
         is_encoder_decoder: bool = False,
         encoder_layers: int | None = None,
         decoder_layers: int | None = None,
@@ -354,7 +383,9 @@ class RevFormerConfig(PretrainedConfig):
         self.is_encoder_decoder = is_encoder_decoder
         # Before transformers' own validators, which fail on a wrongly typed field with an unrelated TypeError.
         self._validate_fields()
-        super().__init__(chunk_size_feed_forward=chunk_size_feed_forward, is_encoder_decoder=is_encoder_decoder, **kwargs)
+        super().__init__(
+            chunk_size_feed_forward=chunk_size_feed_forward, is_encoder_decoder=is_encoder_decoder, **kwargs
+        )
         self.validate()
 
     @classmethod

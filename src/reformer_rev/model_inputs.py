@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import GenerationConfig
 from transformers.cache_utils import Cache
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
     bidirectional_mask_function,
     causal_mask_function,
 )
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPast
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -120,6 +121,37 @@ def check_padding_mask(mask: Any, shape: tuple[int, int], name: str = "attention
     return None if bool(mask.all()) else mask
 
 
+def as_encoder_output(encoder_outputs: Any) -> BaseModelOutput:
+    """The `encoder_outputs` a caller passed (generate() passes the encoder's own output), as a `BaseModelOutput`."""
+    if isinstance(encoder_outputs, BaseModelOutput):
+        return encoder_outputs
+    if not isinstance(encoder_outputs, (tuple, list)) or not encoder_outputs:
+        raise TypeError(
+            "`encoder_outputs` must be the encoder's output (a BaseModelOutput, or a tuple whose first element is the "
+            f"encoder's last hidden state), got {type(encoder_outputs).__name__}."
+        )
+    hidden_states = encoder_outputs[1] if len(encoder_outputs) > 1 else None
+    return BaseModelOutput(last_hidden_state=encoder_outputs[0], hidden_states=hidden_states)
+
+
+def check_encoder_hidden_states(encoder_hidden_states: Any, batch: int, hidden_size: int) -> None:
+    """The encoder output a decoder attends to: `(batch, source length, hidden_size)`, one row per decoder row."""
+    if not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.dim() != 3 or (
+        encoder_hidden_states.shape[-1] != hidden_size
+    ):
+        shape = tuple(encoder_hidden_states.shape) if isinstance(encoder_hidden_states, torch.Tensor) else None
+        raise ValueError(
+            f"`encoder_hidden_states` (the encoder output) must be a tensor of shape (batch, source length, "
+            f"hidden_size={hidden_size}), got {shape or type(encoder_hidden_states).__name__}."
+        )
+    if encoder_hidden_states.shape[0] != batch:
+        raise ValueError(
+            f"The decoder inputs (`decoder_input_ids`/`decoder_inputs_embeds`, or `labels` shifted into them) have "
+            f"batch {batch} but the encoder inputs (`input_ids`/`inputs_embeds`/`encoder_outputs`) have batch "
+            f"{encoder_hidden_states.shape[0]}."
+        )
+
+
 def embed_inputs(
     embed_tokens: nn.Embedding,
     input_ids: Any,
@@ -149,6 +181,51 @@ def embed_inputs(
     return inputs_embeds
 
 
+def _int_at_least(low: int) -> tuple[Any, str]:
+    return (lambda v, _: isinstance(v, int) and not isinstance(v, bool) and v >= low), f"an integer >= {low}"
+
+
+def _token_ids(v: Any, vocab: int) -> bool:
+    ids = v.tolist() if isinstance(v, torch.Tensor) else v
+    ids = ids if isinstance(ids, (list, tuple)) else [ids]
+    return bool(ids) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids)
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_TOKEN_ID = (_token_ids, "a token id (or list of ids) in [0, {vocab})")
+_POSITIVE = ((lambda v, _: _real(v) and v > 0), "a positive number")
+# The generation arguments most often mistyped, checked before `generate()` reaches its own code (which would fail
+# with a ZeroDivisionError for num_beams=0, or quietly misbehave for an out-of-vocabulary pad/eos id).
+GENERATE_RULES: dict[str, tuple[Any, str]] = {
+    "max_new_tokens": _int_at_least(1),
+    "min_new_tokens": _int_at_least(0),
+    "max_length": _int_at_least(1),
+    "min_length": _int_at_least(0),
+    "num_beams": _int_at_least(1),
+    "num_beam_groups": _int_at_least(1),
+    "num_return_sequences": _int_at_least(1),
+    "top_k": _int_at_least(0),
+    "no_repeat_ngram_size": _int_at_least(0),
+    "top_p": ((lambda v, _: _real(v) and 0 < v <= 1), "a number in (0, 1]"),
+    "temperature": _POSITIVE,
+    "repetition_penalty": _POSITIVE,
+    "pad_token_id": _TOKEN_ID,
+    "eos_token_id": _TOKEN_ID,
+    "bos_token_id": _TOKEN_ID,
+    "decoder_start_token_id": _TOKEN_ID,
+}
+
+GENERATE_TYPES: dict[str, tuple[type, ...]] = {
+    "generation_config": (GenerationConfig,),
+    "logits_processor": (list,),  # LogitsProcessorList
+    "stopping_criteria": (list,),  # StoppingCriteriaList
+    "assistant_model": (nn.Module,),
+}
+
+
 def check_generate_inputs(vocab_size: int, inputs: Any, kwargs: dict[str, Any]) -> Any:
     """Check what `generate()` is given before its own code touches it (it would fail with an AttributeError or
     IndexError on a list or a 1-D tensor). Returns `inputs` as int64 ids when they are ids; `kwargs` is updated."""
@@ -165,6 +242,13 @@ def check_generate_inputs(vocab_size: int, inputs: Any, kwargs: dict[str, Any]) 
                 f"`inputs_embeds` must be a floating-point tensor of shape (batch, sequence, hidden), got dtype "
                 f"{embeds.dtype} and shape {tuple(embeds.shape)}."
             )
+    for arg, kinds in GENERATE_TYPES.items():
+        if kwargs.get(arg) is not None and not isinstance(kwargs[arg], kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise TypeError(f"`{arg}` must be a {names}, got {type(kwargs[arg]).__name__}.")
+    for arg, (ok, allowed) in GENERATE_RULES.items():
+        if arg in kwargs and kwargs[arg] is not None and not ok(kwargs[arg], vocab_size):
+            raise ValueError(f"`{arg}` must be {allowed.format(vocab=vocab_size)}, got {kwargs[arg]!r}.")
     reference = inputs if inputs is not None else embeds
     mask = kwargs.get("attention_mask")
     if mask is not None and reference is not None:
@@ -174,6 +258,34 @@ def check_generate_inputs(vocab_size: int, inputs: Any, kwargs: dict[str, Any]) 
         else:
             kwargs["attention_mask"] = kwargs["attention_mask"].long()
     return inputs
+
+
+# Keyword arguments that clients pass and a model may ignore: Trainer's target count (read by the loss), the cache
+# position of transformers < 5.23's generate() (positions come from the cache length here), and all-zero token type
+# ids from generic tokenizers (this model has no segment embedding).
+IGNORED_KWARGS = ("num_items_in_batch", "cache_position", "token_type_ids")
+
+
+def check_unused_kwargs(kwargs: dict[str, Any], owner: str) -> None:
+    """Refuse keyword arguments the model would otherwise drop without a word (a typo like `attention_masks=`)."""
+    unknown = sorted(set(kwargs) - set(IGNORED_KWARGS))
+    if unknown:
+        raise TypeError(f"{owner}.forward() got unexpected keyword argument(s) {unknown}.")
+    token_types = kwargs.get("token_type_ids")
+    if isinstance(token_types, torch.Tensor) and bool(token_types.any()):
+        raise ValueError("`token_type_ids` must be all zeros: this model has no segment embedding.")
+
+
+def keep_positions(hidden: torch.Tensor, logits_to_keep: Any) -> torch.Tensor:
+    """The positions whose logits are computed: the last `logits_to_keep` (0 = all) or the given 1-D indices."""
+    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 1 and _is_integer(logits_to_keep):
+        return hidden[:, logits_to_keep]
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(
+            "`logits_to_keep` must be a non-negative integer (0 = every position) or a 1-D tensor of position "
+            f"indices, got {logits_to_keep!r}."
+        )
+    return hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -188,6 +300,7 @@ def resolve_position_ids(
     batch: int,
     seq_len: int,
     device: torch.device,
+    max_positions: int,
     name: str = "position_ids",
 ) -> torch.Tensor:
     """Rotary positions of the new tokens, counted from each sequence's first real token (left padding aware)."""
@@ -198,13 +311,18 @@ def resolve_position_ids(
     _check_tensor(position_ids, name)
     if not _is_integer(position_ids):
         raise TypeError(f"`{name}` must be an integer tensor, got dtype {position_ids.dtype}.")
-    if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != seq_len or position_ids.dim() == 2 and (
-        position_ids.shape[0] not in (1, batch)
-    ):
+    if position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    if position_ids.dim() != 2 or position_ids.shape[-1] != seq_len or position_ids.shape[0] not in (1, batch):
         raise ValueError(
             f"`{name}` must have shape (batch={batch} or 1, sequence={seq_len}), got {tuple(position_ids.shape)}."
         )
-    return position_ids
+    if position_ids.numel() and (int(position_ids.min()) < 0 or int(position_ids.max()) >= max_positions):
+        raise ValueError(
+            f"`{name}` must lie in [0, max_position_embeddings={max_positions}), got values in "
+            f"[{int(position_ids.min())}, {int(position_ids.max())}]."
+        )
+    return position_ids.long()
 
 
 def rotary_tables(
@@ -215,7 +333,8 @@ def rotary_tables(
     Adapted from `transformers.models.llama.modeling_llama.LlamaRotaryEmbedding` (default rope), computed on the fly
     instead of from a buffer: nothing to re-initialise after meta-device loading, and no length limit.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (theta**exponents)
     freqs = position_ids[..., None].to(torch.float32) * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -306,7 +425,9 @@ def prepare_stack_inputs(
             f"`max_position_embeddings`={config.max_position_embeddings}."
         )
     padding_mask = check_padding_mask(attention_mask, (batch, total), mask_name)
-    position_ids = resolve_position_ids(position_ids, padding_mask, past_length, batch, seq_len, inputs_embeds.device)
+    position_ids = resolve_position_ids(
+        position_ids, padding_mask, past_length, batch, seq_len, inputs_embeds.device, config.max_position_embeddings
+    )
     mask, is_causal = attention_mask_for(
         config._attn_implementation, padding_mask, batch, seq_len, total, causal, inputs_embeds.dtype,
         inputs_embeds.device,
@@ -319,7 +440,9 @@ def prepare_stack_inputs(
     return static, padding_mask
 
 
-def resolve_output_flags(config: Any, output_attentions: bool | None, output_hidden_states: bool | None) -> tuple[bool, bool]:
+def resolve_output_flags(
+    config: Any, output_attentions: bool | None, output_hidden_states: bool | None
+) -> tuple[bool, bool]:
     """`output_attentions` / `output_hidden_states`, defaulting to the config. Attention maps exist only on the eager
     path (the fused kernels never form them): asking for them with another implementation is an error, not `None`."""
     output_attentions = config.output_attentions if output_attentions is None else output_attentions

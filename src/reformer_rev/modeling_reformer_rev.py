@@ -31,7 +31,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import can_return_tuple, logging
 
-from .configuration_reformer_rev import RevFormerConfig
+from .configuration_reformer_rev import RevFormerConfig, resolve_chunk_size
 from .deq import DEQStats
 from .losses import causal_lm_loss
 from .model_inputs import (
@@ -39,7 +39,9 @@ from .model_inputs import (
     check_class_labels,
     check_generate_inputs,
     check_labels,
+    check_unused_kwargs,
     embed_inputs,
+    keep_positions,
     output_cache,
     pop_cache_argument,
     prepare_stack_inputs,
@@ -232,7 +234,7 @@ class RevFormerBlock(nn.Module):
         self.ffn_norm = RevFormerRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = RevFormerMLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
-        self.g_chunk_size = config.chunk_size_feed_forward
+        self.g_chunk_size = resolve_chunk_size(config.chunk_size_feed_forward, config.intermediate_size)
         # Depth-stable branch scaling (docs/depth.md): a fixed 1/sqrt(depth), or ReZero-style gates starting at 0.
         scale = config.branch_scale
         self.branch_multiplier = 1.0 / math.sqrt(config.num_hidden_layers) if scale == "inv_sqrt_depth" else 1.0
@@ -373,11 +375,14 @@ class RevFormerPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
         if self._auto_class is not None:
             # `auto_map` exists only on configs that went through remote-code registration or loading.
-            self.config.auto_map = {"AutoModel": self._remote_base_model, **(getattr(self.config, "auto_map", None) or {})}
+            auto_map = getattr(self.config, "auto_map", None) or {}
+            self.config.auto_map = {"AutoModel": self._remote_base_model, **auto_map}
         # Written to a temp sibling, then moved in under the folder's lock: concurrent saves and readers never mix.
         save = super().save_pretrained
         return save_model_folder(
-            save_directory, lambda folder: save(folder, *args, **kwargs), is_main_process=kwargs.get("is_main_process", True)
+            save_directory,
+            lambda folder: save(folder, *args, **kwargs),
+            is_main_process=kwargs.get("is_main_process", True),
         )
 
 
@@ -426,6 +431,7 @@ class RevFormerModel(RevFormerPreTrainedModel):
             `num_unique_layers` distinct blocks); defaults to `config.num_hidden_layers`. Ignored in DEQ mode.
         """
         cache = pop_cache_argument(past_key_values, kwargs)
+        check_unused_kwargs(kwargs, type(self).__name__)
         output_attentions, output_hidden_states = resolve_output_flags(
             self.config, output_attentions, output_hidden_states
         )
@@ -520,11 +526,13 @@ class RevFormerForCausalLM(RevFormerPreTrainedModel, GenerationMixin):
             never materialises the `(sequence x vocab)` logits, like Liger's fused loss; `True` forces them.
         num_hidden_layers: number of block applications for this call (weight-tied depth chosen at run time).
         """
+        cache = pop_cache_argument(past_key_values, kwargs)
+        check_unused_kwargs(kwargs, type(self).__name__)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=pop_cache_argument(past_key_values, kwargs),
+            past_key_values=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -536,13 +544,12 @@ class RevFormerForCausalLM(RevFormerPreTrainedModel, GenerationMixin):
         loss = logits = None
         if labels is not None:
             labels = check_labels(labels, self.config.vocab_size, hidden.shape[:2])
-            loss = causal_lm_loss(
-                hidden, self.lm_head, labels, self.config.loss_chunk_size, kwargs.get("num_items_in_batch")
-            )
+            chunk = resolve_chunk_size(self.config.loss_chunk_size, self.config.vocab_size)
+            loss = causal_lm_loss(hidden, self.lm_head, labels, chunk, kwargs.get("num_items_in_batch"))
             if outputs.jacobian_loss is not None:
                 loss = loss + self.config.deq_jacobian_reg * outputs.jacobian_loss
         if labels is None or wants_logits(self, return_logits):
-            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
+            logits = self.lm_head(keep_positions(hidden, logits_to_keep))
         return RevFormerCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -593,11 +600,13 @@ class RevFormerForSequenceClassification(RevFormerPreTrainedModel):
         labels: `(batch,)` class ids in `[0, num_labels)` (cross-entropy), or floats for regression
             (`num_labels == 1`) / multi-label classification (`(batch, num_labels)`), as `config.problem_type` says.
         """
+        cache = pop_cache_argument(past_key_values, kwargs)
+        check_unused_kwargs(kwargs, type(self).__name__)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=pop_cache_argument(past_key_values, kwargs),
+            past_key_values=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,

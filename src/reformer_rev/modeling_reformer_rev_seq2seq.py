@@ -28,16 +28,20 @@ from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
 from transformers.utils import can_return_tuple
 
-from .configuration_reformer_rev import RevFormerConfig
+from .configuration_reformer_rev import RevFormerConfig, resolve_chunk_size
 from .deq import DEQStats
 from .losses import chunked_cross_entropy
 from .model_inputs import (
     CACHE_FIELD,
+    as_encoder_output,
     attention_mask_for,
+    check_encoder_hidden_states,
     check_generate_inputs,
     check_labels,
     check_padding_mask,
+    check_unused_kwargs,
     embed_inputs,
+    keep_positions,
     output_cache,
     pop_cache_argument,
     prepare_stack_inputs,
@@ -144,8 +148,9 @@ class RevFormerEncoder(nn.Module):
         inputs_embeds: torch.FloatTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs: Any,
     ) -> RevFormerEncoderOutput:
+        # No **kwargs: `generate()` then passes the encoder only the arguments it names (it hands an encoder that
+        # takes **kwargs every model argument, labels and logits_to_keep included).
         output_attentions, output_hidden_states = resolve_output_flags(
             self.config, output_attentions, output_hidden_states
         )
@@ -185,17 +190,7 @@ class RevFormerDecoder(nn.Module):
         output_hidden_states: bool = False,
     ) -> RevFormerDecoderOutput:
         batch, seq_len = inputs_embeds.shape[:2]
-        if (
-            not isinstance(encoder_hidden_states, torch.Tensor)
-            or encoder_hidden_states.dim() != 3
-            or encoder_hidden_states.shape[0] != batch
-            or encoder_hidden_states.shape[-1] != self.config.hidden_size
-        ):
-            shape = tuple(encoder_hidden_states.shape) if isinstance(encoder_hidden_states, torch.Tensor) else None
-            raise ValueError(
-                f"`encoder_hidden_states` (the encoder output) must be a tensor of shape (batch={batch}, source "
-                f"length, hidden_size={self.config.hidden_size}), got {shape or type(encoder_hidden_states).__name__}."
-            )
+        check_encoder_hidden_states(encoder_hidden_states, batch, self.config.hidden_size)
         self_cache = past_key_values.self_attention_cache if past_key_values is not None else None
         cross_cache = past_key_values.cross_attention_cache if past_key_values is not None else None
         past_length = self_cache.get_seq_length() if self_cache is not None else 0
@@ -227,11 +222,6 @@ class RevFormerDecoder(nn.Module):
             jacobian_loss=out.jacobian_loss,
             cache=past_key_values,
         )
-
-
-def _sum_jacobian_losses(*outputs: Any) -> torch.Tensor | None:
-    losses = [o.jacobian_loss for o in outputs if getattr(o, "jacobian_loss", None) is not None]
-    return sum(losses) if losses else None
 
 
 class RevFormerSeq2SeqModel(RevFormerPreTrainedModel):
@@ -283,6 +273,7 @@ class RevFormerSeq2SeqModel(RevFormerPreTrainedModel):
     ) -> RevFormerSeq2SeqModelOutput:
         config = self.config
         cache = pop_cache_argument(past_key_values, kwargs)
+        check_unused_kwargs(kwargs, type(self).__name__)
         output_attentions, output_hidden_states = resolve_output_flags(config, output_attentions, output_hidden_states)
         if encoder_outputs is None:
             encoder_outputs = self.encoder(
@@ -293,26 +284,17 @@ class RevFormerSeq2SeqModel(RevFormerPreTrainedModel):
                 output_hidden_states=output_hidden_states,
                 return_dict=True,
             )
-        elif not isinstance(encoder_outputs, BaseModelOutput):
-            if not isinstance(encoder_outputs, (tuple, list)) or not encoder_outputs:
-                raise TypeError(
-                    "`encoder_outputs` must be the encoder's output (a BaseModelOutput, or a tuple whose first element "
-                    f"is the encoder's last hidden state), got {type(encoder_outputs).__name__}."
-                )
-            encoder_outputs = BaseModelOutput(
-                last_hidden_state=encoder_outputs[0],
-                hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
-            )
+        else:
+            encoder_outputs = as_encoder_output(encoder_outputs)
         decoder_inputs_embeds = embed_inputs(
             self.encoder.embed_tokens, decoder_input_ids, decoder_inputs_embeds, "decoder_input_ids",
             "decoder_inputs_embeds",
         )
         if not resolve_use_cache(config, use_cache):
             cache = None
-        elif cache is None:
-            cache = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
-        elif not isinstance(cache, EncoderDecoderCache):
-            cache = EncoderDecoderCache(cache, DynamicCache(config=config))
+        elif not isinstance(cache, EncoderDecoderCache):  # none yet, or the self-attention cache alone
+            self_cache = cache if cache is not None else DynamicCache(config=config)
+            cache = EncoderDecoderCache(self_cache, DynamicCache(config=config))
 
         decoder_outputs = self.decoder(
             inputs_embeds=decoder_inputs_embeds,
@@ -324,6 +306,10 @@ class RevFormerSeq2SeqModel(RevFormerPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
+        # DEQ mode: both stacks' Jacobian regularisers (an encoder output passed in by the caller has none).
+        jacobian_losses = [
+            o.jacobian_loss for o in (encoder_outputs, decoder_outputs) if getattr(o, "jacobian_loss", None) is not None
+        ]
         return RevFormerSeq2SeqModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
             decoder_hidden_states=decoder_outputs.hidden_states,
@@ -334,7 +320,7 @@ class RevFormerSeq2SeqModel(RevFormerPreTrainedModel):
             encoder_attentions=encoder_outputs.attentions,
             encoder_deq_stats=getattr(encoder_outputs, "deq_stats", None),
             decoder_deq_stats=decoder_outputs.deq_stats,
-            jacobian_loss=_sum_jacobian_losses(encoder_outputs, decoder_outputs),
+            jacobian_loss=sum(jacobian_losses) if jacobian_losses else None,
             **{CACHE_FIELD: decoder_outputs.cache},
         )
 
@@ -416,6 +402,8 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
             labels = check_labels(labels, self.config.vocab_size, None)
             if decoder_input_ids is None and decoder_inputs_embeds is None:
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+        cache = pop_cache_argument(past_key_values, kwargs)
+        check_unused_kwargs(kwargs, type(self).__name__)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -423,7 +411,7 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
             decoder_attention_mask=decoder_attention_mask,
             decoder_position_ids=decoder_position_ids,
             encoder_outputs=encoder_outputs,
-            past_key_values=pop_cache_argument(past_key_values, kwargs),
+            past_key_values=cache,
             inputs_embeds=inputs_embeds,
             decoder_inputs_embeds=decoder_inputs_embeds,
             use_cache=use_cache,
@@ -436,13 +424,12 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
         if labels is not None:
             if labels.shape != hidden.shape[:2]:
                 raise ValueError(f"`labels` must have shape {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}.")
-            loss = chunked_cross_entropy(
-                hidden, self.lm_head, labels, self.config.loss_chunk_size, kwargs.get("num_items_in_batch")
-            )
+            chunk = resolve_chunk_size(self.config.loss_chunk_size, self.config.vocab_size)
+            loss = chunked_cross_entropy(hidden, self.lm_head, labels, chunk, kwargs.get("num_items_in_batch"))
             if outputs.jacobian_loss is not None:
                 loss = loss + self.config.deq_jacobian_reg * outputs.jacobian_loss
         if labels is None or wants_logits(self, return_logits):
-            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
+            logits = self.lm_head(keep_positions(hidden, logits_to_keep))
         return RevFormerSeq2SeqLMOutput(
             loss=loss,
             logits=logits,

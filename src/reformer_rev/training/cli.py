@@ -205,7 +205,7 @@ def prepare_distributed_model(model: torch.nn.Module, accelerator: Accelerator) 
         )
     if (
         isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        and accelerator.unwrap_model(model).config.chunk_size_feed_forward > 0
+        and (accelerator.unwrap_model(model).config.chunk_size_feed_forward or 0) > 0  # None: chosen by the library
     ):
         # The recompute back-propagates each feed-forward chunk separately, so each FFN weight's gradient hook fires
         # once per chunk, which DDP rejects ("marked as ready twice"); static_graph fails with gradient accumulation.
