@@ -176,7 +176,7 @@ class Evaluator:
     def __call__(self, step: int, loss_pairs: int | None = None, bleu_pairs: int | None = None) -> dict[str, Any]:
         args, unwrapped = self.args, self.accelerator.unwrap_model(self.model)
         examples = self.val_examples[:loss_pairs] if loss_pairs is not None else self.val_examples
-        start = time.perf_counter()
+        start = start_all = time.perf_counter()
         loss = validation_loss(unwrapped, examples, args.per_device_eval_batch_size, self.tokenizer.pad_token_id,
                                self.accelerator)
         self.seconds_per_pair["loss"] = (time.perf_counter() - start) / max(1, len(examples))
@@ -191,6 +191,7 @@ class Evaluator:
             record.update({f"val_{name}": v for name, v in translation_scores(hyps, self.val_tgt[:k]).items()})
             record["bleu_pairs"] = k
             record["val_example"] = {"source": self.val_src[0], "prediction": hyps[0], "reference": self.val_tgt[0]}
+        record["eval_seconds"] = round(time.perf_counter() - start_all, 1)
         return record
 
 

@@ -162,7 +162,7 @@ class StepFitter:
         overhead: Callable[[float], float] = lambda s: 0.0,
         calibration_steps: int = 5,
         window: int = 10,
-        drift: float = 0.1,
+        drift: float = 0.15,
     ) -> None:
         self.budget, self.max_steps, self.reserve, self.overhead = budget, max_steps, reserve, overhead
         self.calibration_steps, self.window, self.drift = calibration_steps, window, drift

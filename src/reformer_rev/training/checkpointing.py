@@ -387,7 +387,7 @@ class CheckpointManager:
             required.append(SCALER_NAME)
         verify_manifest(path, required)
         try:
-            state = TrainingState.load(path / TRAINER_STATE_NAME)
+            state = TrainingState.from_json((path / TRAINER_STATE_NAME).read_text())
         except (OSError, ValueError) as err:
             raise CheckpointError(TRAINER_STATE_NAME, str(err)) from err
         model_state, _ = tensors_from_file(path / MODEL_NAME)
