@@ -6,29 +6,51 @@ PY := $(VENV)/bin/python
 # picks the platform default (a CUDA build on Linux). GPU users: `make setup TORCH_SPEC="torch>=2.4"`.
 TORCH_SPEC ?= $(if $(wildcard /opt/wheels/torch-2.13.0*),torch==2.13.0,torch>=2.4)
 PYTEST_ARGS ?=
+# A second environment with the lowest releases pyproject.toml admits (transformers, accelerate, peft, lm_eval).
+LOWEST_VENV ?= .venv-lowest
+LOWEST_CONSTRAINTS := .ci/lowest-constraints.txt
+# What breaks first when a transformers release changes how it calls a model: generation, the Auto/remote-code
+# integration, the encoder-decoder, and the clients (Trainer, PEFT, pipeline, lm_eval).
+LOWEST_TESTS ?= tests/test_supported_versions.py tests/test_hf_integration.py tests/test_seq2seq.py \
+	tests/test_trainer.py tests/test_clients_generation.py tests/test_clients_trainer.py tests/test_clients_peft.py \
+	tests/test_clients_lm_eval.py
 
-.PHONY: setup train test test-fast clean
+.PHONY: setup setup-lowest train test test-fast test-lowest clean
+
+# $(call make_venv,DIR,PIP_OPTIONS): a virtual environment in DIR with torch and an editable install of `.[dev]`.
+define make_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(1)/bin/python -m pip install -q $(2) -e ".[dev]"
+	touch $(1)/.installed
+endef
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
-	touch $@
+	$(call make_venv,$(VENV),)
+
+setup-lowest: $(LOWEST_VENV)/.installed
+
+$(LOWEST_VENV)/.installed: pyproject.toml $(LOWEST_CONSTRAINTS)
+	$(call make_venv,$(LOWEST_VENV),-c $(LOWEST_CONSTRAINTS))
 
 # Main job: train the reversible LM on the bundled corpus (CPU, minutes).
 train: setup
 	$(PY) training/train_lm.py $(TRAIN_ARGS)
 
-# Full test suite (what CI runs).
+# Full test suite with the newest admitted releases (CI runs it, then test-lowest).
 test: setup
 	$(PY) -m pytest -n 2 --timeout 900 $(PYTEST_ARGS)
+
+# The generation, integration and client tests against the lowest admitted releases (CI runs both).
+test-lowest: setup-lowest
+	$(LOWEST_VENV)/bin/python -m pytest -n 2 --timeout 900 $(LOWEST_TESTS) $(PYTEST_ARGS)
 
 # Everything but the slow (multi-process / training-run) tests.
 test-fast: setup
 	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(LOWEST_VENV) build *.egg-info src/*.egg-info .pytest_cache

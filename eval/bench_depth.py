@@ -26,7 +26,8 @@ import torch
 
 from reformer_rev import RevFormerConfig, RevFormerForCausalLM
 from reformer_rev.couplings import SUPPORTED_COUPLINGS, DriftReport, make_coupling
-from reformer_rev.modeling_reformer_rev import RevFormerBlock, rotary_tables
+from reformer_rev.model_inputs import rotary_tables
+from reformer_rev.modeling_reformer_rev import RevFormerBlock
 from reformer_rev.profiling import peak_allocated_bytes
 from reformer_rev.reversible import run_reversible_stack
 from reformer_rev.safe_io import atomic_write_json, atomic_write_text
@@ -115,7 +116,9 @@ def run_drift(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     blocks = torch.nn.ModuleList(RevFormerBlock(config, i) for i in range(depth_max)).train()
     pos = torch.arange(args.drift_seq_len)[None]
-    static = {"rotary": rotary_tables(pos, config.head_dim, config.rope_theta, torch.float32), "is_causal": True}
+    static = {
+        "position_embeddings": rotary_tables(pos, config.head_dim, config.rope_theta, torch.float32), "is_causal": True
+    }
     jobs = []
     for coupling in args.couplings:
         for dtype in ("fp32", "bf16"):

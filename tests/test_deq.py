@@ -207,7 +207,7 @@ def test_model_implicit_gradient_matches_unrolled_phantom_with_dropout():
 def test_model_returns_solver_stats_and_reports_non_convergence():
     ids = torch.randint(3, 48, (2, 12))
     model = _deq_model(dtype=torch.float32, deq_solver="fixed_point", deq_tol=1e-9, deq_max_iter=2).train()
-    logger = logging.get_logger("reformer_rev.modeling_reformer_rev")
+    logger = logging.get_logger("reformer_rev")
     with CaptureLogger(logger) as cl:
         out = model(ids, labels=ids)
         out.loss.backward()

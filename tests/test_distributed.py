@@ -1,7 +1,11 @@
-"""Multi-process correctness on CPU (gloo): DDP through Accelerate and FSDP2 `fully_shard` vs one process.
+"""Multi-process correctness on CPU (gloo): DDP, `Trainer`, FSDP2 and DeepSpeed ZeRO vs one process.
 
 `accelerate launch --cpu --num_processes 2` starts a single process (docs/design.md §4), so the workers in
-`tests/distributed/` are started with `torchrun --nproc_per_node 2` (Accelerate with `cpu=True` then runs real DDP).
+`tests/distributed/` are started with `torchrun --nproc_per_node 2` (Accelerate with `cpu=True` then runs real DDP),
+and the DeepSpeed ones with `accelerate launch --config_file training/accelerate_configs/deepspeed_zero*.yaml`.
+Each worker runs every model mode of `tests/distributed/_modes.py` in one launch (a launch costs 10-20 s here) and
+writes its measurements as JSON; one module-scoped fixture per worker, and one test per mode reading it. The numbers
+are in docs/distributed.md (`pytest -s` prints them).
 """
 
 from __future__ import annotations
@@ -11,9 +15,11 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "distributed"
@@ -44,6 +50,22 @@ def run_worker(name: str, tmp_path: Path) -> dict:
     torchrun(WORKERS / name, str(out), tmp_path=tmp_path)
     result = json.loads(out.read_text())
     print(json.dumps(result, indent=1))  # the measured errors, visible with `pytest -s`
+    return result
+
+
+def accelerate_launch(config: str, script: Path, out: Path, timeout: int = 900) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("PYTEST_XDIST_WORKER", None)
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config),
+        "--main_process_port", str(free_port()), str(script), str(out),
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=out.parent, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    result = json.loads(out.read_text())
+    print(json.dumps(result, indent=1))
     return result
 
 
@@ -118,3 +140,324 @@ def test_accelerate_configs_parse_and_wrap_the_reversible_block():
     assert fsdp.fsdp_config["fsdp_version"] == 2
     wrap = fsdp.fsdp_config["fsdp_transformer_layer_cls_to_wrap"]
     assert wrap == RevFormerBlock.__name__ and wrap in RevFormerPreTrainedModel._no_split_modules
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Every model mode, every data-parallel client: ranks identical and equal to one process (issue 15)
+# --------------------------------------------------------------------------------------------------------------
+
+# float64 workers: a correct reduction agrees with one process to rounding (measured <= 1.3e-15).
+EXACT = 1e-12
+# DeepSpeed runs in float32 (measured <= 6.7e-7 on the parameter updates).
+FLOAT32 = 1e-5
+LM_MODES = ("stack_chunked_ffn", "chunked_ffn_dropout", "branch_gates", "weight_tied", "deq_implicit")
+# The phantom unroll (several stack calls) and the Jacobian regulariser (an ordinary graph beside the implicit
+# backward's own) deliver a block parameter's gradient more than once per backward: DDP's default mode refuses it.
+# The fix belongs in the DEQ code (docs/distributed.md, "Known limits"); static_graph accepts it.
+DEQ_TWICE = ("deq_phantom", "deq_jacobian_reg")
+
+
+def _once_per_session(tmp_path_factory, worker_id: str, key: str, launch) -> dict:
+    """Run `launch()` once per test session, even when pytest-xdist spreads this module's tests over several
+    processes (each would otherwise build the module fixture, i.e. launch the same 2-process job again): the first
+    one writes the JSON under the session's shared temporary root, the others wait on the lock and read it."""
+    if worker_id == "master":  # no xdist
+        return launch()
+    from filelock import FileLock
+
+    cached = tmp_path_factory.getbasetemp().parent / f"{key}.json"
+    with FileLock(f"{cached}.lock"):
+        if cached.is_file():
+            return json.loads(cached.read_text())
+        result = launch()
+        cached.write_text(json.dumps(result))
+        return result
+
+
+def _worker_result(tmp_path_factory, worker_id: str, name: str) -> dict:
+    key = name.removesuffix(".py")
+    return _once_per_session(tmp_path_factory, worker_id, key, lambda: run_worker(name, tmp_path_factory.mktemp(key)))
+
+
+@pytest.fixture(scope="module")
+def ddp_modes(tmp_path_factory, worker_id):
+    return _worker_result(tmp_path_factory, worker_id, "ddp_modes.py")["cases"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_modes(tmp_path_factory, worker_id):
+    return _worker_result(tmp_path_factory, worker_id, "fsdp_modes.py")["cases"]
+
+
+@pytest.fixture(scope="module")
+def trainer_modes(tmp_path_factory, worker_id):
+    return _worker_result(tmp_path_factory, worker_id, "trainer_modes.py")["cases"]
+
+
+def _assert_exact(case: dict) -> None:
+    assert case["ok"], case
+    assert case["ranks_max_abs_diff"] == 0.0, case
+    assert case["grad_rel_err"] <= EXACT, case
+    assert case["param_rel_err"] <= EXACT, case
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["plain_autograd_twin", *LM_MODES, "seq2seq"])
+def test_ddp_accelerate_defaults_match_one_process(ddp_modes, mode):
+    """Accelerate's default DDP (`find_unused_parameters=False`), 2 steps x 2 accumulated micro-batches."""
+    case = ddp_modes[f"{mode}/default"]
+    assert case["wrapped"] == "DistributedDataParallel" and case["distributed_type"].endswith("MULTI_CPU")
+    _assert_exact(case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["plain_autograd_twin", *LM_MODES, *DEQ_TWICE, "seq2seq"])
+def test_ddp_static_graph_matches_one_process(ddp_modes, mode):
+    """`static_graph=True`, accumulating with `sync_each_batch` (DDP's static graph crashes under `no_sync` for any
+    model, the plain-autograd twin included)."""
+    _assert_exact(ddp_modes[f"{mode}/static_graph"])
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="DEQ delivers a block parameter's gradient more than once (fix in deq code)")
+@pytest.mark.parametrize("mode", DEQ_TWICE)
+def test_ddp_defaults_deq_gradient_delivered_once(ddp_modes, mode):
+    _assert_exact(ddp_modes[f"{mode}/default"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [*LM_MODES, "seq2seq"])
+def test_ddp_find_unused_parameters_true_is_refused(ddp_modes, mode):
+    """What `docs/distributed.md` tells users to avoid: the engine's parameters are not on the forward graph that
+    `find_unused_parameters=True` searches, so DDP marks them unused and then refuses their gradient. The plain twin
+    shows that the setting itself works for ordinary autograd."""
+    assert ddp_modes["plain_autograd_twin/find_unused_parameters"]["ok"]
+    case = ddp_modes[f"{mode}/find_unused_parameters"]
+    assert not case["ok"] and "mark a variable ready only once" in case["error"], case
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["stack_chunked_ffn", "weight_tied", "deq_implicit"])
+def test_trainer_ddp_matches_one_process(trainer_modes, mode):
+    """`Trainer` with `ddp_find_unused_parameters=False`, SGD, 2 steps x 2 accumulated micro-batches, replayed in one
+    process on the micro-batches each rank recorded (weight-tied without dropout: Trainer's streams are not
+    replayed)."""
+    case = trainer_modes[f"{mode}/find_unused_false"]
+    assert case["ok"] and case["wrapped"] == "DistributedDataParallel", case
+    assert case["ranks_max_abs_diff"] == 0.0
+    assert case["distinct_rows_seen"] == 16  # 2 ranks x 2 steps x 2 micro-batches x 2 rows, none repeated
+    assert case["param_rel_err"] <= EXACT, case
+
+
+@pytest.mark.slow
+def test_trainer_ddp_with_dropout_keeps_ranks_identical(trainer_modes):
+    case = trainer_modes["chunked_ffn_dropout/find_unused_false"]
+    assert case["ok"] and case["ranks_max_abs_diff"] == 0.0, case
+
+
+@pytest.mark.slow
+def test_trainer_ddp_seq2seq_matches_one_process(trainer_modes):
+    case = trainer_modes["seq2seq/find_unused_false"]
+    assert case["ok"] and case["ranks_max_abs_diff"] == 0.0, case
+    assert case["param_rel_err"] <= EXACT, case
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["stack_chunked_ffn", "weight_tied", "deq_implicit", "seq2seq"])
+def test_trainer_default_find_unused_parameters_still_needs_overriding(trainer_modes, mode):
+    """transformers 5.x picks `find_unused_parameters=True` for a PreTrainedModel that is not activation
+    checkpointing: users must pass `ddp_find_unused_parameters=False` (docs/distributed.md). Measured: a model class
+    whose `is_activation_checkpointing` is True when reversible makes the Trainer pick False and train; when the model
+    files do that, this test turns into a parity test of the Trainer's defaults."""
+    case = trainer_modes[f"{mode}/default"]
+    assert case["find_unused_parameters"] is True
+    assert not case["ok"] and "mark a variable ready only once" in case["error"], case
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mode", ["stack_chunked_ffn", "chunked_ffn_dropout", "weight_tied", "deq_implicit", "deq_phantom", "seq2seq"]
+)
+def test_fsdp2_shard_reversible_model_matches_one_process(fsdp_modes, mode):
+    case = fsdp_modes[mode]
+    assert case["ok"], case
+    assert case["sharded_params"] == case["num_params"] and case["fsdp_blocks"] >= 1
+    assert case["grad_rel_err"] <= EXACT and case["param_rel_err"] <= EXACT, case
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["stack_chunked_ffn", "seq2seq"])
+def test_fsdp2_bf16_mixed_precision_as_accurate_as_plain_autograd(fsdp_modes, mode):
+    """Under `MixedPrecisionPolicy(param_dtype=bfloat16)` both the engine and ordinary autograd are ~1% off float32
+    (bf16 rounding; measured 1.05% / 1.05% for the LM): the engine must not add to it."""
+    case = fsdp_modes[f"{mode}/bf16_mixed_precision"]
+    assert case["reversible_grad_rel_err"] <= 1.5 * case["twin_grad_rel_err"] + 1e-3, case
+    assert case["reversible_grad_rel_err"] <= 5e-2, case
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="fully_shard refuses 0-dim parameters: the learnable gates must be 1-D")
+def test_fsdp2_learnable_branch_gates(fsdp_modes):
+    assert fsdp_modes["branch_gates"]["ok"], fsdp_modes["branch_gates"]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def deepspeed_modes(request, tmp_path_factory, worker_id):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is optional (not a project dependency)")
+    key = f"zero{request.param}"
+    config = f"training/accelerate_configs/deepspeed_zero{request.param}.yaml"
+    result = _once_per_session(
+        tmp_path_factory, worker_id, key,
+        lambda: accelerate_launch(config, WORKERS / "deepspeed_modes.py", tmp_path_factory.mktemp(key) / "result.json"),
+    )
+    assert result["world_size"] == 2 and result["zero_stage"] == request.param
+    assert result["distributed_type"].endswith("DEEPSPEED")
+    return result["cases"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["stack_chunked_ffn", "chunked_ffn_dropout", "weight_tied", "deq_implicit", "seq2seq"])
+def test_deepspeed_zero_matches_one_process(deepspeed_modes, mode):
+    """ZeRO-2 and ZeRO-3 (with `register_deepspeed_zero3_scopes`) through `accelerate launch`, gloo on CPU."""
+    case = deepspeed_modes[mode]
+    assert case["ok"] and case["wrapped"] == "DeepSpeedEngine", case
+    assert case["ranks_max_abs_diff"] == 0.0
+    assert case["update_rel_err"] <= FLOAT32, case
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("deepspeed_modes", [3], ids=["zero3"], indirect=True)
+def test_deepspeed_zero3_needs_release_scopes(deepspeed_modes):
+    """Without `register_deepspeed_zero3_scopes` the gradients arrive when ZeRO-3 has partitioned the parameters."""
+    case = deepspeed_modes["stack_chunked_ffn/without_release_scopes"]
+    assert not case["ok"] and "Mismatch in shape" in case["error"], case
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reformer_rev.distributed in one process: argument checks, version pin, the engine's release scope
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_fsdp2_version_pin(monkeypatch):
+    from reformer_rev import distributed
+
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    with pytest.raises(RuntimeError, match=r"torch>=2\.6"):
+        distributed.check_fsdp2_support()
+    monkeypatch.setattr(torch, "__version__", "2.15.0")
+    with pytest.raises(RuntimeError, match="allow_untested_torch"):
+        distributed.check_fsdp2_support()
+    with pytest.warns(UserWarning, match="verified on torch"):
+        distributed.check_fsdp2_support(allow_untested_torch=True)
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        distributed.check_fsdp2_support()
+
+
+def test_shard_reversible_model_rejects_bad_input():
+    from reformer_rev.distributed import register_fsdp_reversible_methods, reversible_blocks, shard_reversible_model
+    from reformer_rev.modeling_reformer_rev import RevFormerBlock
+
+    with pytest.raises(TypeError, match="model"):
+        shard_reversible_model("not a model")
+    with pytest.raises(ValueError, match="no reversible blocks"):
+        shard_reversible_model(torch.nn.Linear(2, 2))
+    from conftest import tiny_config
+    from reformer_rev import RevFormerForCausalLM
+
+    model = RevFormerForCausalLM(tiny_config(num_hidden_layers=5, num_unique_layers=2))
+    assert len(reversible_blocks(model)) == 2  # a weight-tied block is one shard unit, however often applied
+    assert all(isinstance(b, RevFormerBlock) for b in reversible_blocks(model))
+    with pytest.raises(ValueError, match="itself a reversible block"):
+        shard_reversible_model(model.model.layers[0])
+    assert register_fsdp_reversible_methods(model) == 0  # nothing sharded: nothing routed (e.g. under DDP)
+
+
+def test_gradients_are_released_inside_the_block_release_scope():
+    """`gradient_release_scope` (what `register_deepspeed_zero3_scopes` sets) is open while each parameter receives
+    its gradient, once, at its lowest use, including a weight-tied block's parameters."""
+    from contextlib import contextmanager
+
+    from reformer_rev.reversible import run_reversible_stack
+
+    class Block(torch.nn.Module):
+        g_chunk_size = 2
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.f_net, self.g_net = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def f(self, x, **kwargs):
+            return torch.tanh(self.f_net(x))
+
+        def g(self, x, **kwargs):
+            return torch.tanh(self.g_net(x))
+
+    torch.manual_seed(0)
+    blocks = [Block().double() for _ in range(2)]
+    open_scopes, deliveries = [], []
+    for b in blocks:
+
+        @contextmanager
+        def scope(_b=b):
+            open_scopes.append(_b)
+            yield
+            open_scopes.remove(_b)
+
+        b.gradient_release_scope = scope
+        for p in b.parameters():
+            p.register_post_accumulate_grad_hook(lambda p, _b=b: deliveries.append((_b, list(open_scopes))))
+    x = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+    y1, y2 = run_reversible_stack([blocks[0], blocks[1], blocks[0]], x, x)
+    (y1.square().sum() + y2.sum()).backward()
+    assert len(deliveries) == 8  # 4 tensors per block, each once
+    assert all(scopes == [owner] for owner, scopes in deliveries)
+
+
+_ONCE_MODES = {
+    "stack_chunked_ffn": dict(chunk_size_feed_forward=4),
+    "chunked_ffn_dropout": dict(chunk_size_feed_forward=4, hidden_dropout=0.1, attention_dropout=0.1),
+    "weight_tied": dict(num_hidden_layers=5, num_unique_layers=2, chunk_size_feed_forward=4),
+    "deq_implicit": dict(depth_mode="deq", num_unique_layers=1, deq_max_iter=15, chunk_size_feed_forward=4),
+    "seq2seq": dict(chunk_size_feed_forward=4, tie_word_embeddings=True),
+}
+_TWICE = pytest.mark.xfail(strict=True, reason="DEQ delivers a block parameter's gradient more than once")
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        *_ONCE_MODES,
+        pytest.param("deq_phantom", marks=_TWICE),
+        pytest.param("deq_jacobian_reg", marks=_TWICE),
+    ],
+)
+def test_each_parameter_hook_fires_once_per_backward_in_every_model_mode(mode):
+    """What DDP's default mode and ZeRO listen to, in one process: every parameter's accumulation hook fires exactly
+    once per backward (chunked feed-forward, weight tying, DEQ, the encoder-decoder)."""
+    from conftest import tiny_config
+    from reformer_rev import RevFormerConfig, RevFormerForCausalLM, RevFormerForConditionalGeneration
+
+    deq = dict(depth_mode="deq", num_unique_layers=1, deq_max_iter=15)
+    overrides = {
+        **_ONCE_MODES,
+        "deq_phantom": dict(deq, deq_backward="phantom", deq_phantom_steps=3),
+        "deq_jacobian_reg": dict(deq, deq_jacobian_reg=0.1),
+    }[mode]
+    torch.manual_seed(0)
+    ids = torch.randint(3, 48, (2, 12))
+    if mode == "seq2seq":
+        config = RevFormerConfig(
+            vocab_size=48, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+            encoder_layers=2, decoder_layers=3, max_position_embeddings=64, is_encoder_decoder=True, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2, **overrides,
+        )
+        model, batch = RevFormerForConditionalGeneration(config), {"input_ids": ids, "labels": ids[:, :7]}
+    else:
+        model, batch = RevFormerForCausalLM(tiny_config(**overrides)), {"input_ids": ids, "labels": ids}
+    counts = {name: 0 for name, _ in model.named_parameters()}
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda _p, _n=name: counts.__setitem__(_n, counts[_n] + 1))
+    model.train()(**batch).loss.backward()
+    assert set(counts.values()) == {1}, {n: c for n, c in counts.items() if c != 1}

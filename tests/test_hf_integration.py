@@ -66,7 +66,17 @@ REMOTE_SCRIPT = textwrap.dedent(
     base = AutoModel.from_pretrained(path, trust_remote_code=True)
     assert "reformer_rev" not in type(lm).__module__.split(".")[0], type(lm).__module__
     out = lm.generate(torch.tensor(prompt), max_new_tokens=8, do_sample=False)
-    print(json.dumps({"tokens": out.tolist(), "cls": type(lm).__name__, "base": type(base).__name__}))
+    # Trainer label smoothing shifts the targets of the remote class too (docs/design.md §8)
+    from transformers import Trainer, TrainingArguments
+    ids = torch.tensor(prompt * 2)
+    args = TrainingArguments(output_dir=path + "/trainer", label_smoothing_factor=0.1, report_to="none", use_cpu=True)
+    with torch.no_grad():
+        loss = Trainer(model=lm, args=args).compute_loss(lm, {"input_ids": ids, "labels": ids}).item()
+        lp = lm(ids).logits[:, :-1].double().log_softmax(-1)
+    y = ids[:, 1:]
+    ref = (0.9 * -lp.gather(-1, y[..., None]).mean() + 0.1 * -lp.mean()).item()
+    print(json.dumps({"tokens": out.tolist(), "cls": type(lm).__name__, "base": type(base).__name__,
+                      "smoothing_err": abs(loss - ref) / ref}))
     """
 )
 
@@ -85,6 +95,7 @@ def test_trust_remote_code_without_package(model, tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["cls"] == "RevFormerForCausalLM" and result["base"] == "RevFormerModel"
     assert result["tokens"] == expected
+    assert result["smoothing_err"] <= 1e-5
 
 
 def test_incremental_decoding_matches_full_forward(model):

@@ -3,10 +3,21 @@
 Importing the package registers the `reformer_rev` model type with the `transformers` Auto classes.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+)
 
 from .configuration_reformer_rev import RevFormerConfig
-from .modeling_reformer_rev import RevFormerForCausalLM, RevFormerModel, RevFormerPreTrainedModel
+from .modeling_reformer_rev import (
+    RevFormerForCausalLM,
+    RevFormerForSequenceClassification,
+    RevFormerModel,
+    RevFormerPreTrainedModel,
+)
 from .modeling_reformer_rev_seq2seq import RevFormerForConditionalGeneration, RevFormerSeq2SeqModel
 from .reversible import run_reversible_stack
 
@@ -18,11 +29,13 @@ def _register() -> None:
     AutoModel.register(RevFormerConfig, RevFormerModel, exist_ok=True)
     AutoModelForCausalLM.register(RevFormerConfig, RevFormerForCausalLM, exist_ok=True)
     AutoModelForSeq2SeqLM.register(RevFormerConfig, RevFormerForConditionalGeneration, exist_ok=True)
+    AutoModelForSequenceClassification.register(RevFormerConfig, RevFormerForSequenceClassification, exist_ok=True)
     # `save_pretrained` then writes `auto_map` and copies the modeling files for `trust_remote_code=True` loading.
     RevFormerConfig.register_for_auto_class()
     RevFormerModel.register_for_auto_class("AutoModel")
     RevFormerForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     RevFormerForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
+    RevFormerForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 
 _register()
@@ -32,6 +45,7 @@ __all__ = [
     "RevFormerPreTrainedModel",
     "RevFormerModel",
     "RevFormerForCausalLM",
+    "RevFormerForSequenceClassification",
     "RevFormerSeq2SeqModel",
     "RevFormerForConditionalGeneration",
     "run_reversible_stack",

@@ -6,18 +6,177 @@ Field names follow the conventions of `transformers` (Llama/Mistral) so that too
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import PretrainedConfig
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .couplings import SUPPORTED_COUPLINGS
+from .deq import SUPPORTED_BACKWARDS as SUPPORTED_DEQ_BACKWARDS
+from .deq import SUPPORTED_SOLVERS as SUPPORTED_DEQ_SOLVERS
+from .stack import SUPPORTED_DEPTH_MODES
 
 # Activations usable as the gate of the gated (GLU-style) feed-forward.
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
-SUPPORTED_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
-SUPPORTED_COUPLINGS = ("additive", "momentum", "leapfrog")
+# Depth-stable scaling of every residual branch (`RevFormerBlock.scale_branch`, docs/depth.md).
 SUPPORTED_BRANCH_SCALES = (None, "none", "inv_sqrt_depth", "learnable_gate")
-SUPPORTED_DEPTH_MODES = ("stack", "deq")
-SUPPORTED_DEQ_SOLVERS = ("fixed_point", "anderson")
-SUPPORTED_DEQ_BACKWARDS = ("implicit", "phantom")
+
+
+def supported_attention_implementations() -> tuple[str, ...]:
+    """`"eager"` (in `modeling_reformer_rev.py`) and every implementation registered with transformers' attention
+    interface (sdpa, flash, flex and any registered later); read at validation time so later registrations count."""
+    return ("eager", *ALL_ATTENTION_FUNCTIONS.valid_keys())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation tables: one rule per field, then the rules that relate several fields
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """What one field accepts: `ok(value)`, and `allowed`, the words the error message uses for it."""
+
+    ok: Callable[[Any], bool]
+    allowed: str
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number_in(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> FieldRule:
+    def ok(v: Any) -> bool:
+        return _is_number(v) and (low < v if low_open else low <= v) and (v < high if high_open else v <= high)
+
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    return FieldRule(ok, f"a number in {interval}")
+
+
+def _one_of(values: tuple) -> FieldRule:
+    return FieldRule(lambda v: v in values, f"one of {values}")
+
+
+def _optional(rule: FieldRule, meaning: str) -> FieldRule:
+    return FieldRule(lambda v: v is None or rule.ok(v), f"None ({meaning}) or {rule.allowed}")
+
+
+POSITIVE_INT = FieldRule(lambda v: _is_int(v) and v > 0, "a positive integer")
+NON_NEGATIVE_INT = FieldRule(lambda v: _is_int(v) and v >= 0, "a non-negative integer (0 disables it)")
+POSITIVE_NUMBER = FieldRule(lambda v: _is_number(v) and v > 0, "a positive finite number")
+NON_NEGATIVE_NUMBER = FieldRule(lambda v: _is_number(v) and v >= 0, "a non-negative finite number")
+PROBABILITY = _number_in(0.0, 1.0, high_open=True)
+BOOL = FieldRule(lambda v: isinstance(v, bool), "a bool")
+
+FIELD_RULES: dict[str, FieldRule] = {
+    "vocab_size": POSITIVE_INT,
+    "hidden_size": POSITIVE_INT,
+    "num_hidden_layers": POSITIVE_INT,
+    "num_attention_heads": POSITIVE_INT,
+    "num_key_value_heads": POSITIVE_INT,
+    "intermediate_size": POSITIVE_INT,
+    "hidden_act": _one_of(SUPPORTED_ACTIVATIONS),
+    "max_position_embeddings": POSITIVE_INT,
+    "rope_theta": POSITIVE_NUMBER,
+    "attention_dropout": PROBABILITY,
+    "hidden_dropout": PROBABILITY,
+    "initializer_range": NON_NEGATIVE_NUMBER,
+    "rms_norm_eps": POSITIVE_NUMBER,
+    "attention_bias": BOOL,
+    "mlp_bias": BOOL,
+    "tie_word_embeddings": BOOL,
+    "use_cache": BOOL,
+    "reversible": BOOL,
+    "chunk_size_feed_forward": NON_NEGATIVE_INT,
+    "loss_chunk_size": NON_NEGATIVE_INT,
+    "is_encoder_decoder": BOOL,
+    "encoder_layers": POSITIVE_INT,
+    "decoder_layers": POSITIVE_INT,
+    "coupling": _one_of(SUPPORTED_COUPLINGS),
+    "coupling_step_size": POSITIVE_NUMBER,
+    "momentum_gamma": _number_in(0.001, 0.999),
+    "exact_reversal": FieldRule(lambda v: isinstance(v, bool) or v == "auto", "True, False or 'auto'"),
+    "fixed_point_scale_bits": FieldRule(lambda v: _is_int(v) and 8 <= v <= 56, "an integer in [8, 56]"),
+    "stream_checkpoint_every": NON_NEGATIVE_INT,
+    "branch_scale": _one_of(SUPPORTED_BRANCH_SCALES),
+    "debug_reversal_drift": BOOL,
+    "num_unique_layers": _optional(POSITIVE_INT, "all blocks distinct"),
+    "depth_mode": _one_of(SUPPORTED_DEPTH_MODES),
+    "deq_solver": _one_of(SUPPORTED_DEQ_SOLVERS),
+    "deq_max_iter": POSITIVE_INT,
+    "deq_tol": _number_in(0.0, 1.0, low_open=True, high_open=True),
+    "deq_backward": _one_of(SUPPORTED_DEQ_BACKWARDS),
+    "deq_phantom_steps": POSITIVE_INT,
+    "deq_damping": _number_in(0.0, 1.0, low_open=True),
+    "deq_jacobian_reg": NON_NEGATIVE_NUMBER,
+}
+
+
+def _token_id_in_vocab(name: str) -> tuple[str, Callable, Callable]:
+    return (
+        name,
+        lambda c: getattr(c, name) is None or (_is_int(getattr(c, name)) and 0 <= getattr(c, name) < c.vocab_size),
+        lambda c: f"must be None or in [0, vocab_size={c.vocab_size}), got {getattr(c, name)!r}.",
+    )
+
+
+def _stack_depths(c: RevFormerConfig) -> dict[str, int]:
+    """The depth fields of the stacks the config builds (both stacks of an encoder-decoder)."""
+    if c.is_encoder_decoder:
+        return {"encoder_layers": c.encoder_layers, "decoder_layers": c.decoder_layers}
+    return {"num_hidden_layers": c.num_hidden_layers}
+
+
+def _deq_ignores(name: str, what: str) -> tuple[str, Callable, Callable]:
+    """A reversible-backward option that a deep equilibrium (implicit gradient, no reconstruction) cannot honour.
+    Its default (falsy, or `"auto"` for `exact_reversal`) is fine: it only switches things on for explicit stacks."""
+    return (
+        name,
+        lambda c: c.depth_mode != "deq" or not getattr(c, name) or getattr(c, name) == "auto",
+        lambda c: f"is {getattr(c, name)!r}, but it {what}, and `depth_mode='deq'` differentiates implicitly at the "
+        "fixed point and reconstructs nothing. Leave it at its default with DEQ.",
+    )
+
+
+# (field, holds(config), message(config)): checked after every field passed its own rule.
+RELATIONS: tuple[tuple[str, Callable[[Any], bool], Callable[[Any], str]], ...] = (
+    (
+        "hidden_size",
+        lambda c: c.hidden_size % c.num_attention_heads == 0,
+        lambda c: f"({c.hidden_size}) must be divisible by `num_attention_heads` ({c.num_attention_heads}).",
+    ),
+    (
+        "hidden_size",
+        lambda c: c.head_dim % 2 == 0,
+        lambda c: f"/ `num_attention_heads` = {c.head_dim} must be even for rotary embeddings.",
+    ),
+    (
+        "num_key_value_heads",
+        lambda c: c.num_attention_heads % c.num_key_value_heads == 0,
+        lambda c: f"({c.num_key_value_heads}) must divide `num_attention_heads` ({c.num_attention_heads}).",
+    ),
+    _token_id_in_vocab("pad_token_id"),
+    _token_id_in_vocab("bos_token_id"),
+    _token_id_in_vocab("decoder_start_token_id"),
+    (
+        "num_unique_layers",
+        lambda c: c.depth_mode != "stack" or c.num_unique_layers is None
+        or all(c.num_unique_layers <= d for d in _stack_depths(c).values()),
+        lambda c: f"({c.num_unique_layers}) must not exceed the depth of the stack ("
+        + ", ".join(f"`{k}`={v}" for k, v in _stack_depths(c).items())
+        + "): blocks that are never applied would be unused parameters.",
+    ),
+    _deq_ignores("exact_reversal", "makes the reversible backward of an explicit stack bit-exact"),
+    _deq_ignores("stream_checkpoint_every", "guards the reconstruction of an explicit stack"),
+    _deq_ignores("debug_reversal_drift", "measures the reconstruction of an explicit stack"),
+)
 
 
 class RevFormerConfig(PretrainedConfig):
@@ -64,10 +223,14 @@ class RevFormerConfig(PretrainedConfig):
         coupling_step_size: Step size `h` of the leapfrog coupling.
         momentum_gamma: Velocity decay `gamma` in (0, 1) of the momentum coupling (used as the nearest fraction n/d
             with d <= 1024).
-        exact_reversal: Hold the streams as int64 fixed point and round every F/G output onto that grid, so the
-            backward reconstructs every block's inputs bit for bit in any compute dtype (gradients treat the rounding
-            as the identity). Needed by `"momentum"` at depth, whose float inverse amplifies rounding by 1/gamma.
-        fixed_point_scale_bits: Fractional bits of the fixed-point streams (resolution 2^-bits, range +-2^(62-bits)).
+        exact_reversal: `True`: hold the streams as int64 fixed point and round every F/G output onto that grid, so
+            the backward reconstructs every block's inputs bit for bit in any compute dtype (gradients treat the
+            rounding as the identity); needed by `"momentum"` at depth, whose float inverse amplifies rounding by
+            1/gamma. `False`: float streams. `"auto"` (default): exact when the stack computes in half precision
+            (bf16/fp16 weights, or autocast to a half dtype), where float reversal drifts (docs/precision.md), with the
+            scale chosen from the input magnitude; float in fp32/fp64, where it is measured to be accurate.
+        fixed_point_scale_bits: Fractional bits of the fixed-point streams when `exact_reversal=True` (resolution
+            2^-bits, range +-2^(62-bits)).
         stream_checkpoint_every: Drift guard for float streams: keep an exact copy of the streams every this many
             blocks and restore it in backward (0 disables; costs `2 * layers / k` stream copies).
         branch_scale: Depth-stable scaling of every F/G output: `None`/`"none"`, `"inv_sqrt_depth"` (times
@@ -127,7 +290,7 @@ class RevFormerConfig(PretrainedConfig):
         coupling: str = "additive",
         coupling_step_size: float = 1.0,
         momentum_gamma: float = 0.9,
-        exact_reversal: bool = False,
+        exact_reversal: bool | str = "auto",
         fixed_point_scale_bits: int = 32,
         stream_checkpoint_every: int = 0,
         branch_scale: str | None = None,
@@ -187,6 +350,10 @@ class RevFormerConfig(PretrainedConfig):
         self.deq_phantom_steps = deq_phantom_steps
         self.deq_damping = deq_damping
         self.deq_jacobian_reg = deq_jacobian_reg
+        self.chunk_size_feed_forward = chunk_size_feed_forward
+        self.is_encoder_decoder = is_encoder_decoder
+        # Before transformers' own validators, which fail on a wrongly typed field with an unrelated TypeError.
+        self._validate_fields()
         super().__init__(chunk_size_feed_forward=chunk_size_feed_forward, is_encoder_decoder=is_encoder_decoder, **kwargs)
         self.validate()
 
@@ -206,126 +373,21 @@ class RevFormerConfig(PretrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
     def validate(self) -> None:
-        """Raise `ValueError` naming the offending field and what is allowed."""
+        """Raise `ValueError` naming the offending field and what is allowed (`FIELD_RULES`, then `RELATIONS`)."""
+        self._validate_fields()
+        attn = self._attn_implementation
+        allowed = supported_attention_implementations()
+        if attn is not None and attn not in allowed:
+            raise ValueError(f"`attn_implementation` must be one of {allowed}, got {attn!r}.")
 
-        def positive_int(name: str) -> None:
+    def _validate_fields(self) -> None:
+        for name, rule in FIELD_RULES.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-
-        def non_negative_int(name: str) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"`{name}` must be a non-negative integer (0 disables it), got {value!r}.")
-
-        def probability(name: str) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"`{name}` must be a float in [0, 1), got {value!r}.")
-
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "intermediate_size",
-            "max_position_embeddings",
-            "encoder_layers",
-            "decoder_layers",
-        ):
-            positive_int(name)
-        for name in ("chunk_size_feed_forward", "loss_chunk_size"):
-            non_negative_int(name)
-        for name in ("attention_dropout", "hidden_dropout"):
-            probability(name)
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
-                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
-                f"({self.num_attention_heads})."
-            )
-        if self.head_dim % 2 != 0:
-            raise ValueError(
-                f"`hidden_size / num_attention_heads` = {self.head_dim} must be even for rotary embeddings."
-            )
-        if self.num_attention_heads % self.num_key_value_heads != 0:
-            raise ValueError(
-                f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of `num_key_value_heads` "
-                f"({self.num_key_value_heads})."
-            )
-        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(f"`hidden_act` must be one of {SUPPORTED_ACTIVATIONS}, got {self.hidden_act!r}.")
-        if not isinstance(self.rope_theta, (int, float)) or isinstance(self.rope_theta, bool) or self.rope_theta <= 0:
-            raise ValueError(f"`rope_theta` must be a positive number, got {self.rope_theta!r}.")
-        if not isinstance(self.rms_norm_eps, (int, float)) or self.rms_norm_eps <= 0:
-            raise ValueError(f"`rms_norm_eps` must be a positive number, got {self.rms_norm_eps!r}.")
-        if not isinstance(self.reversible, bool):
-            raise ValueError(f"`reversible` must be a bool, got {self.reversible!r}.")
-        if not isinstance(self.is_encoder_decoder, bool):
-            raise ValueError(f"`is_encoder_decoder` must be a bool, got {self.is_encoder_decoder!r}.")
-        for name in ("pad_token_id", "bos_token_id", "decoder_start_token_id"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value < self.vocab_size:
-                raise ValueError(f"`{name}` must be None or in [0, vocab_size={self.vocab_size}), got {value!r}.")
-        self._validate_depth_options()
-        self._validate_infinite_depth_options()
-        attn = getattr(self, "_attn_implementation", None)
-        if attn is not None and attn not in SUPPORTED_ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(
-                f"`attn_implementation` must be one of {SUPPORTED_ATTENTION_IMPLEMENTATIONS}, got {attn!r}."
-            )
-
-    def _validate_depth_options(self) -> None:
-        """Coupling, exact reversal, drift guard and branch scaling fields (`docs/depth.md`)."""
-        if self.coupling not in SUPPORTED_COUPLINGS:
-            raise ValueError(f"`coupling` must be one of {SUPPORTED_COUPLINGS}, got {self.coupling!r}.")
-        h = self.coupling_step_size
-        if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0 < h < float("inf"):
-            raise ValueError(f"`coupling_step_size` must be a positive finite number, got {h!r}.")
-        gamma = self.momentum_gamma
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 1e-3 <= gamma <= 1 - 1e-3:
-            raise ValueError(f"`momentum_gamma` must be a float in [0.001, 0.999], got {gamma!r}.")
-        for name in ("exact_reversal", "debug_reversal_drift"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
-        bits = self.fixed_point_scale_bits
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 8 <= bits <= 56:
-            raise ValueError(f"`fixed_point_scale_bits` must be an integer in [8, 56], got {bits!r}.")
-        k = self.stream_checkpoint_every
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"`stream_checkpoint_every` must be a non-negative integer (0 disables it), got {k!r}.")
-        if self.branch_scale not in SUPPORTED_BRANCH_SCALES:
-            raise ValueError(f"`branch_scale` must be one of {SUPPORTED_BRANCH_SCALES}, got {self.branch_scale!r}.")
-
-    def _validate_infinite_depth_options(self) -> None:
-        """Weight tying and deep-equilibrium fields (`docs/infinite_depth.md`)."""
-        unique = self.num_unique_layers
-        if unique is not None and (isinstance(unique, bool) or not isinstance(unique, int) or unique <= 0):
-            raise ValueError(f"`num_unique_layers` must be None or a positive integer, got {unique!r}.")
-        if unique is not None and unique > self.num_hidden_layers and self.depth_mode == "stack":
-            raise ValueError(
-                f"`num_unique_layers` ({unique}) must not exceed `num_hidden_layers` ({self.num_hidden_layers}): "
-                "blocks that are never applied would be unused parameters."
-            )
-        if self.depth_mode not in SUPPORTED_DEPTH_MODES:
-            raise ValueError(f"`depth_mode` must be one of {SUPPORTED_DEPTH_MODES}, got {self.depth_mode!r}.")
-        if self.deq_solver not in SUPPORTED_DEQ_SOLVERS:
-            raise ValueError(f"`deq_solver` must be one of {SUPPORTED_DEQ_SOLVERS}, got {self.deq_solver!r}.")
-        if self.deq_backward not in SUPPORTED_DEQ_BACKWARDS:
-            raise ValueError(f"`deq_backward` must be one of {SUPPORTED_DEQ_BACKWARDS}, got {self.deq_backward!r}.")
-        for name in ("deq_max_iter", "deq_phantom_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        tol = self.deq_tol
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
-            raise ValueError(f"`deq_tol` must be a float in (0, 1), got {tol!r}.")
-        tau = self.deq_damping
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau <= 1:
-            raise ValueError(f"`deq_damping` must be a float in (0, 1], got {tau!r}.")
-        reg = self.deq_jacobian_reg
-        if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not 0 <= reg < float("inf"):
-            raise ValueError(f"`deq_jacobian_reg` must be a non-negative finite number, got {reg!r}.")
+            if not rule.ok(value):
+                raise ValueError(f"`{name}` must be {rule.allowed}, got {value!r}.")
+        for name, holds, message in RELATIONS:
+            if not holds(self):
+                raise ValueError(f"`{name}` {message(self)}")
 
 
-__all__ = ["RevFormerConfig", "SUPPORTED_ACTIVATIONS", "SUPPORTED_ATTENTION_IMPLEMENTATIONS", "SUPPORTED_COUPLINGS"]
+__all__ = ["RevFormerConfig"]

@@ -1,53 +1,210 @@
-"""Distributed training support for reversible stacks: what FSDP2 needs to see the engine's recompute.
+"""Distributed training of reversible models: what DDP, DeepSpeed ZeRO and FSDP2 need from the recomputing backward.
 
-Only torch is imported here; DDP needs nothing beyond `find_unused_parameters=False` (docs/design.md §2).
+**DDP** needs nothing from this module. The engine delivers each parameter's gradient once per backward
+(`reversible.py`), which is what DDP's default mode expects; only `find_unused_parameters=True` must be avoided (the
+`Trainer`'s default for a `PreTrainedModel`), because the parameters are not on the forward graph that DDP searches.
+See `docs/distributed.md` for the settings of Accelerate, `Trainer` and DeepSpeed.
+
+**DeepSpeed ZeRO-1/2** need nothing either. **ZeRO-3** partitions every parameter to an empty tensor outside the
+forward/backward hooks of the sub-module that owns it; the engine's recompute runs inside those hooks, but it hands
+each parameter its gradient after the block's recompute, when ZeRO-3 has partitioned it again:
+`register_deepspeed_zero3_scopes` gathers a block's parameters for that moment.
+
+**FSDP2** (`torch.distributed.fsdp.fully_shard`) all-gathers a module's parameters in the pre-forward hook of its
+`forward`, but the engine calls each block's `f` and `g`, never `forward`, in the forward pass and again in the
+recompute. `shard_reversible_model` shards every reversible block and the root and routes `f`/`g` through FSDP's
+hooks; `register_fsdp_reversible_methods` does only the routing, for models that Accelerate (or a user) already
+sharded. The routing needs one private piece of FSDP2, so it is pinned to the torch releases it was tested on.
+
+Only torch is imported at module level (DeepSpeed lazily, by the function that needs it).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
+from torch import nn
+
+# `fully_shard`, `FSDPModule` and `register_fsdp_forward_method` are public in `torch.distributed.fsdp` from 2.6.
+FSDP2_MIN_TORCH = (2, 6)
+# The recompute routing resets FSDP2's private per-module training state (see `_leave_pre_backward`): verified on
+# these releases (first included, last excluded) by tests/distributed/fsdp_modes.py.
+FSDP2_TESTED_TORCH = ((2, 13), (2, 14))
+
+_PATCHED = "_reformer_rev_fsdp_routed"
 
 
-def register_fsdp_reversible_methods(model: torch.nn.Module) -> int:
-    """Route the reversible blocks' `f`/`g` through FSDP2's hooks, including the recompute in backward.
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
 
-    The reversible engine calls `block.f` and `block.g`, never `block.forward`, so with `fully_shard` applied to each
-    `RevFormerBlock` the parameters would stay sharded inside them; FSDP2's `register_fsdp_forward_method` fixes the
-    forward. In backward the engine recomputes `g`, back-propagates, then recomputes `f` and back-propagates: two
-    forward calls of one module inside one backward. FSDP2 treats a forward call made while the module is in its
-    pre-backward state as an activation-checkpoint recompute and registers no post-backward hook, so `f`'s gradients
-    would never be reduce-scattered (measured: they stay in the unsharded parameters and the step ignores them).
-    Resetting the module's state to idle before each recompute call makes FSDP2 handle `f` and `g` as two ordinary
-    forward/backward pairs whose sharded gradients accumulate. Returns the number of blocks patched.
+
+def _fmt(version: tuple[int, int]) -> str:
+    return ".".join(map(str, version))
+
+
+def check_fsdp2_support(allow_untested_torch: bool = False) -> None:
+    """Raise a clear error where the FSDP2 routing cannot work or was not verified on the installed torch.
+
+    Below `FSDP2_MIN_TORCH` FSDP2 is not public: `RuntimeError`. Outside `FSDP2_TESTED_TORCH`: `RuntimeError`, or a
+    warning with `allow_untested_torch=True` (the private state the routing resets is still checked for presence).
+    """
+    version = _torch_version()
+    if version < FSDP2_MIN_TORCH:
+        raise RuntimeError(
+            f"FSDP2 support for reversible models needs torch>={_fmt(FSDP2_MIN_TORCH)} "
+            f"(`torch.distributed.fsdp.fully_shard`); torch {torch.__version__} is installed. Use DDP, or upgrade torch."
+        )
+    low, high = FSDP2_TESTED_TORCH
+    if not low <= version < high:
+        message = (
+            f"Routing reversible blocks through FSDP2 resets a private part of FSDP2 (its per-module TrainingState) "
+            f"and was verified on torch>={_fmt(low)},<{_fmt(high)}; torch {torch.__version__} is installed."
+        )
+        if not allow_untested_torch:
+            raise RuntimeError(
+                message + " Pass `allow_untested_torch=True` to try anyway, and compare a few steps with one process "
+                "(tests/distributed/fsdp_modes.py does this)."
+            )
+        warnings.warn(message, stacklevel=3)
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+    except ImportError as err:
+        raise RuntimeError(f"This torch ({torch.__version__}) has no FSDP2 TrainingState to route the recompute.") from err
+    if not all(hasattr(TrainingState, name) for name in ("IDLE", "PRE_BACKWARD")):
+        raise RuntimeError(f"FSDP2's TrainingState changed in torch {torch.__version__}: the recompute cannot be routed.")
+
+
+def is_reversible_block(module: nn.Module) -> bool:
+    """A block the reversible engine runs: it has the two residual functions `f`, `g` and a `g_chunk_size`."""
+    return callable(getattr(module, "f", None)) and callable(getattr(module, "g", None)) and hasattr(module, "g_chunk_size")
+
+
+def reversible_blocks(model: nn.Module) -> list[nn.Module]:
+    """The distinct reversible blocks of `model` (a weight-tied block applied several times is listed once)."""
+    return [m for m in model.modules() if is_reversible_block(m)]
+
+
+def _leave_pre_backward(module: nn.Module) -> None:
+    """Make FSDP2 treat the next call of `f`/`g` as an ordinary forward, even in the middle of a backward.
+
+    In backward the engine recomputes `g`, back-propagates through it, then recomputes `f` and back-propagates: two
+    forward calls of one module inside one backward. After the first, FSDP2 has put the module in its PRE_BACKWARD
+    state, in which it takes a forward call for an activation-checkpoint recompute and registers no post-backward
+    hook, so `f`'s gradients would never be reduce-scattered (measured: they stay in the unsharded parameters and
+    the optimizer step ignores them). Back in IDLE, each recompute call gets its own pre-forward (all-gather if
+    resharded) and post-backward (reduce-scatter), and the sharded gradients accumulate. No public API sets this.
+    """
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    state = module._get_fsdp_state()
+    if state._training_state == TrainingState.PRE_BACKWARD:
+        state._training_state = TrainingState.IDLE
+
+
+def register_fsdp_reversible_methods(model: nn.Module, allow_untested_torch: bool = False) -> int:
+    """Route `f`/`g` of every FSDP2-sharded reversible block of `model` through FSDP2's hooks, recompute included.
+
+    For a model that is already sharded (by Accelerate's FSDP2 plugin with `fsdp_transformer_layer_cls_to_wrap` set
+    to the block class, or by your own `fully_shard` calls); `shard_reversible_model` shards and routes in one call.
+    Uses the public `register_fsdp_forward_method` and, before each call, `_leave_pre_backward`. Idempotent. Returns
+    the number of blocks routed (0 if none is sharded, e.g. under DDP, or without FSDP2 in this torch).
     """
     try:
-        from torch.distributed.fsdp import FSDPModule
-        from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
-    except ImportError:  # torch without FSDP2
+        from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+    except ImportError:  # torch without public FSDP2: nothing can be sharded by it
         return 0
+    blocks = [b for b in reversible_blocks(model) if isinstance(b, FSDPModule)]
+    if not blocks:
+        return 0
+    check_fsdp2_support(allow_untested_torch)
+    for block in blocks:
+        if getattr(block, _PATCHED, False):
+            continue
+        for name in ("f", "g"):
+            register_fsdp_forward_method(block, name)
+            through_fsdp = getattr(block, name)
 
-    def wrap(module: torch.nn.Module, name: str) -> None:
-        orig_method = getattr(module, name)
+            def routed(*args: Any, _block: nn.Module = block, _method=through_fsdp, **kwargs: Any) -> Any:
+                _leave_pre_backward(_block)
+                return _method(*args, **kwargs)
 
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            state = module._get_fsdp_state()
-            if state._training_state == TrainingState.PRE_BACKWARD:
-                state._training_state = TrainingState.IDLE
-            args, kwargs = state._pre_forward(module, args, kwargs)
-            out = orig_method(*args, **kwargs)
-            return state._post_forward(module, args, out)
-
-        setattr(module, name, wrapped)
-
-    n = 0
-    for module in model.modules():
-        if isinstance(module, FSDPModule) and hasattr(module, "f") and hasattr(module, "g"):
-            wrap(module, "f")
-            wrap(module, "g")
-            n += 1
-    return n
+            setattr(block, name, routed)
+        setattr(block, _PATCHED, True)
+    return len(blocks)
 
 
-__all__ = ["register_fsdp_reversible_methods"]
+def shard_reversible_model(
+    model: nn.Module, mesh: Any = None, *, allow_untested_torch: bool = False, **fully_shard_kwargs: Any
+) -> nn.Module:
+    """Shard a reversible model with FSDP2: `fully_shard` on every reversible block, then on the root.
+
+    One shard unit per block bounds the unsharded parameters to one block at a time in the forward and in the
+    recompute; the root unit holds the rest (embeddings, final norm, head). `f`/`g` are routed through FSDP's hooks
+    (`register_fsdp_reversible_methods`). Call it after moving the model to its device and before building the
+    optimizer (FSDP2 replaces the parameters by sharded DTensors), in every process. Works in users' own loops and
+    under `Trainer`/Accelerate when their own FSDP plugin is not used (see `docs/distributed.md`).
+
+    Args:
+        model: a model whose reversible blocks expose `f`, `g` and `g_chunk_size` (every RevFormer model).
+        mesh: the `DeviceMesh` to shard over (default: all processes of the default group).
+        allow_untested_torch: run on a torch release outside `FSDP2_TESTED_TORCH` with a warning instead of an error.
+        **fully_shard_kwargs: passed to every `fully_shard` call (`reshard_after_forward`, `mp_policy`,
+            `offload_policy`, ...).
+
+    Returns `model`, now an `FSDPModule`.
+    """
+    check_fsdp2_support(allow_untested_torch)
+    from torch.distributed.fsdp import fully_shard
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    blocks = reversible_blocks(model)
+    if not blocks:
+        raise ValueError(
+            f"`model` ({type(model).__name__}) has no reversible blocks (modules with `f`, `g` and `g_chunk_size`) to "
+            "shard: use `fully_shard` directly for other models."
+        )
+    if model in blocks:
+        raise ValueError("`model` is itself a reversible block: pass the model that contains the blocks.")
+    for block in blocks:
+        fully_shard(block, mesh=mesh, **fully_shard_kwargs)
+    fully_shard(model, mesh=mesh, **fully_shard_kwargs)
+    register_fsdp_reversible_methods(model, allow_untested_torch=allow_untested_torch)
+    return model
+
+
+def register_deepspeed_zero3_scopes(model: nn.Module) -> int:
+    """Let every reversible block of `model` receive its parameters' gradients under DeepSpeed ZeRO-3.
+
+    The engine delivers each parameter's summed gradient once, after the block's recompute (`reversible.py`); by then
+    ZeRO-3's module hooks have partitioned the parameter again and `torch.autograd.backward` refuses a full-size
+    gradient for a 0-element tensor ("Mismatch in shape"). This sets each block's `gradient_release_scope` to
+    `deepspeed.zero.GatheredParameters(block parameters)`: the parameters are gathered for the delivery, ZeRO-3's
+    gradient hooks reduce-scatter the gradients as usual, and the parameters are partitioned again on exit. Cost: one
+    extra all-gather of each block's parameters per backward. A no-op for parameters that ZeRO-3 does not manage
+    (ZeRO-1/2, DDP, one process), so it can be called unconditionally, before or after `accelerator.prepare`.
+    Returns the number of blocks prepared.
+    """
+    try:
+        import deepspeed
+    except ImportError as err:
+        raise ImportError("`register_deepspeed_zero3_scopes` needs DeepSpeed (`pip install deepspeed`).") from err
+    blocks = reversible_blocks(model)
+    for block in blocks:
+        block.gradient_release_scope = lambda _block=block: deepspeed.zero.GatheredParameters(list(_block.parameters()))
+    return len(blocks)
+
+
+__all__ = [
+    "FSDP2_MIN_TORCH",
+    "FSDP2_TESTED_TORCH",
+    "check_fsdp2_support",
+    "is_reversible_block",
+    "reversible_blocks",
+    "register_deepspeed_zero3_scopes",
+    "register_fsdp_reversible_methods",
+    "shard_reversible_model",
+]

@@ -7,48 +7,46 @@ self-attention. A decoder block adds cross-attention to the residual function `f
     g(x) = FeedForward(norm(x))
 
 so `f` depends only on the other stream and on the (constant within the stack) encoder output, and the coupling
-`y1 = x1 + f(x2)`, `y2 = x2 + g(y1)` stays exactly invertible. Both stacks run through the recomputing engine of
-`reversible.py`; the encoder output enters the decoder stack as a differentiable argument whose gradient is
-accumulated over all decoder blocks in the recomputing backward. `config.reversible = False` runs the very same modules
-under plain autograd (the twin).
+`y1 = x1 + f(x2)`, `y2 = x2 + g(y1)` stays exactly invertible. Both stacks are `RevFormerStack`s (`stack.py`), so
+weight tying in depth and the deep-equilibrium mode apply to them as to the causal LM; the encoder output enters the
+decoder stack as a differentiable argument whose gradient is accumulated over all decoder blocks in the recomputing
+backward. `config.reversible = False` runs the very same modules under plain autograd (the twin).
 
-Blocks, attention, norms, masks, position handling, the stack runner and the chunked loss are those of
-`modeling_reformer_rev`; this module only adds what an encoder-decoder needs. It imports only torch, transformers and
-its flat siblings, so `save_pretrained` can copy it next to a checkpoint for `trust_remote_code=True` loading.
+This module imports only torch, transformers and its flat siblings, so `save_pretrained` can copy it next to a
+checkpoint for `trust_remote_code=True` loading.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import GenerationMixin
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
-from transformers.modeling_outputs import (
-    BaseModelOutput,
-    BaseModelOutputWithPastAndCrossAttentions,
-    Seq2SeqLMOutput,
-    Seq2SeqModelOutput,
-)
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
+from transformers.utils import can_return_tuple
 
 from .configuration_reformer_rev import RevFormerConfig
-from .modeling_reformer_rev import (
-    RevFormerAttention,
-    RevFormerBlock,
-    RevFormerPreTrainedModel,
-    RevFormerRMSNorm,
-    build_attention_mask,
-    chunked_cross_entropy,
+from .deq import DEQStats
+from .losses import chunked_cross_entropy
+from .model_inputs import (
+    CACHE_FIELD,
+    attention_mask_for,
+    check_generate_inputs,
+    check_labels,
+    check_padding_mask,
     embed_inputs,
-    engine_options,
     output_cache,
     pop_cache_argument,
-    resolve_position_ids,
+    prepare_stack_inputs,
+    resolve_output_flags,
     resolve_use_cache,
-    rotary_tables,
-    run_blocks,
+    wants_logits,
 )
+from .modeling_reformer_rev import RevFormerAttention, RevFormerBlock, RevFormerPreTrainedModel, RevFormerRMSNorm
+from .stack import CacheSlot, RevFormerStack
 
 
 def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
@@ -63,8 +61,8 @@ class RevFormerDecoderBlock(RevFormerBlock):
     """Reversible decoder block: `f` = causal self-attention then cross-attention (summed), `g` = feed-forward.
 
     The self-attention part, `g` and the dropout are inherited from `RevFormerBlock`; only the cross-attention
-    sub-layer is added. Keyword arguments used by `f`: `encoder_hidden_states` (the differentiable encoder output),
-    `encoder_mask`, and the caches `past_key_values` (self-attention) / `cross_past_key_values` (cross-attention).
+    sub-layer is added. It reads `encoder_hidden_states` (the differentiable encoder output), `encoder_attention_mask`
+    and its cache slot `cross_cache`.
     """
 
     def __init__(self, config: RevFormerConfig, layer_idx: int) -> None:
@@ -72,72 +70,98 @@ class RevFormerDecoderBlock(RevFormerBlock):
         self.cross_attn_norm = RevFormerRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.cross_attn = RevFormerAttention(config, layer_idx, is_cross_attention=True)
 
-    def f(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        self_out = super().f(x, **kwargs)
-        cross_out = self.dropout(
-            self.cross_attn(
-                self.cross_attn_norm(x + self_out),
-                mask=kwargs.get("encoder_mask"),
-                context=kwargs["encoder_hidden_states"],
-                past_key_values=kwargs.get("cross_past_key_values"),
-            )
+    def f(
+        self,
+        x: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: Any = None,
+        cross_cache: CacheSlot | None = None,
+        attentions: Any = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        self_out = super().f(x, attentions=attentions, **kwargs)
+        cross_out, weights = self.cross_attn(
+            self.cross_attn_norm(x + self_out),
+            attention_mask=encoder_attention_mask,
+            cache=cross_cache,
+            encoder_hidden_states=encoder_hidden_states,
         )
+        if attentions is not None:
+            attentions.record("cross", weights)
         # Same branch scaling as the self-attention part (a zero-initialised gate makes the whole f vanish at init).
-        return self_out + self.scale_branch(cross_out, "attn_gate")
+        return self_out + self.scale_branch(self.dropout(cross_out), "attn_gate")
+
+
+@dataclass
+class RevFormerEncoderOutput(BaseModelOutput):
+    """`BaseModelOutput` plus, in DEQ mode, the encoder's solver statistics and Jacobian regulariser."""
+
+    deq_stats: DEQStats | None = None
+    jacobian_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class RevFormerDecoderOutput(RevFormerEncoderOutput):
+    """The decoder stack's output: also the cache and the cross-attention maps."""
+
+    cache: Cache | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class RevFormerSeq2SeqModelOutput(Seq2SeqModelOutput):
+    """`Seq2SeqModelOutput` plus, in DEQ mode, both stacks' solver statistics and their summed Jacobian regulariser."""
+
+    encoder_deq_stats: DEQStats | None = None
+    decoder_deq_stats: DEQStats | None = None
+    jacobian_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class RevFormerSeq2SeqLMOutput(Seq2SeqLMOutput):
+    """`Seq2SeqLMOutput` plus, in DEQ mode, both stacks' solver statistics and their summed Jacobian regulariser."""
+
+    encoder_deq_stats: DEQStats | None = None
+    decoder_deq_stats: DEQStats | None = None
+    jacobian_loss: torch.FloatTensor | None = None
 
 
 class RevFormerEncoder(nn.Module):
-    """Token embedding (shared with the decoder) and a bidirectional reversible stack. Returns `BaseModelOutput`."""
+    """Token embedding (shared with the decoder) and a bidirectional reversible stack."""
 
     def __init__(self, config: RevFormerConfig) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(RevFormerBlock(config, i) for i in range(config.encoder_layers))
+        self.layers = RevFormerStack.build(config, RevFormerBlock, "encoder_layers")
         self.norm = RevFormerRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> BaseModelOutput | tuple:
-        config = self.config
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+    ) -> RevFormerEncoderOutput:
+        output_attentions, output_hidden_states = resolve_output_flags(
+            self.config, output_attentions, output_hidden_states
         )
-        return_dict = return_dict if return_dict is not None else config.return_dict
-        inputs_embeds = embed_inputs(self.embed_tokens, config, input_ids, inputs_embeds)
-        batch, seq_len = inputs_embeds.shape[:2]
-        if seq_len > config.max_position_embeddings:
-            raise ValueError(
-                f"Source length {seq_len} exceeds `max_position_embeddings`={config.max_position_embeddings}."
-            )
-        if attention_mask is not None and tuple(attention_mask.shape) != (batch, seq_len):
-            raise ValueError(
-                f"`attention_mask` must have shape (batch={batch}, sequence={seq_len}), got {tuple(attention_mask.shape)}."
-            )
-        position_ids = resolve_position_ids(None, attention_mask, 0, batch, seq_len, inputs_embeds.device)
-        mask, _ = build_attention_mask(attention_mask, seq_len, seq_len, causal=False)
-        if mask is not None:
-            mask = mask.to(inputs_embeds.device)
-        rotary = rotary_tables(position_ids, config.head_dim, config.rope_theta, torch.float32)
-        static = {"rotary": rotary, "mask": mask, "is_causal": False}
-        hidden, all_hidden = run_blocks(
-            self.layers,
-            self.norm,
-            inputs_embeds,
-            config.reversible,
-            static,
-            output_hidden_states=output_hidden_states,
-            engine_kwargs=engine_options(config),
+        inputs_embeds = embed_inputs(self.embed_tokens, input_ids, inputs_embeds)
+        static, _ = prepare_stack_inputs(self.config, inputs_embeds, attention_mask, causal=False)
+        out = self.layers(
+            inputs_embeds, self.norm, static, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
-        if not return_dict:
-            return tuple(v for v in (hidden, all_hidden) if v is not None)
-        return BaseModelOutput(last_hidden_state=hidden, hidden_states=all_hidden)
+        return RevFormerEncoderOutput(
+            last_hidden_state=out.last_hidden_state,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions.get("self") if out.attentions is not None else None,
+            deq_stats=out.deq_stats,
+            jacobian_loss=out.jacobian_loss,
+        )
 
 
 class RevFormerDecoder(nn.Module):
@@ -146,7 +170,7 @@ class RevFormerDecoder(nn.Module):
     def __init__(self, config: RevFormerConfig) -> None:
         super().__init__()
         self.config = config
-        self.layers = nn.ModuleList(RevFormerDecoderBlock(config, i) for i in range(config.decoder_layers))
+        self.layers = RevFormerStack.build(config, RevFormerDecoderBlock, "decoder_layers")
         self.norm = RevFormerRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
@@ -157,70 +181,57 @@ class RevFormerDecoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values: EncoderDecoderCache | None = None,
+        output_attentions: bool = False,
         output_hidden_states: bool = False,
-    ) -> BaseModelOutputWithPastAndCrossAttentions:
-        config = self.config
+    ) -> RevFormerDecoderOutput:
         batch, seq_len = inputs_embeds.shape[:2]
-        if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != batch:
+        if (
+            not isinstance(encoder_hidden_states, torch.Tensor)
+            or encoder_hidden_states.dim() != 3
+            or encoder_hidden_states.shape[0] != batch
+            or encoder_hidden_states.shape[-1] != self.config.hidden_size
+        ):
+            shape = tuple(encoder_hidden_states.shape) if isinstance(encoder_hidden_states, torch.Tensor) else None
             raise ValueError(
-                f"`encoder_hidden_states` must have shape (batch={batch}, source length, hidden), "
-                f"got {tuple(encoder_hidden_states.shape)}."
-            )
-        src_len = encoder_hidden_states.shape[1]
-        if encoder_attention_mask is not None and tuple(encoder_attention_mask.shape) != (batch, src_len):
-            raise ValueError(
-                f"The encoder `attention_mask` must have shape (batch={batch}, source length={src_len}), "
-                f"got {tuple(encoder_attention_mask.shape)}."
+                f"`encoder_hidden_states` (the encoder output) must be a tensor of shape (batch={batch}, source "
+                f"length, hidden_size={self.config.hidden_size}), got {shape or type(encoder_hidden_states).__name__}."
             )
         self_cache = past_key_values.self_attention_cache if past_key_values is not None else None
         cross_cache = past_key_values.cross_attention_cache if past_key_values is not None else None
-        past_len = self_cache.get_seq_length() if self_cache is not None else 0
-        total_len = past_len + seq_len
-        if total_len > config.max_position_embeddings:
-            raise ValueError(
-                f"Target length {total_len} (cached {past_len} + new {seq_len}) exceeds "
-                f"`max_position_embeddings`={config.max_position_embeddings}."
-            )
-        if attention_mask is not None and tuple(attention_mask.shape) != (batch, total_len):
-            raise ValueError(
-                f"`decoder_attention_mask` must have shape (batch={batch}, past+current length={total_len}), "
-                f"got {tuple(attention_mask.shape)}."
-            )
-        position_ids = resolve_position_ids(position_ids, attention_mask, past_len, batch, seq_len, inputs_embeds.device)
-        mask, is_causal = build_attention_mask(attention_mask, seq_len, total_len, causal=True)
-        encoder_mask, _ = build_attention_mask(encoder_attention_mask, seq_len, src_len, causal=False)
-        device = inputs_embeds.device
-        static = {
-            "rotary": rotary_tables(position_ids, config.head_dim, config.rope_theta, torch.float32),
-            "mask": mask.to(device) if mask is not None else None,
-            "is_causal": is_causal,
-            "encoder_mask": encoder_mask.to(device) if encoder_mask is not None else None,
-            "past_key_values": self_cache,
-            "cross_past_key_values": cross_cache,
-        }
-        hidden, all_hidden = run_blocks(
-            self.layers,
-            self.norm,
+        past_length = self_cache.get_seq_length() if self_cache is not None else 0
+        static, _ = prepare_stack_inputs(
+            self.config, inputs_embeds, attention_mask, position_ids, past_length, mask_name="decoder_attention_mask"
+        )
+        src_len = encoder_hidden_states.shape[1]
+        encoder_mask = check_padding_mask(encoder_attention_mask, (batch, src_len), "attention_mask")
+        static["encoder_attention_mask"], _ = attention_mask_for(
+            self.config._attn_implementation, encoder_mask, batch, seq_len, src_len, causal=False,
+            dtype=inputs_embeds.dtype, device=inputs_embeds.device,
+        )
+        out = self.layers(
             inputs_embeds,
-            config.reversible,
+            self.norm,
             static,
             diff_kwargs={"encoder_hidden_states": encoder_hidden_states},
+            caches={"cache": self_cache, "cross_cache": cross_cache},
             output_hidden_states=output_hidden_states,
-            engine_kwargs=engine_options(config),
+            output_attentions=output_attentions,
         )
-        return BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=hidden, past_key_values=past_key_values, hidden_states=all_hidden
+        maps = out.attentions or {}
+        return RevFormerDecoderOutput(
+            last_hidden_state=out.last_hidden_state,
+            hidden_states=out.hidden_states,
+            attentions=maps.get("self"),
+            cross_attentions=maps.get("cross"),
+            deq_stats=out.deq_stats,
+            jacobian_loss=out.jacobian_loss,
+            cache=past_key_values,
         )
 
 
-def _check_seq2seq_config(config: RevFormerConfig) -> None:
-    if config.decoder_start_token_id is None:
-        raise ValueError(
-            "`decoder_start_token_id` must be set for a sequence-to-sequence model (it defaults to `bos_token_id` "
-            "when `is_encoder_decoder=True`)."
-        )
-    if config.pad_token_id is None:
-        raise ValueError("`pad_token_id` must be set for a sequence-to-sequence model (padding of decoder inputs).")
+def _sum_jacobian_losses(*outputs: Any) -> torch.Tensor | None:
+    losses = [o.jacobian_loss for o in outputs if getattr(o, "jacobian_loss", None) is not None]
+    return sum(losses) if losses else None
 
 
 class RevFormerSeq2SeqModel(RevFormerPreTrainedModel):
@@ -230,7 +241,13 @@ class RevFormerSeq2SeqModel(RevFormerPreTrainedModel):
 
     def __init__(self, config: RevFormerConfig) -> None:
         super().__init__(config)
-        _check_seq2seq_config(config)
+        if config.decoder_start_token_id is None:
+            raise ValueError(
+                "`decoder_start_token_id` must be set for a sequence-to-sequence model (it defaults to `bos_token_id` "
+                "when `is_encoder_decoder=True`)."
+            )
+        if config.pad_token_id is None:
+            raise ValueError("`pad_token_id` must be set for a sequence-to-sequence model (padding of decoder inputs).")
         self.encoder = RevFormerEncoder(config)
         self.decoder = RevFormerDecoder(config)
         self.post_init()
@@ -247,6 +264,7 @@ class RevFormerSeq2SeqModel(RevFormerPreTrainedModel):
     def get_decoder(self) -> RevFormerDecoder:
         return self.decoder
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -259,40 +277,42 @@ class RevFormerSeq2SeqModel(RevFormerPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         decoder_inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> Seq2SeqModelOutput | tuple:
+    ) -> RevFormerSeq2SeqModelOutput:
         config = self.config
-        past_key_values = pop_cache_argument(past_key_values, kwargs)
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else config.return_dict
+        cache = pop_cache_argument(past_key_values, kwargs)
+        output_attentions, output_hidden_states = resolve_output_flags(config, output_attentions, output_hidden_states)
         if encoder_outputs is None:
             encoder_outputs = self.encoder(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 inputs_embeds=inputs_embeds,
+                output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states,
                 return_dict=True,
             )
         elif not isinstance(encoder_outputs, BaseModelOutput):
+            if not isinstance(encoder_outputs, (tuple, list)) or not encoder_outputs:
+                raise TypeError(
+                    "`encoder_outputs` must be the encoder's output (a BaseModelOutput, or a tuple whose first element "
+                    f"is the encoder's last hidden state), got {type(encoder_outputs).__name__}."
+                )
             encoder_outputs = BaseModelOutput(
                 last_hidden_state=encoder_outputs[0],
                 hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
             )
         decoder_inputs_embeds = embed_inputs(
-            self.encoder.embed_tokens, config, decoder_input_ids, decoder_inputs_embeds, "decoder_input_ids"
+            self.encoder.embed_tokens, decoder_input_ids, decoder_inputs_embeds, "decoder_input_ids",
+            "decoder_inputs_embeds",
         )
-
-        if resolve_use_cache(config, use_cache):
-            if past_key_values is None:
-                past_key_values = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
-            elif not isinstance(past_key_values, EncoderDecoderCache):
-                past_key_values = EncoderDecoderCache(past_key_values, DynamicCache(config=config))
-        else:
-            past_key_values = None
+        if not resolve_use_cache(config, use_cache):
+            cache = None
+        elif cache is None:
+            cache = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+        elif not isinstance(cache, EncoderDecoderCache):
+            cache = EncoderDecoderCache(cache, DynamicCache(config=config))
 
         decoder_outputs = self.decoder(
             inputs_embeds=decoder_inputs_embeds,
@@ -300,24 +320,30 @@ class RevFormerSeq2SeqModel(RevFormerPreTrainedModel):
             encoder_attention_mask=attention_mask,
             attention_mask=decoder_attention_mask,
             position_ids=decoder_position_ids,
-            past_key_values=past_key_values,
+            past_key_values=cache,
+            output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
-        output = Seq2SeqModelOutput(
+        return RevFormerSeq2SeqModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
-            past_key_values=output_cache(decoder_outputs),
             decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
             encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+            encoder_deq_stats=getattr(encoder_outputs, "deq_stats", None),
+            decoder_deq_stats=decoder_outputs.deq_stats,
+            jacobian_loss=_sum_jacobian_losses(encoder_outputs, decoder_outputs),
+            **{CACHE_FIELD: decoder_outputs.cache},
         )
-        return output if return_dict else output.to_tuple()
 
 
 class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixin):
     """Reversible encoder-decoder with an LM head: translation and other seq2seq tasks, `generate()` ready.
 
     `labels` are shifted right into `decoder_input_ids` (with `config.decoder_start_token_id`) when no decoder inputs
-    are given. With `labels` the loss is computed chunk-wise and `logits` is `None` unless `return_logits=True`.
+    are given.
     """
 
     base_model_prefix = "model"
@@ -354,6 +380,13 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
         """Used by `DataCollatorForSeq2Seq` to build `decoder_input_ids` in the collator."""
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 
+    def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        """`GenerationMixin.generate`, after checking the prompt, mask and embeddings (clear errors, small integer
+        dtypes converted)."""
+        inputs = check_generate_inputs(self.config.vocab_size, inputs, kwargs)
+        return super().generate(inputs, *args, **kwargs)
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -367,23 +400,22 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
         decoder_inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int = 0,
         return_logits: bool | None = None,
         **kwargs: Any,
-    ) -> Seq2SeqLMOutput | tuple:
+    ) -> RevFormerSeq2SeqLMOutput:
         """
         labels: target token ids `(batch, target length)`, aligned with the decoder outputs; `-100` is ignored.
         logits_to_keep: if > 0, only the last `logits_to_keep` positions' logits are computed (generation).
-        return_logits: with `labels`, `logits` is `None` (chunked loss) unless this is `True`.
+        return_logits: with `labels`, whether to return the logits as well: by default in eval mode only (metrics,
+            `predict_with_generate=False` evaluation); in training the chunked loss never materialises them.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        past_key_values = pop_cache_argument(past_key_values, kwargs)
-        if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
-            if labels.dim() != 2:
-                raise ValueError(f"`labels` must have shape (batch, target length), got {tuple(labels.shape)}.")
-            decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+        if labels is not None:
+            labels = check_labels(labels, self.config.vocab_size, None)
+            if decoder_input_ids is None and decoder_inputs_embeds is None:
+                decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -391,10 +423,11 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
             decoder_attention_mask=decoder_attention_mask,
             decoder_position_ids=decoder_position_ids,
             encoder_outputs=encoder_outputs,
-            past_key_values=past_key_values,
+            past_key_values=pop_cache_argument(past_key_values, kwargs),
             inputs_embeds=inputs_embeds,
             decoder_inputs_embeds=decoder_inputs_embeds,
             use_cache=use_cache,
+            output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
@@ -403,26 +436,27 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
         if labels is not None:
             if labels.shape != hidden.shape[:2]:
                 raise ValueError(f"`labels` must have shape {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}.")
-            loss = chunked_cross_entropy(hidden, self.lm_head, labels, self.config.loss_chunk_size)
-        if labels is None or return_logits:
+            loss = chunked_cross_entropy(
+                hidden, self.lm_head, labels, self.config.loss_chunk_size, kwargs.get("num_items_in_batch")
+            )
+            if outputs.jacobian_loss is not None:
+                loss = loss + self.config.deq_jacobian_reg * outputs.jacobian_loss
+        if labels is None or wants_logits(self, return_logits):
             logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
-
-        output = Seq2SeqLMOutput(
+        return RevFormerSeq2SeqLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=output_cache(outputs),
             decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
             encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
+            encoder_deq_stats=outputs.encoder_deq_stats,
+            decoder_deq_stats=outputs.decoder_deq_stats,
+            jacobian_loss=outputs.jacobian_loss,
+            **{CACHE_FIELD: output_cache(outputs)},
         )
-        return output if return_dict else output.to_tuple()
 
 
-__all__ = [
-    "RevFormerDecoderBlock",
-    "RevFormerEncoder",
-    "RevFormerDecoder",
-    "RevFormerSeq2SeqModel",
-    "RevFormerForConditionalGeneration",
-    "shift_tokens_right",
-]
+__all__ = ["RevFormerSeq2SeqModel", "RevFormerForConditionalGeneration"]

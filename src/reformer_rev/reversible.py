@@ -13,15 +13,22 @@ so activation memory is one block's worth whatever the depth.
 Nothing here knows about attention or feed-forward layers: blocks only have to expose `f(x, **kwargs)` and
 `g(x, **kwargs)` and, if `g` acts on every position independently, a `g_chunk_size` to bound its activations.
 
-Correctness rules this module follows (see docs/design.md §2):
+Correctness rules this module follows (docs/design.md §2, §8):
 
-* dropout is replayed exactly: the RNG state of every device in use is captured before each `f`/`g` call of each
-  forward *call* (stored on the autograd context, never on a module) and restored around the recompute with
-  `torch.random.fork_rng`, so two forwards before one backward, or gradient accumulation, stay exact and the
-  global generator is never reseeded;
+* randomness is replayed exactly, wherever it comes from (config dropout, adapter dropout inside a LoRA layer, a
+  user's `nn.Dropout`, stochastic depth): the RNG state of every device in use is captured before each `f`/`g` call
+  of each forward *call* (stored on the autograd context, never on a module) and restored around the recompute with
+  `torch.random.fork_rng`. Nothing is inferred from config fields: a state is dropped only when the generators are
+  provably untouched by the call (their state compares equal afterwards), so blocks without random ops cost nothing.
+  Two forwards before one backward, or gradient accumulation, stay exact and the global generator is never reseeded;
 * autocast is replayed: the autocast state of the forward is recorded and re-entered in backward;
-* parameter gradients are accumulated by `torch.autograd.backward` on each rebuilt block graph (not returned from
-  the Function), which is what DDP's default mode and FSDP2 expect.
+* gradients do not depend on what requires grad: the stack is on the autograd graph whenever any block parameter
+  (or input) needs a gradient, even if the inputs are frozen (a frozen embedding, PEFT adapters);
+* every parameter's gradient is delivered once per backward, at its last use (the lowest block that applies it),
+  however many times the recompute uses it (chunked feed-forward, weight-tied blocks). The recompute computes
+  gradients with `torch.autograd.grad` into local accumulators and hands each parameter its total with one
+  `torch.autograd.backward` on the parameter itself, so its accumulation hook fires once: what DDP's default mode,
+  `static_graph` and ZeRO expect. FSDP2-sharded blocks keep in-place accumulation (`distributed.py`).
 
 The coupling rule is pluggable (`couplings.py`: additive, momentum, leapfrog), and so is the stream arithmetic:
 floating point, or int64 fixed point for bit-exact reversal at any depth (`fixed_point_bits`). A drift guard keeps
@@ -30,6 +37,7 @@ exact stream checkpoints every k blocks, and a debug report measures the reconst
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -41,6 +49,7 @@ from torch import nn
 from .couplings import (
     AdditiveCoupling,
     Coupling,
+    DriftMonitor,
     DriftReport,
     DualArith,
     ExactArith,
@@ -55,8 +64,6 @@ class ReversibleBlockProtocol(Protocol):
 
     training: bool
     g_chunk_size: int
-    # Optional: False when f and g draw no random numbers (no active dropout), so no RNG state is recorded.
-    uses_rng: bool
 
     def f(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor: ...
 
@@ -80,6 +87,12 @@ class RngState:
     def capture(cls, cuda_devices: tuple[int, ...]) -> RngState:
         states = tuple(torch.cuda.get_rng_state(d) for d in cuda_devices)
         return cls(torch.get_rng_state(), cuda_devices, states)
+
+    def unchanged(self) -> bool:
+        """Whether the generators are still in this state (nothing drew random numbers since the capture)."""
+        if not torch.equal(torch.get_rng_state(), self.cpu):
+            return False
+        return all(torch.equal(torch.cuda.get_rng_state(d), s) for d, s in zip(self.cuda_devices, self.cuda_states))
 
     def fork(self):
         """Context manager: run with this RNG state, leave the global generators as they were afterwards."""
@@ -166,6 +179,68 @@ def _branch_out(fn: Callable[..., torch.Tensor], x: torch.Tensor, chunk: int, co
     return out if coef == 1.0 else out * coef
 
 
+def _graph_leaves(out: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors requiring grad that `out` was computed from: parameters (the block's own, or any other one
+    `f`/`g` closes over, e.g. a shared adapter), differentiable kwargs and the recompute's input leaf."""
+    leaves, seen, stack = [], set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
+        if variable is not None:
+            leaves.append(variable)
+        else:
+            stack.extend(child for child, _ in node.next_functions)
+    return leaves
+
+
+class _GradientSink:
+    """Parameter gradients of one recomputing backward, handed to each parameter once.
+
+    The recompute may use a parameter many times: once per chunk of `g`, once per application of a weight-tied
+    block. Accumulating each use into `.grad` would fire the parameter's accumulation hook each time, which DDP's
+    default mode rejects ("mark a variable ready only once") and which makes DDP/ZeRO reduce a partial gradient.
+    Instead gradients are summed here and each parameter receives its total with one `torch.autograd.backward` on
+    the parameter itself (its `AccumulateGrad` node runs once, hooks included) as soon as no lower block uses it, so
+    at most one block's worth of gradients is held at a time and DDP can overlap communication with the backward.
+
+    `in_place=True` keeps accumulation into `.grad` on every use: FSDP2 reduce-scatters from its own backward hooks
+    around each recompute call (`distributed.py`) and owns the unsharded gradient buffers.
+    """
+
+    def __init__(self, blocks: Sequence[ReversibleBlockProtocol], in_place: bool) -> None:
+        self.in_place = in_place
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.release_at: dict[int, list[int]] = {}
+        if in_place:
+            return
+        lowest: dict[int, int] = {}
+        for i, block in enumerate(blocks):
+            for p in block.parameters():  # type: ignore[attr-defined]
+                lowest.setdefault(id(p), i)  # forward order: the first use is the lowest block
+        for key, i in lowest.items():
+            self.release_at.setdefault(i, []).append(key)
+
+    def add(self, leaf: torch.Tensor, grad: torch.Tensor | None) -> None:
+        if grad is None:
+            return
+        key = id(leaf)
+        if key in self.pending:
+            self.pending[key] = (leaf, self.pending[key][1] + grad)
+        else:
+            self.pending[key] = (leaf, grad)
+
+    def release(self, block_index: int | None = None) -> None:
+        """Deliver the gradients of the parameters whose lowest use is `block_index` (all pending ones if None)."""
+        keys = list(self.pending) if block_index is None else self.release_at.get(block_index, ())
+        items = [self.pending.pop(k) for k in keys if k in self.pending]
+        if items:
+            leaves, grads = zip(*items)
+            torch.autograd.backward(list(leaves), list(grads))
+
+
 def _branch_backward(
     fn: Callable[..., torch.Tensor],
     x: torch.Tensor,
@@ -173,21 +248,38 @@ def _branch_backward(
     chunk: int,
     coef: float,
     kwargs: dict[str, Any],
+    sink: _GradientSink,
+    local_leaves: dict[int, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Recompute `out = coef * fn(x)` and back-propagate `grad_out` through it; returns `(out, dL/dx)`, detached.
 
     Chunk-wise with a leaf per chunk (the same chunks as the forward, so the values are bit-identical), so only one
-    chunk's graph is alive at a time. Parameter and differentiable-kwarg gradients accumulate into `.grad`.
+    chunk's graph is alive at a time. Gradients of the differentiable kwargs (`local_leaves`, the backward's own
+    leaves) accumulate into their `.grad`; parameter gradients go to `sink`.
     """
     outs, grads = [], []
+    others: list[torch.Tensor] | None = None
     for s in _chunks(x.shape[1], chunk):
         x_c = x[:, s].detach().requires_grad_(True)
         o = fn(x_c, **kwargs)
         if coef != 1.0:
             o = o * coef
-        torch.autograd.backward(o, grad_out[:, s])
+        if sink.in_place:
+            torch.autograd.backward(o, grad_out[:, s])
+            g_x = x_c.grad
+        else:
+            if others is None:  # every chunk's graph has the same leaves but its input
+                others = [leaf for leaf in _graph_leaves(o) if leaf is not x_c]
+            g_x, *g_others = torch.autograd.grad(o, [x_c, *others], grad_out[:, s], allow_unused=True)
+            for leaf, g in zip(others, g_others):
+                if g is None:
+                    continue
+                if id(leaf) in local_leaves:
+                    leaf.grad = g if leaf.grad is None else leaf.grad + g
+                else:
+                    sink.add(leaf, g)
         outs.append(o.detach())
-        grads.append(x_c.grad if x_c.grad is not None else torch.zeros_like(x_c))
+        grads.append(g_x if g_x is not None else torch.zeros_like(x_c))
         del o
     if len(outs) == 1:
         return outs[0], grads[0]
@@ -209,13 +301,16 @@ def block_forward(
     """
     coupling = coupling or _ADDITIVE
     ar = arith or _FLOAT
-    record_rng = cuda_devices is not None and getattr(block, "uses_rng", block.training)
+    record = cuda_devices is not None
     rngs = []
     for fn, chunk in _branches(block):
-        rngs.append(RngState.capture(cuda_devices) if record_rng else None)
+        # Any op in f/g may draw random numbers (adapter dropout, a user's nn.Dropout): capture before every call,
+        # keep the state only if the call provably drew (a CPU state is ~5 kB, a CUDA one 16 bytes).
+        rng = RngState.capture(cuda_devices) if record else None
         out = _branch_out(fn, ar.view(coupling.forward_input(x1, x2)), chunk, coupling.coef, kwargs)
+        rngs.append(None if rng is None or rng.unchanged() else rng)
         x1, x2 = coupling.forward_combine(ar, x1, x2, ar.quant(out))
-    return x1, x2, (_BlockRecord(*rngs) if cuda_devices is not None else None)
+    return x1, x2, (_BlockRecord(*rngs) if record else None)
 
 
 def _maybe_fork(state: RngState | None):
@@ -230,21 +325,25 @@ def block_backward(
     dy2: torch.Tensor,
     kwargs: dict[str, Any],
     record: _BlockRecord,
-    coupling: Coupling | None = None,
-    arith: Any = None,
+    coupling: Coupling,
+    arith: Any,
+    sink: _GradientSink,
+    local_leaves: dict[int, torch.Tensor],
 ) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
     """Reconstruct `(x1, x2)` from `(y1, y2)` and turn `(dL/dy1, dL/dy2)` into `(dL/dx1, dL/dx2)`.
 
     Each residual function is evaluated exactly once (with grad), its output used both to invert the coupling and
-    to back-propagate: one extra forward per block, the minimum for a recomputing backward. Parameter gradients and
-    gradients of differentiable `kwargs` (e.g. an encoder output) accumulate into their `.grad` fields.
+    to back-propagate: one extra forward per block, the minimum for a recomputing backward. Parameter gradients go
+    to `sink`; gradients of differentiable `kwargs` (e.g. an encoder output) accumulate into their `.grad` fields.
     """
     coupling = coupling or _ADDITIVE
     ar = arith or _FLOAT
     for (fn, chunk), rng in reversed(list(zip(_branches(block), (record.rng_f, record.rng_g)))):
         xin = coupling.inverse_input(ar, y1, y2)
         with _maybe_fork(rng):
-            out, g_in = _branch_backward(fn, ar.view(xin), coupling.grad_out(dy1, dy2), chunk, coupling.coef, kwargs)
+            out, g_in = _branch_backward(
+                fn, ar.view(xin), coupling.grad_out(dy1, dy2), chunk, coupling.coef, kwargs, sink, local_leaves
+            )
         with torch.no_grad():
             y1, y2 = coupling.inverse_combine(ar, y1, y2, xin, ar.quant(out))
             dy1, dy2 = coupling.grad_inputs(dy1, dy2, g_in)
@@ -260,6 +359,36 @@ def _stream_arith(fixed_point_bits: int | None, dtype: torch.dtype, twin: bool =
     if fixed_point_bits is None:
         return FloatArith()
     return (DualArith if twin else ExactArith)(fixed_point_bits, dtype)
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+# Fixed-point streams for `fixed_point_bits="auto"`: at most 32 fractional bits (a 2.3e-10 grid, finer than an fp32
+# ulp for any |x| > 0.004), and at least 2^24 of headroom above the largest input value for the growth of the
+# streams through the stack (measured on trained models: docs/precision.md).
+AUTO_MAX_BITS = 32
+AUTO_GROWTH_BITS = 24
+AUTO_MIN_BITS = 8
+
+
+def resolve_fixed_point_bits(fixed_point_bits: int | str | None, *streams: torch.Tensor) -> int | None:
+    """The stream arithmetic of one stack call: `None` (float), an int (exact, that many fractional bits), or
+    `"auto"`: exact when the stack computes in half precision -- the streams are bf16/fp16, or autocast to a half
+    dtype is on -- where float reversal drifts (docs/precision.md: 46% gradient error at depth 48 under bf16
+    autocast), float otherwise (fp32/fp64 reversal is measured to be accurate). The scale keeps 2^24 of headroom
+    above the largest input value, capped at 32 fractional bits."""
+    if fixed_point_bits != "auto":
+        return fixed_point_bits
+    x = streams[0]
+    autocast_half = torch.is_autocast_enabled(x.device.type) and (
+        torch.get_autocast_dtype(x.device.type) in HALF_DTYPES
+    )
+    if not (autocast_half or x.dtype in HALF_DTYPES):
+        return None
+    peak = max(float(s.detach().abs().amax()) if s.numel() else 0.0 for s in streams)
+    if not math.isfinite(peak):
+        raise ValueError(f"The reversible stack's input is not finite (max |x| = {peak}).")
+    magnitude_bits = math.ceil(math.log2(peak)) if peak > 0 else 0
+    return max(AUTO_MIN_BITS, min(AUTO_MAX_BITS, 62 - AUTO_GROWTH_BITS - magnitude_bits))
 
 
 class _StackRun:
@@ -289,15 +418,35 @@ class _StackRun:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _is_fsdp_sharded(block: Any) -> bool:
+    """Whether `block` is an FSDP2 module (`torch.distributed.fsdp.fully_shard`), which accumulates in place."""
+    return callable(getattr(block, "_get_fsdp_state", None))
+
+
+def _release_scope(block: Any):
+    """The context in which the parameters whose lowest use is `block` receive their gradients.
+
+    A block whose parameters are materialised only inside its sub-modules' forward and backward hooks (DeepSpeed
+    ZeRO-3 partitions them to empty tensors outside) sets `gradient_release_scope` to a factory of a context that
+    gathers them: the sink hands over full-size gradients after the recompute, when the hooks have partitioned the
+    parameters again (`distributed.register_deepspeed_zero3_scopes`).
+    """
+    scope = getattr(block, "gradient_release_scope", None)
+    return scope() if scope is not None else nullcontext()
+
+
 class _ReversibleStackFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x1, x2, blocks, static_kwargs, options, diff_names, *diff_values):  # type: ignore[override]
-        coupling, bits, checkpoint_every, report = options
+    def forward(ctx, anchor, x1, x2, blocks, static_kwargs, options, diff_names, *diff_values):  # type: ignore[override]
+        coupling, bits, checkpoint_every, report, monitor = options
         kwargs = {**static_kwargs, **dict(zip(diff_names, diff_values))}
         devices = _cuda_devices((x1, x2))
         ar = _stream_arith(bits, x1.dtype)
         run = _StackRun(checkpoint_every, report)
         s1, s2, records = run.forward(blocks, coupling, ar, ar.enter(x1), ar.enter(x2), kwargs, devices)
+        ar.check()
+        # Drift probe: references to the inputs (no copy), compared with their reconstruction in backward.
+        ctx.probe = (monitor, x1, x2) if monitor is not None and monitor.should_probe() else None
         ctx.blocks = blocks
         ctx.records = records
         ctx.static_kwargs = static_kwargs
@@ -311,6 +460,7 @@ class _ReversibleStackFunction(torch.autograd.Function):
     def backward(ctx, dy1, dy2):  # type: ignore[override]
         y1, y2, *diff_values = ctx.saved_tensors
         leaves = [v.detach().requires_grad_(v.requires_grad) for v in diff_values]
+        local_leaves = {id(leaf): leaf for leaf in leaves if leaf.requires_grad}
         kwargs = {**ctx.static_kwargs, **dict(zip(ctx.diff_names, leaves))}
         dy1 = dy1.contiguous()
         dy2 = dy2.contiguous()
@@ -321,10 +471,18 @@ class _ReversibleStackFunction(torch.autograd.Function):
         coupling, ar, run = ctx.coupling, ctx.arith, ctx.run
         ctx.arith = None
         report = run.report
+        sink = _GradientSink(ctx.blocks, in_place=any(_is_fsdp_sharded(b) for b in ctx.blocks))
         with torch.enable_grad(), ctx.autocast.context():
             for i in reversed(range(len(ctx.blocks))):
                 block, record = ctx.blocks[i], ctx.records[i]
-                y1, y2, dy1, dy2 = block_backward(block, y1, y2, dy1, dy2, kwargs, record, coupling, ar)
+                y1, y2, dy1, dy2 = block_backward(
+                    block, y1, y2, dy1, dy2, kwargs, record, coupling, ar, sink, local_leaves
+                )
+                with _release_scope(block):
+                    sink.release(i)
+                if i == 0 and ctx.probe is not None:
+                    # Before a stream checkpoint replaces it: the error the gradients below have inherited.
+                    _probe_drift(ar, (y1, y2), *ctx.probe)
                 if i in run.inputs:
                     report.blocks.append(measure_drift(ar, i, (y1, y2), run.inputs.pop(i)))
                 if i in run.checkpoints:
@@ -332,13 +490,27 @@ class _ReversibleStackFunction(torch.autograd.Function):
                     if report is not None:
                         report.checkpoints.append(measure_drift(ar, i, (y1, y2), exact))
                     y1, y2 = exact
+            sink.release()  # leaves outside every block's parameters (closed over by f/g), after their last use
+        ar.check()
         if report is not None:
             report.blocks.sort(key=lambda b: b.index)
             report.checkpoints.sort(key=lambda b: b.index)
         # Free the references held by the context early (the graph may outlive this call).
-        ctx.blocks = ctx.records = ctx.static_kwargs = ctx.run = ctx.arith = None
+        ctx.blocks = ctx.records = ctx.static_kwargs = ctx.run = ctx.arith = ctx.probe = None
         diff_grads = tuple(leaf.grad if leaf.requires_grad else None for leaf in leaves)
-        return (dy1, dy2, None, None, None, None, *diff_grads)
+        dx1 = dy1 if ctx.needs_input_grad[1] else None
+        dx2 = dy2 if ctx.needs_input_grad[2] else None
+        return (None, dx1, dx2, None, None, None, None, *diff_grads)
+
+
+def _probe_drift(ar: Any, reconstructed: tuple[Any, Any], monitor: DriftMonitor, x1, x2) -> None:
+    with torch.no_grad():
+        drift = measure_drift(ar, 0, reconstructed, (ar.enter(x1), ar.enter(x2)))
+    monitor.record(drift.rel_err, exact=ar.exact)
+
+
+#: The monitor of every stack call that is not given its own (`drift_monitor=None`); `drift_monitor=False` disables.
+default_drift_monitor = DriftMonitor()
 
 
 def run_reversible_stack(
@@ -353,6 +525,7 @@ def run_reversible_stack(
     fixed_point_bits: int | None = None,
     checkpoint_every: int = 0,
     drift_report: DriftReport | None = None,
+    drift_monitor: DriftMonitor | None | bool = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply `blocks` to the streams `(x1, x2)`.
 
@@ -366,17 +539,23 @@ def run_reversible_stack(
             `init_streams` / `merge_streams` to go from one hidden state to two streams and back.
         fixed_point_bits: if set, the streams are held as int64 fixed point with this many fractional bits and every
             `f`/`g` output is rounded onto that grid: reversal is bit-exact in any compute dtype. Gradients are those
-            of the float coupling (the rounding is straight-through), in the twin as well.
+            of the float coupling (the rounding is straight-through), in the twin as well. `"auto"`: exact only when
+            the stack computes in half precision (see `resolve_fixed_point_bits`).
         checkpoint_every: drift guard for the float arithmetic: keep an exact copy of the streams entering every
             `checkpoint_every`-th block (0 = off; memory `2 * depth / k` streams) and restore it in backward.
         drift_report: a `DriftReport` filled in backward with the reconstruction error at the checkpoints and, if
             `drift_report.per_block`, at every block (debug: the forward then keeps every block's inputs).
+        drift_monitor: the cheap always-on reconstruction check (`DriftMonitor`); `None` uses
+            `default_drift_monitor`, `False` disables it.
     """
     static_kwargs = dict(static_kwargs or {})
     diff_kwargs = dict(diff_kwargs or {})
     coupling = make_coupling(coupling)
-    if fixed_point_bits is not None and (isinstance(fixed_point_bits, bool) or not 1 <= int(fixed_point_bits) <= 62):
-        raise ValueError(f"`fixed_point_bits` must be None or an integer in [1, 62], got {fixed_point_bits!r}.")
+    if fixed_point_bits not in (None, "auto") and (
+        isinstance(fixed_point_bits, bool) or not isinstance(fixed_point_bits, int) or not 1 <= fixed_point_bits <= 62
+    ):
+        raise ValueError(f"`fixed_point_bits` must be None, 'auto' or an integer in [1, 62], got {fixed_point_bits!r}.")
+    fixed_point_bits = resolve_fixed_point_bits(fixed_point_bits, x1, x2)
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
         raise ValueError(f"`checkpoint_every` must be a non-negative integer, got {checkpoint_every!r}.")
     needs_grad = torch.is_grad_enabled() and (
@@ -391,12 +570,19 @@ def run_reversible_stack(
         s1, s2 = ar.enter(x1), ar.enter(x2)
         for block in blocks:
             s1, s2, _ = block_forward(block, s1, s2, kwargs, coupling=coupling, arith=ar)
+        ar.check()
         return ar.out(s1), ar.out(s2)
     if len(blocks) == 0:
         return x1, x2
     names = tuple(diff_kwargs)
-    options = (coupling, fixed_point_bits, checkpoint_every, drift_report)
-    return _ReversibleStackFunction.apply(x1, x2, list(blocks), static_kwargs, options, names, *diff_kwargs.values())
+    monitor = default_drift_monitor if drift_monitor is None or drift_monitor is True else (drift_monitor or None)
+    options = (coupling, fixed_point_bits, checkpoint_every, drift_report, monitor)
+    # A leaf that requires grad keeps the stack on the graph when only block parameters need gradients (frozen
+    # embedding, PEFT adapters): a Function whose inputs all lack requires_grad returns outputs without a grad_fn.
+    anchor = torch.empty(0, device=x1.device, requires_grad=True)
+    return _ReversibleStackFunction.apply(
+        anchor, x1, x2, list(blocks), static_kwargs, options, names, *diff_kwargs.values()
+    )
 
 
 __all__ = [
@@ -407,5 +593,8 @@ __all__ = [
     "run_reversible_stack",
     "Coupling",
     "DriftReport",
+    "DriftMonitor",
+    "default_drift_monitor",
+    "resolve_fixed_point_bits",
     "make_coupling",
 ]

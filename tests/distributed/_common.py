@@ -28,6 +28,18 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+def describe(err: BaseException) -> str:
+    """`Type: first line of the message` (some library assertions have no message: then where it was raised)."""
+    lines = str(err).strip().splitlines()
+    if lines:
+        return f"{type(err).__name__}: {lines[0][:240]}"
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}" if tb is not None else ""
+    return f"{type(err).__name__}{where}"
+
+
 def write_result(result: dict) -> None:
     """Rank 0 writes the measurements to the JSON path given as the last command-line argument."""
     if int(os.environ.get("RANK", "0")) == 0:

@@ -1,0 +1,281 @@
+"""Mixed precision without drift: gradients of the reversible stack under bf16 vs the float64 truth.
+
+For each depth, a byte-level reversible LM (hidden 64) is trained for a few AdamW steps under bf16 autocast on the
+bundled English text (trained weights drift far more than random ones: block 0's input is the small embedding,
+recovered by subtracting large branch outputs). Then, at those weights and on a fresh batch, the gradients of one
+training step are compared with the float64 truth (the plain-autograd twin in float64), for:
+
+* `reversible (default)`: the library default (`exact_reversal="auto"`: exact fixed-point streams under half
+  precision);
+* `reversible (float streams)`: `exact_reversal=False`, the previous default;
+* `twin (plain autograd)`: the same modules under ordinary autograd with float streams -- the reference error of bf16
+  itself.
+
+Both under bf16 autocast with fp32 weights and with the whole model cast to bf16 (`model.to(torch.bfloat16)`).
+The cost part measures one training step's activation memory (profiler) and tokens/s of the exact default against
+float streams, interleaved in the same run; the monitor part records what the drift monitor says on the float path.
+
+    python eval/bench_precision.py                      # writes outputs/precision/
+    python eval/bench_precision.py --update_docs        # also docs/precision.{md,json}
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reformer_rev import RevFormerConfig, RevFormerForCausalLM, RevFormerForConditionalGeneration
+from reformer_rev.profiling import peak_allocated_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "data" / "bible_lm" / "validation.jsonl.gz"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depths", nargs="+", type=int, default=[12, 48, 96])
+    p.add_argument("--hidden_size", type=int, default=64)
+    p.add_argument("--seq_len", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--train_steps", type=int, default=30)
+    p.add_argument("--learning_rate", type=float, default=1e-2)
+    p.add_argument("--cost_depth", type=int, default=48)
+    p.add_argument("--cost_seq_len", type=int, default=512)
+    p.add_argument("--cost_rounds", type=int, default=7)
+    p.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "precision")
+    p.add_argument("--update_docs", action="store_true", help="also write docs/precision.md and docs/precision.json")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data and models
+# --------------------------------------------------------------------------------------------------------------
+
+
+def corpus_batches(batch_size: int, seq_len: int, n: int, seed: int = 0) -> torch.Tensor:
+    """`n` batches `(batch, seq)` of byte ids cut at random offsets from the bundled English validation text."""
+    with gzip.open(CORPUS, "rt") as f:
+        text = "".join(json.loads(line)["text"] for line, _ in zip(f, range(200)))
+    data = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(data) - seq_len, (n, batch_size), generator=g)
+    return torch.stack([torch.stack([data[s : s + seq_len] for s in row]) for row in starts])
+
+
+def lm_config(depth: int, hidden: int, **overrides: Any) -> RevFormerConfig:
+    kwargs = dict(
+        vocab_size=256, hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=4,
+        intermediate_size=2 * hidden, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
+    )
+    kwargs.update(overrides)
+    return RevFormerConfig(**kwargs)
+
+
+def seq2seq_config(depth: int, hidden: int, **overrides: Any) -> RevFormerConfig:
+    return lm_config(depth, hidden, is_encoder_decoder=True, encoder_layers=depth // 2, decoder_layers=depth // 2,
+                     decoder_start_token_id=1, **overrides)
+
+
+def _step_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    if model.config.is_encoder_decoder:
+        return model(input_ids=ids, labels=ids.flip(1)).loss
+    return model(ids, labels=ids).loss
+
+
+def trained_state(model_class, config: RevFormerConfig, batches: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
+    """Weights after `len(batches)` AdamW steps under bf16 autocast (the plain twin: the error is measured later)."""
+    torch.manual_seed(0)
+    model = model_class(config)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for ids in batches:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = _step_loss(model, ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.state_dict()
+
+
+def gradients(model_class, config, state, ids, *, dtype=torch.float32, autocast=False, seed=7) -> dict[str, torch.Tensor]:
+    """Gradients of one training step (dropout off: the comparison is about arithmetic, not sampling)."""
+    model = model_class(config)
+    model.load_state_dict(state)
+    model.to(dtype).train()
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = _step_loss(model, ids)
+    loss.backward()
+    return {n: p.grad.detach().double() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def grad_errors(grads: dict[str, torch.Tensor], truth: dict[str, torch.Tensor], groups: dict[str, str]) -> dict[str, float]:
+    """Relative error `||g - g*|| / ||g*||` of each group of parameters (name prefix), concatenated."""
+    out = {}
+    for label, prefix in groups.items():
+        names = [n for n in truth if n.startswith(prefix)]
+        g = torch.cat([grads[n].flatten() for n in names])
+        t = torch.cat([truth[n].flatten() for n in names])
+        out[label] = ((g - t).norm() / t.norm()).item()
+    return out
+
+
+LM_GROUPS = {"input embedding": "model.embed_tokens.", "layer 0": "model.layers.0."}
+S2S_GROUPS = {"shared embedding": "model.encoder.embed_tokens.", "encoder layer 0": "model.encoder.layers.0.",
+              "decoder layer 0": "model.decoder.layers.0."}
+
+
+def precision_table(model_class, make_config, depth: int, args: argparse.Namespace, groups: dict[str, str]) -> dict:
+    """Errors vs the float64 truth for every candidate at one depth."""
+    batches = corpus_batches(args.batch_size, args.seq_len, args.train_steps + 1)
+    state = trained_state(model_class, make_config(depth, args.hidden_size, reversible=False, exact_reversal=False),
+                          batches[:-1], args.learning_rate)
+    ids = batches[-1]
+    truth = gradients(model_class, make_config(depth, args.hidden_size, reversible=False, exact_reversal=False),
+                      state, ids, dtype=torch.float64)
+    candidates = {
+        "reversible (default), bf16 autocast": (dict(reversible=True), torch.float32, True),
+        "reversible (float streams), bf16 autocast": (dict(reversible=True, exact_reversal=False), torch.float32, True),
+        "twin (plain autograd), bf16 autocast": (dict(reversible=False, exact_reversal=False), torch.float32, True),
+        "reversible (default), bf16 weights": (dict(reversible=True), torch.bfloat16, False),
+        "twin (plain autograd), bf16 weights": (dict(reversible=False, exact_reversal=False), torch.bfloat16, False),
+    }
+    rows = {}
+    for name, (overrides, dtype, autocast) in candidates.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the float path's drift warning: measured separately
+            grads = gradients(model_class, make_config(depth, args.hidden_size, **overrides), state, ids,
+                              dtype=dtype, autocast=autocast)
+        rows[name] = grad_errors(grads, truth, groups)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cost of the exact default, and the monitor
+# --------------------------------------------------------------------------------------------------------------
+
+
+def cost(args: argparse.Namespace) -> dict[str, Any]:
+    """Activation memory and tokens/s of a bf16-autocast training step: exact default vs float streams."""
+    ids = corpus_batches(args.batch_size, args.cost_seq_len, 1)[0]
+    models = {}
+    for name, exact in (("exact (default)", "auto"), ("float streams", False)):
+        torch.manual_seed(0)
+        model = RevFormerForCausalLM(lm_config(args.cost_depth, args.hidden_size, exact_reversal=exact,
+                                               chunk_size_feed_forward=128, loss_chunk_size=256))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+        models[name] = (model, opt)
+
+    def step(model, opt):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    out: dict[str, Any] = {"depth": args.cost_depth, "seq_len": args.cost_seq_len, "batch_size": args.batch_size}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for name, (model, opt) in models.items():
+            step(model, opt)  # warm-up: optimizer state and gradient buffers exist before measuring
+            out.setdefault("peak_activation_mb", {})[name] = peak_allocated_bytes(lambda: step(model, opt)) / 2**20
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(args.cost_rounds):  # interleaved: both candidates see the same machine load
+            for name, (model, opt) in models.items():
+                t0 = time.process_time()
+                step(model, opt)
+                times[name].append(time.process_time() - t0)
+    tokens = ids.numel()
+    # Fastest round of each: on a shared machine load only ever adds time, so the minimum is the least noisy.
+    out["tokens_per_cpu_second"] = {name: tokens / min(t) for name, t in times.items()}
+    out["speed_ratio_exact_vs_float"] = (
+        out["tokens_per_cpu_second"]["exact (default)"] / out["tokens_per_cpu_second"]["float streams"]
+    )
+    stream_mb = 2 * ids.numel() * args.hidden_size * 8 / 2**20
+    out["int64_stream_storage_mb"] = stream_mb
+    return out
+
+
+def monitor_demo(args: argparse.Namespace, depth: int = 48) -> dict[str, Any]:
+    """What the drift monitor says on a deliberately drifting configuration (float streams, bf16, trained)."""
+    batches = corpus_batches(args.batch_size, args.seq_len, args.train_steps + 1)
+    state = trained_state(RevFormerForCausalLM, lm_config(depth, args.hidden_size, reversible=False,
+                                                          exact_reversal=False), batches[:-1], args.learning_rate)
+    from reformer_rev.reversible import default_drift_monitor
+
+    default_drift_monitor.__init__()  # a fresh monitor: its first calls are always probed
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gradients(RevFormerForCausalLM, lm_config(depth, args.hidden_size, exact_reversal=False), state,
+                  batches[-1], autocast=True)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    return {"depth": depth, "rel_err": default_drift_monitor.last, "warning": messages[0] if messages else None}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    lines = ["| model | depth | gradient of | " + " | ".join(results["candidates"]) + " |",
+             "|---|---|---|" + "---|" * len(results["candidates"])]
+    for model_name, by_depth in results["errors"].items():
+        for depth, rows in by_depth.items():
+            groups = next(iter(rows.values())).keys()
+            for group in groups:
+                cells = [f"{100 * rows[c][group]:.2f}%" for c in results["candidates"]]
+                lines.append(f"| {model_name} | {depth} | {group} | " + " | ".join(cells) + " |")
+    c = results.get("cost")
+    if c:
+        lines += ["", f"Cost at depth {c['depth']}, seq {c['seq_len']}, batch {c['batch_size']}, bf16 autocast "
+                  "(one training step, profiler peak; tokens per CPU-second, fastest of interleaved rounds):", "",
+                  "| streams | peak activation MB | tokens/CPU-s |", "|---|---|---|"]
+        for name in c["peak_activation_mb"]:
+            lines.append(f"| {name} | {c['peak_activation_mb'][name]:.1f} | {c['tokens_per_cpu_second'][name]:.0f} |")
+        lines.append(f"\nexact / float speed ratio: {c['speed_ratio_exact_vs_float']:.2f}")
+    m = results.get("monitor")
+    if m:
+        lines += ["", f"Drift monitor on float streams, depth {m['depth']}, bf16 autocast, trained weights: "
+                  f"relative reconstruction error {m['rel_err']:.3g}.", "", f"> {m['warning']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "errors": {}}
+    for model_name, cls, make_config, groups in (
+        ("causal LM", RevFormerForCausalLM, lm_config, LM_GROUPS),
+        ("encoder-decoder", RevFormerForConditionalGeneration, seq2seq_config, S2S_GROUPS),
+    ):
+        for depth in args.depths:
+            t0 = time.time()
+            rows = precision_table(cls, make_config, depth, args, groups)
+            results["errors"].setdefault(model_name, {})[depth] = rows
+            results["candidates"] = list(rows)
+            print(f"{model_name} depth {depth} ({time.time() - t0:.0f} s):")
+            for cand, errs in rows.items():
+                print("  " + cand + ": " + ", ".join(f"{g} {100 * e:.2f}%" for g, e in errs.items()))
+            (args.output_dir / "precision.json").write_text(json.dumps(results, indent=2))
+    results["cost"] = cost(args)
+    results["monitor"] = monitor_demo(args)
+    text = render_markdown(results)
+    print(text)
+    (args.output_dir / "precision.json").write_text(json.dumps(results, indent=2))
+    (args.output_dir / "precision.md").write_text(text)
+    if args.update_docs:
+        (ROOT / "docs" / "precision.json").write_text(json.dumps(results, indent=2))
+        (ROOT / "docs" / "precision_table.md").write_text(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()
