@@ -199,22 +199,12 @@ def make_accelerator(args: argparse.Namespace, **kwargs: Any) -> Accelerator:
 
 
 def prepare_distributed_model(model: torch.nn.Module, accelerator: Accelerator) -> None:
-    """After `accelerator.prepare`: route the reversible blocks' f/g through FSDP2's hooks; refuse what DDP cannot do."""
+    """After `accelerator.prepare`: route the reversible blocks' f/g through FSDP2's hooks (docs/distributed.md)."""
     patched = register_fsdp_reversible_methods(model)
     if accelerator.distributed_type == DistributedType.FSDP and patched == 0:
         raise ValueError(
             "FSDP needs `fsdp_version: 2` with `fsdp_transformer_layer_cls_to_wrap: RevFormerBlock` "
             "(training/configs/fsdp.yaml): the reversible blocks' f/g must run under FSDP2's hooks."
-        )
-    if (
-        isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        and accelerator.unwrap_model(model).config.chunk_size_feed_forward > 0
-    ):
-        # The recompute back-propagates each feed-forward chunk separately, so each FFN weight's gradient hook fires
-        # once per chunk, which DDP rejects ("marked as ready twice"); static_graph fails with gradient accumulation.
-        raise ValueError(
-            "`--chunk_size_feed_forward` > 0 is not supported with multi-process DDP (the chunked recompute fires each "
-            "feed-forward gradient hook once per chunk). Use 0, or FSDP."
         )
 
 
