@@ -45,11 +45,16 @@ def test_refit_keeps_the_learning_rate_continuous_and_ends_at_zero(kind):
     assert lrs(make_scheduler(sgd(), kind, 20, 200), 100)[-1] > 0.4  # unfitted, it would still be high
 
 
-def test_refit_during_warmup_of_a_too_short_run_decays_from_the_current_rate():
-    values = lrs(make_scheduler(sgd(), "cosine", 20, 200), 30, refits={10: 30})
-    assert values[9] == pytest.approx(0.45)  # lr of step 10 (warmup 9/20)
-    assert values[10] == pytest.approx(0.5, abs=1e-6) and values[11] < values[10]  # no jump up to 1.0: decays
+def test_refit_during_warmup_of_a_too_short_run_still_reaches_the_peak():
+    """Refit at step 6 (warmup 6/20 done) to a 30-step run: the warmup ends at step 9 instead of 20, ramping on from
+    the current rate, then the decay ends at step 30; a later refit to 60 steps only moves the decay's end."""
+    values = lrs(make_scheduler(sgd(), "cosine", 20, 200), 30, refits={6: 30})
+    assert values[:7] == pytest.approx([i / 20 for i in range(7)])  # the original warmup up to the refit
+    assert values[6:10] == pytest.approx([0.3, 0.3 + 0.7 / 3, 0.3 + 1.4 / 3, 1.0])  # ramp on, reaching the peak
     assert values[-1] < 0.01
+    longer = lrs(make_scheduler(sgd(), "cosine", 20, 200), 60, refits={6: 30, 12: 60})
+    assert longer[:12] == values[:12] and longer[-1] < 0.01
+    assert max(abs(b - a) for a, b in zip(longer, longer[1:])) < 0.25
 
 
 def test_scheduler_state_is_json_and_restores_a_refitted_schedule():
@@ -81,24 +86,27 @@ def test_fitter_fits_the_run_then_refits_when_the_machine_slows(monkeypatch):
     monkeypatch.setattr(budget.time, "time", clock.time)
     b = TimeBudget(minutes=2, start=clock.now)  # 120 s
     fitter = StepFitter(b, max_steps=1000, reserve=lambda s: 20.0, overhead=lambda s: 0.1 * s)
-    total, fits = 1000, []
+    total, times = 1000, {}
     for step in range(1, 200):
         seconds = 1.0 if step <= 40 else 2.0  # the machine gets twice as slow after step 40
         clock.now += seconds
+        times[step] = clock.now
         new = fitter.step_done(step, seconds, total)
         if new is not None:
             total = new
-            fits.append((step, total))
         if clock.now > fitter.deadline() or step >= total:
             break
-    # first fit after calibration: (120 - 20 - 6 s) / 1.1 s per step + 6 done = 91
-    assert fits[0] == (6, 6 + int((120 - 20 - 6) / 1.1))
-    # after the slowdown the median of the last 10 steps doubles: refit to the time left at 2.2 s per step
-    step, refitted = fits[1]
-    assert 41 < step <= 50 and refitted == step + int((100 - (40 + 2 * (step - 40))) / 2.2)
-    assert len(fitter.fits) == 2 and fitter.fits[1].seconds_per_step == 2.0 and fitter.fits[0].seconds_per_step == 1.0
+    first, *refits = fitter.fits
+    # first fit after calibration: (120 - 20 reserve - 6 s elapsed) / (1 s + 10% overhead) more steps
+    assert (first.step, first.new_total) == (6, 6 + int((120 - 20 - 6) / 1.1))
+    # after the slowdown the mean of the last 20 steps rises; every 15% of drift refits to the time then left
+    assert refits and all(f.step > 40 and f.new_total < f.old_total for f in refits)
+    for f in refits:
+        left = (1000.0 + 100.0) - times[f.step]
+        assert f.new_total == f.step + int(left / (1.1 * f.seconds_per_step))
+    assert all(b.seconds_per_step > a.seconds_per_step * 1.15 for a, b in zip(fitter.fits, refits))
     # the fitted run ends before the deadline: training + reserve fit in the budget
-    assert clock.now <= b.end - 20.0 + 2.0
+    assert step == total and clock.now <= b.end - 20.0
 
 
 def test_fitter_never_lengthens_past_the_request_and_is_off_without_budget(monkeypatch):

@@ -47,7 +47,7 @@ import reformer_rev  # noqa: F401  (registers the `reformer_rev` model type with
 from reformer_rev.model_card import write_model_card
 from reformer_rev.safe_io import atomic_write_json, save_model_folder
 from reformer_rev.training.budget import StepFitter, TimeBudget, make_scheduler
-from reformer_rev.training.checkpointing import CheckpointManager, list_checkpoints, output_dir_lock
+from reformer_rev.training.checkpointing import CheckpointManager, output_dir_lock
 from reformer_rev.training.cli import (
     add_checkpoint_arguments,
     add_model_arguments,
@@ -553,9 +553,9 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
     # Per-step log (main process), flushed every step so a killed run keeps it; on resume the steps after the
     # checkpoint are dropped, so the file always describes the run that produced the current weights.
     train_log = TrainLog(args.output_dir, state.completed_steps, enabled=accelerator.is_main_process)
-    newest = lambda: str(list_checkpoints(args.output_dir)[-1]) if list_checkpoints(args.output_dir) else "none"  # noqa: E731
     loop = TrainingLoop(accelerator, model, guard, state, train_log, fitter if budget.bounded else None, stop,
-                        last_checkpoint=newest, fingerprint=lambda batch: block_fingerprints(batch["input_ids"]))
+                        last_checkpoint=lambda: str(checkpoints.newest() or "none"),
+                        fingerprint=lambda batch: block_fingerprints(batch["input_ids"]))
 
     def batches_for_epoch(epoch: int, skip: int):
         train_dataloader.set_epoch(epoch)
@@ -606,11 +606,9 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
     train_log.close()
     if loop.stop_reason is not None and loop.stop_reason != "time budget":
         # Stopped by a signal: keep the state for a resume and skip the (long) final evaluation and save.
-        newest = list_checkpoints(args.output_dir)[-1:]
-        if newest != [checkpoints.root / f"step_{state.completed_steps}"] and not (update is None or update.skipped):
-            checkpoints.save(state)
-        accelerator.print(f"Stopped by {loop.stop_reason} at step {state.completed_steps}; the state is in "
-                          f"{list_checkpoints(args.output_dir)[-1]}: resume with --resume_from_checkpoint latest.")
+        saved = checkpoints.save_unless_saved(state, last_step_skipped=update is not None and update.skipped)
+        accelerator.print(f"Stopped by {loop.stop_reason} at step {state.completed_steps}; the newest checkpoint is "
+                          f"{saved}: resume with --resume_from_checkpoint latest.")
         return {"stopped": loop.stop_reason, "step": state.completed_steps}
 
     # ---- final evaluation (sized to the time left), sample, results, atomic final save ---------------------------
@@ -714,7 +712,8 @@ def save_outputs(args: argparse.Namespace, accelerator: Accelerator, model: torc
     def write(folder: Path) -> None:
         unwrapped.save_pretrained(folder, state_dict=state_dict, save_function=accelerator.save)
         tokenizer.save_pretrained(folder)
-        plot_loss_curve(folder / LOSS_CURVE_NAME, steps_log, results["eval_history"],
+        final_point = {"step": results["train"]["steps"], "loss": results["validation"]["loss"]}
+        plot_loss_curve(folder / LOSS_CURVE_NAME, steps_log, [*results["eval_history"], final_point],
                         f"{results['num_parameters'] / 1e6:.2f}M-parameter reversible LM, blocks of {args.block_size}",
                         scale=1 / LN2 if byte_level else 1.0, unit="bits per byte" if byte_level else "loss (nats/token)")
         results["total_time_s"] = budget.elapsed()

@@ -35,7 +35,7 @@ from transformers import PreTrainedTokenizerFast
 import reformer_rev  # noqa: F401  (registers the `reformer_rev` model type with the Auto classes)
 from reformer_rev.safe_io import atomic_write_json, save_model_folder
 from reformer_rev.training.budget import StepFitter, TimeBudget, make_scheduler
-from reformer_rev.training.checkpointing import CheckpointManager, list_checkpoints, output_dir_lock
+from reformer_rev.training.checkpointing import CheckpointManager, output_dir_lock
 from reformer_rev.training.cli import (
     add_checkpoint_arguments,
     add_model_arguments,
@@ -270,9 +270,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
     fitter = StepFitter(budget, requested_steps, reserve=reserve, overhead=overhead)
     guard = GuardedStep(accelerator, model, optimizer, lr_scheduler, args.max_grad_norm, args.skip_nonfinite_steps)
     train_log = TrainLog(out_dir, state.completed_steps, enabled=accelerator.is_main_process)
-    newest = lambda: str(list_checkpoints(out_dir)[-1]) if list_checkpoints(out_dir) else "none"  # noqa: E731
     loop = TrainingLoop(accelerator, model, guard, state, train_log, fitter if budget.bounded else None, stop,
-                        last_checkpoint=newest)
+                        last_checkpoint=lambda: str(checkpoints.newest() or "none"))
 
     def batches_for_epoch(epoch: int, skip: int):
         # Deterministic in (seed, epoch): a resumed run rebuilds the epoch's order and skips what it already saw.
@@ -315,10 +314,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
             checkpoints.save(state)
     train_log.close()
     # Whatever ended the run, its state is saved (a resume continues from here), never right after a skipped step.
-    if list_checkpoints(out_dir)[-1:] != [checkpoints.root / f"step_{state.completed_steps}"] and not (
-        update is not None and update.skipped
-    ):
-        checkpoints.save(state)
+    checkpoints.save_unless_saved(state, last_step_skipped=update is not None and update.skipped)
     if loop.stop_reason is not None and loop.stop_reason != "time budget":
         accelerator.print(f"Stopped by {loop.stop_reason} at step {state.completed_steps}: resume with "
                           "--resume_from_checkpoint latest.")
