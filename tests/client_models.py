@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from conftest import make_pair, rel_err, tiny_config
 from reformer_rev import RevFormerConfig, RevFormerForCausalLM, RevFormerForConditionalGeneration
-from training.tokenization import build_byte_tokenizer
+from reformer_rev.training.tokenization import build_byte_tokenizer
 
 # The byte tokenizer of training/: ids 0-255 are bytes, then <pad>=256, <s>=257, </s>=258, <unk>=259.
 BYTE_VOCAB, PAD, BOS, EOS = 260, 256, 257, 258
