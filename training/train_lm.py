@@ -90,6 +90,10 @@ EVAL_SPEEDUP = 3.0
 # Time the end of the job needs besides the final evaluation (sample, model/tokenizer/results/card/plot save),
 # measured about 10 s on the shared 2-core machine; doubled for safety.
 FINAL_SAVE_SECONDS = 20.0
+# Evaluation speed varies on a shared machine: the time held back for the final evaluation assumes it runs this much
+# slower than the periodic evaluations measured, and each split gets at least this many blocks.
+EVAL_TIME_MARGIN = 1.5
+MIN_FINAL_EVAL_BLOCKS = 16
 TOKENS_PER_BATCH = 4096
 # The RevFormerConfig fields this script exposes, with its defaults (the main job's model).
 MODEL_FIELDS = {
@@ -547,8 +551,10 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
         saves = (checkpoints.last_save_seconds or 1.0) / args.checkpointing_steps if args.checkpointing_steps else 0.0
         return evals + saves
 
-    fitter = StepFitter(budget, requested_steps, overhead=overhead,
-                        reserve=lambda s: final_blocks * clock.per_block(s) + FINAL_SAVE_SECONDS)
+    def reserve(seconds_per_step: float) -> float:  # the final evaluation and save, plus the step that may overrun
+        return EVAL_TIME_MARGIN * final_blocks * clock.per_block(seconds_per_step) + FINAL_SAVE_SECONDS + seconds_per_step
+
+    fitter = StepFitter(budget, requested_steps, overhead=overhead, reserve=reserve)
     guard = GuardedStep(accelerator, model, optimizer, lr_scheduler, args.max_grad_norm, args.skip_nonfinite_steps)
     # Per-step log (main process), flushed every step so a killed run keeps it; on resume the steps after the
     # checkpoint are dropped, so the file always describes the run that produced the current weights.
@@ -674,16 +680,19 @@ def final_evaluation(
     lm: DatasetDict, token_bytes: torch.Tensor, byte_counts: np.ndarray, budget: TimeBudget, seconds_per_block: float,
 ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Validation and test figures (and their unigram baselines) over evenly spaced blocks; with a time budget, as
-    many blocks as the time left allows (the same number on every process)."""
+    many blocks per split as the time left allows (the same number for every split and on every process; at least
+    MIN_FINAL_EVAL_BLOCKS)."""
     final, unigram = {}, {}
     splits = [s for s in eval_sets if s != "periodic"]
-    for i, split in enumerate(splits):
+    per_split = None
+    if budget.bounded:  # what is left after the save, shared equally by the splits
+        affordable = (budget.left() - FINAL_SAVE_SECONDS) / (EVAL_TIME_MARGIN * seconds_per_block) / len(splits)
+        affordable = torch.tensor(float(max(MIN_FINAL_EVAL_BLOCKS, int(affordable))), device=accelerator.device)
+        per_split = int(accelerator.reduce(affordable, "min").item()) if accelerator.num_processes > 1 else int(affordable)
+    for split in splits:
         blocks = eval_sets[split]
-        if budget.bounded:  # what is left after the save, shared by the splits still to evaluate
-            affordable = (budget.left() - FINAL_SAVE_SECONDS) / seconds_per_block / (len(splits) - i)
-            affordable = torch.tensor(float(max(1, int(affordable))), device=accelerator.device)
-            n = int(accelerator.reduce(affordable, "min").item()) if accelerator.num_processes > 1 else int(affordable)
-            blocks = evenly_spaced(blocks, min(n, blocks.num_rows))
+        if per_split is not None:
+            blocks = evenly_spaced(blocks, min(per_split, blocks.num_rows))
             if blocks.num_rows < eval_sets[split].num_rows:
                 logger.warning(f"Time budget: the final {split} evaluation uses {blocks.num_rows} of "
                                f"{eval_sets[split].num_rows} blocks.")
