@@ -33,6 +33,7 @@ import torch
 
 from reformer_rev import RevFormerConfig, RevFormerForCausalLM, RevFormerForConditionalGeneration
 from reformer_rev.profiling import peak_allocated_bytes
+from reformer_rev.safe_io import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "bible_lm" / "validation.jsonl.gz"
@@ -264,16 +265,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{model_name} depth {depth} ({time.time() - t0:.0f} s):")
             for cand, errs in rows.items():
                 print("  " + cand + ": " + ", ".join(f"{g} {100 * e:.2f}%" for g, e in errs.items()))
-            (args.output_dir / "precision.json").write_text(json.dumps(results, indent=2))
+            atomic_write_json(args.output_dir / "precision.json", results)
     results["cost"] = cost(args)
     results["monitor"] = monitor_demo(args)
     text = render_markdown(results)
     print(text)
-    (args.output_dir / "precision.json").write_text(json.dumps(results, indent=2))
-    (args.output_dir / "precision.md").write_text(text)
+    atomic_write_json(args.output_dir / "precision.json", results)
+    atomic_write_text(args.output_dir / "precision.md", text)
     if args.update_docs:
-        (ROOT / "docs" / "precision.json").write_text(json.dumps(results, indent=2))
-        (ROOT / "docs" / "precision_table.md").write_text(text)
+        atomic_write_json(ROOT / "docs" / "precision.json", results)
+        atomic_write_text(ROOT / "docs" / "precision_table.md", text)
     return results
 
 

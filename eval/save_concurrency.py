@@ -18,7 +18,6 @@ the library did before). Results go to `outputs/save_concurrency.json` (`--outpu
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import shutil

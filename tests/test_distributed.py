@@ -114,7 +114,7 @@ def test_train_lm_script_under_two_process_ddp(tmp_path):
         "--block_size", "64", "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2",
         "--intermediate_size", "64", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
         "--max_train_steps", "6", "--num_warmup_steps", "1", "--eval_steps", "3", "--checkpointing_steps", "3",
-        "--time_budget_minutes", "0", "--learning_rate", "1e-2",
+        "--time_budget_minutes", "0", "--learning_rate", "1e-2", "--chunk_size_feed_forward", "16",
         tmp_path=tmp_path,
     )
     results = json.loads((out / "results.json").read_text())

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
-
-import fuzz_inputs  # noqa: E402
-from fuzz_inputs import CONVERT, ERROR, VALID, Case, classify  # noqa: E402
+from eval import fuzz_inputs
+from eval.fuzz_inputs import CONVERT, ERROR, VALID, Case, classify
 
 
 def _raise(err):

@@ -237,6 +237,8 @@ def test_lm_round_trip_through_the_hub(hub, trained_lm, tmp_path):
                                      ("validation", "perplexity"): results["validation"]["perplexity"]})
     assert f'from_pretrained("{repo_id}", trust_remote_code=True)' in out["card_text"]
     assert "<your-namespace>" not in out["card_text"]
+    # No package index serves reformer_rev: the card says how to load without it and how to install from source.
+    assert "pip install reformer_rev" not in out["card_text"] and "pip install -e ." in out["card_text"]
     assert not hub.unhandled, hub.unhandled
 
     # Pushing the same checkpoint again is a no-op: no new commit, the current one is returned.

@@ -47,7 +47,7 @@ import reformer_rev  # noqa: F401  (registers the `reformer_rev` model type with
 from reformer_rev.model_card import write_model_card
 from reformer_rev.safe_io import atomic_write_json, save_model_folder
 from reformer_rev.training.budget import StepFitter, TimeBudget, make_scheduler
-from reformer_rev.training.checkpointing import CheckpointManager, list_checkpoints, output_dir_lock
+from reformer_rev.training.checkpointing import CheckpointManager, output_dir_lock
 from reformer_rev.training.cli import (
     add_checkpoint_arguments,
     add_model_arguments,
@@ -90,6 +90,11 @@ EVAL_SPEEDUP = 3.0
 # Time the end of the job needs besides the final evaluation (sample, model/tokenizer/results/card/plot save),
 # measured about 10 s on the shared 2-core machine; doubled for safety.
 FINAL_SAVE_SECONDS = 20.0
+# Evaluation speed varies on a shared machine: the time held back for the final evaluation assumes it runs this much
+# slower than the periodic evaluations measured, and each split gets at least this many blocks.
+EVAL_TIME_MARGIN = 1.5
+MIN_FINAL_EVAL_BLOCKS = 16
+TOKENS_PER_BATCH = 4096
 # The RevFormerConfig fields this script exposes, with its defaults (the main job's model).
 MODEL_FIELDS = {
     "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": None,
@@ -116,7 +121,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--validation_split_percentage", type=int, default=5,
         help="Percent of the training documents held out when the data has no validation split.",
     )
-    data.add_argument("--block_size", type=int, default=1024, help="Tokens per training block (long documents are cut).")
+    data.add_argument(
+        "--block_size", type=int, default=256,
+        help="Tokens per training block (long documents are cut). The main job's 256 trains on 16 blocks drawn from "
+        "all over the corpus per step; --block_size 1024 (4 per step) or 65536 (1) trains on long context.",
+    )
     data.add_argument("--preprocessing_num_workers", type=int, default=None)
     data.add_argument("--overwrite_cache", action="store_true")
 
@@ -129,12 +138,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config_name", type=str, default=None, help="A config to start from (vocabulary from the tokenizer).")
     add_model_arguments(p, MODEL_FIELDS)
     add_training_arguments(
-        p, per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=3e-3, adam_beta2=0.99,
-        max_train_steps=200, num_warmup_steps=20, time_budget_minutes=9.0,
+        p, per_device_train_batch_size=None, per_device_eval_batch_size=None, learning_rate=3e-3, adam_beta2=0.99,
+        batch_size_help=f"Blocks per process and micro-batch; default: {TOKENS_PER_BATCH} tokens // --block_size.",
+        max_train_steps=300, num_warmup_steps=20, time_budget_minutes=9.0,
     )
 
     ev = p.add_argument_group("evaluation and logging")
-    ev.add_argument("--eval_steps", type=int, default=100, help="Evaluate on the validation split every N steps; 0: end only.")
+    ev.add_argument("--eval_steps", type=int, default=25, help="Evaluate on the validation split every N steps; 0: end only.")
     ev.add_argument(
         "--max_eval_blocks", type=int, default=128,
         help="Final validation/test figures use at most N blocks per split, evenly spaced through the split (every "
@@ -161,9 +171,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Fail before any work is done, naming the bad argument."""
-    validate_training_args(args)
     if args.block_size <= 0:
         raise ValueError(f"`--block_size` must be a positive integer, got {args.block_size}.")
+    # Unset batch sizes keep a micro-batch at TOKENS_PER_BATCH tokens whatever the block size, so that longer blocks
+    # are one flag away (`--block_size 1024` trains 4 blocks of 1,024 per step, `--block_size 65536` one).
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        if getattr(args, name) is None:
+            setattr(args, name, max(1, TOKENS_PER_BATCH // args.block_size))
+    validate_training_args(args)
     for name in ("eval_steps", "logging_steps", "max_eval_blocks", "eval_subset_blocks", "sample_tokens"):
         if getattr(args, name) < 0:
             raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}.")
@@ -525,8 +540,9 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
         accelerator.init_trackers("train_lm", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
     # ---- train -------------------------------------------------------------------------------------------------
-    eval_loader = {split: accelerator.prepare(DataLoader(ds, collate_fn=collate_blocks, batch_size=args.per_device_eval_batch_size))
-                   for split, ds in eval_sets.items()}
+    periodic_loader = accelerator.prepare(
+        DataLoader(eval_sets["periodic"], collate_fn=collate_blocks, batch_size=args.per_device_eval_batch_size)
+    )
     clock = EvalClock(args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes)
     final_blocks = sum(eval_sets[s].num_rows for s in eval_sets if s != "periodic")
 
@@ -535,15 +551,17 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
         saves = (checkpoints.last_save_seconds or 1.0) / args.checkpointing_steps if args.checkpointing_steps else 0.0
         return evals + saves
 
-    fitter = StepFitter(budget, requested_steps, overhead=overhead,
-                        reserve=lambda s: final_blocks * clock.per_block(s) + FINAL_SAVE_SECONDS)
+    def reserve(seconds_per_step: float) -> float:  # the final evaluation and save, plus the step that may overrun
+        return EVAL_TIME_MARGIN * final_blocks * clock.per_block(seconds_per_step) + FINAL_SAVE_SECONDS + seconds_per_step
+
+    fitter = StepFitter(budget, requested_steps, overhead=overhead, reserve=reserve)
     guard = GuardedStep(accelerator, model, optimizer, lr_scheduler, args.max_grad_norm, args.skip_nonfinite_steps)
     # Per-step log (main process), flushed every step so a killed run keeps it; on resume the steps after the
     # checkpoint are dropped, so the file always describes the run that produced the current weights.
     train_log = TrainLog(args.output_dir, state.completed_steps, enabled=accelerator.is_main_process)
-    newest = lambda: str(list_checkpoints(args.output_dir)[-1]) if list_checkpoints(args.output_dir) else "none"  # noqa: E731
     loop = TrainingLoop(accelerator, model, guard, state, train_log, fitter if budget.bounded else None, stop,
-                        last_checkpoint=newest, fingerprint=lambda batch: block_fingerprints(batch["input_ids"]))
+                        last_checkpoint=lambda: str(checkpoints.newest() or "none"),
+                        fingerprint=lambda batch: block_fingerprints(batch["input_ids"]))
 
     def batches_for_epoch(epoch: int, skip: int):
         train_dataloader.set_epoch(epoch)
@@ -553,8 +571,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
     def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         return model(**batch).loss, 1.0, batch["input_ids"].numel()
 
-    def run_eval(split: str, loader: DataLoader | None = None) -> dict[str, float]:
-        metrics = evaluate(model, loader or eval_loader[split], accelerator, token_bytes)
+    def periodic_eval() -> dict[str, float]:
+        metrics = evaluate(model, periodic_loader, accelerator, token_bytes)
         clock.seconds += metrics["seconds"]
         clock.blocks += metrics["blocks"]
         return metrics
@@ -581,7 +599,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
                 accelerator.log({"train/loss": mean, "train/bpb": mean / LN2, "train/lr": update.lr}, step=update.step)
             window = []
         if args.eval_steps and update.step % args.eval_steps == 0 and not state.finished:
-            metrics = run_eval("periodic")
+            metrics = periodic_eval()
             state.eval_history.append({"step": update.step, **metrics})
             progress.write(f"step {update.step}: validation loss {metrics['loss']:.4f}, bpb {metrics['bpb']:.4f} "
                            f"({metrics['tokens']:,} tokens)")
@@ -594,36 +612,17 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
     train_log.close()
     if loop.stop_reason is not None and loop.stop_reason != "time budget":
         # Stopped by a signal: keep the state for a resume and skip the (long) final evaluation and save.
-        newest = list_checkpoints(args.output_dir)[-1:]
-        if newest != [checkpoints.root / f"step_{state.completed_steps}"] and not (update is None or update.skipped):
-            checkpoints.save(state)
-        accelerator.print(f"Stopped by {loop.stop_reason} at step {state.completed_steps}; the state is in "
-                          f"{list_checkpoints(args.output_dir)[-1]}: resume with --resume_from_checkpoint latest.")
+        saved = checkpoints.save_unless_saved(state, last_step_skipped=update is not None and update.skipped)
+        accelerator.print(f"Stopped by {loop.stop_reason} at step {state.completed_steps}; the newest checkpoint is "
+                          f"{saved}: resume with --resume_from_checkpoint latest.")
         return {"stopped": loop.stop_reason, "step": state.completed_steps}
 
-    # ---- final evaluation, sized to the time left --------------------------------------------------------------
-    unigram, final = {}, {}
-    splits = [s for s in eval_sets if s != "periodic"]
-    for i, split in enumerate(splits):
-        blocks = eval_sets[split]
-        if budget.bounded:  # what is left of the budget after the save, shared by the splits still to evaluate
-            affordable = (budget.left() - FINAL_SAVE_SECONDS) / clock.per_block(fitter.seconds_per_step or 1.0)
-            blocks = evenly_spaced(blocks, max(1, int(affordable / (len(splits) - i))))
-            if blocks.num_rows < eval_sets[split].num_rows:
-                logger.warning(f"Time budget: the final {split} evaluation uses {blocks.num_rows} of "
-                               f"{eval_sets[split].num_rows} blocks.")
-        loader = accelerator.prepare(DataLoader(blocks, collate_fn=collate_blocks, batch_size=args.per_device_eval_batch_size))
-        final[split] = run_eval(split, loader)
-        unigram[split] = unigram_baseline_bpb(blocks, byte_counts)
-        accelerator.print(
-            f"{split}: loss {final[split]['loss']:.4f}, perplexity {final[split]['perplexity']:.3f}, bits-per-byte "
-            f"{final[split]['bpb']:.4f} | unigram byte baseline {unigram[split]:.4f} bpb ({final[split]['tokens']:,} "
-            f"tokens, {blocks.num_rows}/{lm[split].num_rows} blocks)"
-        )
+    # ---- final evaluation (sized to the time left), sample, results, atomic final save ---------------------------
+    seconds_per_block = clock.per_block(fitter.seconds_per_step or 1.0)
+    final, unigram = final_evaluation(args, accelerator, model, eval_sets, lm, token_bytes, byte_counts, budget,
+                                      seconds_per_block)
     if args.report_to != "none":
         accelerator.log({f"final/{s}_{k}": v for s, m in final.items() for k, v in m.items()}, step=state.completed_steps)
-
-    # ---- sample, results, atomic final save --------------------------------------------------------------------
     unwrapped = accelerator.unwrap_model(model)
     sample = None
     if args.sample_tokens and accelerator.is_main_process:
@@ -641,7 +640,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
         "train": {
             "steps": state.completed_steps,
             "max_train_steps": state.max_train_steps,
-            "requested_steps": requested_steps,
+            "requested_steps": state.requested_steps,
             "stopped_early": loop.stop_reason is not None,
             "nonfinite_steps_skipped": state.nonfinite_steps,
             "tokens": state.tokens_seen,
@@ -660,34 +659,78 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
         "time_budget_minutes": args.time_budget_minutes,
         "args": {k: v for k, v in vars(args).items() if k != "hub_token"},
     }
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
+    save_outputs(args, accelerator, model, tokenizer, results, steps_log, budget)
     if accelerator.is_main_process:
-
-        def write_outputs(folder: Path) -> None:
-            unwrapped.save_pretrained(folder, state_dict=state_dict, save_function=accelerator.save)
-            tokenizer.save_pretrained(folder)
-            plot_loss_curve(folder / LOSS_CURVE_NAME, steps_log, state.eval_history, f"{num_parameters / 1e6:.2f}M-parameter reversible LM",
-                            scale=1 / LN2 if results["tokenizer"] == "byte" else 1.0,
-                            unit="bits per byte" if results["tokenizer"] == "byte" else "loss (nats/token)")
-            results["total_time_s"] = budget.elapsed()
-            atomic_write_json(folder / RESULTS_NAME, results)
-            # The same card code as `python -m reformer_rev.hub card`: YAML metadata + model-index from these results.
-            write_model_card(folder, results, "causal-lm", repo_id=args.hub_model_id)
-
-        # Model, tokenizer, results, plot and card move into --output_dir together, under one save manifest.
-        save_model_folder(args.output_dir, write_outputs)
         accelerator.print(
             f"trained {state.completed_steps} steps, {state.tokens_seen:,} tokens in {state.train_time_s:.0f} s "
-            f"({results['train']['tokens_per_second']:.0f} tokens/s); total {budget.elapsed():.0f} s"
+            f"({results['train']['tokens_per_second']:.0f} tokens/s); total {results['total_time_s']:.0f} s"
             + (f" of a {args.time_budget_minutes:g}-minute budget" if budget.bounded else "")
-            + f"; saved to {args.output_dir} ({RESULTS_NAME}, {LOSS_CURVE_NAME})"
+            + f"; last learning rate {results['train']['final_lr_fraction_of_peak']:.1%} of the peak; saved to "
+            f"{args.output_dir} ({RESULTS_NAME}, {LOSS_CURVE_NAME})"
         )
         if push_checkpoint is not None:
             push_checkpoint(args.output_dir, args.hub_model_id, args.hub_token)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def final_evaluation(
+    args: argparse.Namespace, accelerator: Accelerator, model: torch.nn.Module, eval_sets: dict[str, datasets.Dataset],
+    lm: DatasetDict, token_bytes: torch.Tensor, byte_counts: np.ndarray, budget: TimeBudget, seconds_per_block: float,
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Validation and test figures (and their unigram baselines) over evenly spaced blocks; with a time budget, as
+    many blocks per split as the time left allows (the same number for every split and on every process; at least
+    MIN_FINAL_EVAL_BLOCKS)."""
+    final, unigram = {}, {}
+    splits = [s for s in eval_sets if s != "periodic"]
+    per_split = None
+    if budget.bounded:  # what is left after the save, shared equally by the splits
+        affordable = (budget.left() - FINAL_SAVE_SECONDS) / (EVAL_TIME_MARGIN * seconds_per_block) / len(splits)
+        affordable = torch.tensor(float(max(MIN_FINAL_EVAL_BLOCKS, int(affordable))), device=accelerator.device)
+        per_split = int(accelerator.reduce(affordable, "min").item()) if accelerator.num_processes > 1 else int(affordable)
+    for split in splits:
+        blocks = eval_sets[split]
+        if per_split is not None:
+            blocks = evenly_spaced(blocks, min(per_split, blocks.num_rows))
+            if blocks.num_rows < eval_sets[split].num_rows:
+                logger.warning(f"Time budget: the final {split} evaluation uses {blocks.num_rows} of "
+                               f"{eval_sets[split].num_rows} blocks.")
+        loader = accelerator.prepare(DataLoader(blocks, collate_fn=collate_blocks, batch_size=args.per_device_eval_batch_size))
+        final[split] = evaluate(model, loader, accelerator, token_bytes)
+        unigram[split] = unigram_baseline_bpb(blocks, byte_counts)
+        accelerator.print(
+            f"{split}: loss {final[split]['loss']:.4f}, perplexity {final[split]['perplexity']:.3f}, bits-per-byte "
+            f"{final[split]['bpb']:.4f} | unigram byte baseline {unigram[split]:.4f} bpb ({final[split]['tokens']:,} "
+            f"tokens, {blocks.num_rows}/{lm[split].num_rows} blocks)"
+        )
+    return final, unigram
+
+
+def save_outputs(args: argparse.Namespace, accelerator: Accelerator, model: torch.nn.Module,
+                 tokenizer: PreTrainedTokenizerBase, results: dict[str, Any], steps_log: list[dict[str, Any]],
+                 budget: TimeBudget) -> None:
+    """Model, tokenizer, results, loss curve and model card move into --output_dir together (one atomic save)."""
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # a collective under FSDP
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    byte_level = results["tokenizer"] == "byte"
+
+    def write(folder: Path) -> None:
+        unwrapped.save_pretrained(folder, state_dict=state_dict, save_function=accelerator.save)
+        tokenizer.save_pretrained(folder)
+        final_point = {"step": results["train"]["steps"], "loss": results["validation"]["loss"]}
+        plot_loss_curve(folder / LOSS_CURVE_NAME, steps_log, [*results["eval_history"], final_point],
+                        f"{results['num_parameters'] / 1e6:.2f}M-parameter reversible LM, blocks of {args.block_size}",
+                        scale=1 / LN2 if byte_level else 1.0, unit="bits per byte" if byte_level else "loss (nats/token)")
+        results["total_time_s"] = budget.elapsed()
+        atomic_write_json(folder / RESULTS_NAME, results)
+        # The same card code as `python -m reformer_rev.hub card`: YAML metadata + model-index from these results.
+        write_model_card(folder, results, "causal-lm", repo_id=args.hub_model_id)
+
+    save_model_folder(args.output_dir, write)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from transformers import PreTrainedTokenizerFast
 import reformer_rev  # noqa: F401  (registers the `reformer_rev` model type with the Auto classes)
 from reformer_rev.safe_io import atomic_write_json, save_model_folder
 from reformer_rev.training.budget import StepFitter, TimeBudget, make_scheduler
-from reformer_rev.training.checkpointing import CheckpointManager, list_checkpoints, output_dir_lock
+from reformer_rev.training.checkpointing import CheckpointManager, output_dir_lock
 from reformer_rev.training.cli import (
     add_checkpoint_arguments,
     add_model_arguments,
@@ -176,7 +176,7 @@ class Evaluator:
     def __call__(self, step: int, loss_pairs: int | None = None, bleu_pairs: int | None = None) -> dict[str, Any]:
         args, unwrapped = self.args, self.accelerator.unwrap_model(self.model)
         examples = self.val_examples[:loss_pairs] if loss_pairs is not None else self.val_examples
-        start = time.perf_counter()
+        start = start_all = time.perf_counter()
         loss = validation_loss(unwrapped, examples, args.per_device_eval_batch_size, self.tokenizer.pad_token_id,
                                self.accelerator)
         self.seconds_per_pair["loss"] = (time.perf_counter() - start) / max(1, len(examples))
@@ -191,6 +191,7 @@ class Evaluator:
             record.update({f"val_{name}": v for name, v in translation_scores(hyps, self.val_tgt[:k]).items()})
             record["bleu_pairs"] = k
             record["val_example"] = {"source": self.val_src[0], "prediction": hyps[0], "reference": self.val_tgt[0]}
+        record["eval_seconds"] = round(time.perf_counter() - start_all, 1)
         return record
 
 
@@ -269,9 +270,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
     fitter = StepFitter(budget, requested_steps, reserve=reserve, overhead=overhead)
     guard = GuardedStep(accelerator, model, optimizer, lr_scheduler, args.max_grad_norm, args.skip_nonfinite_steps)
     train_log = TrainLog(out_dir, state.completed_steps, enabled=accelerator.is_main_process)
-    newest = lambda: str(list_checkpoints(out_dir)[-1]) if list_checkpoints(out_dir) else "none"  # noqa: E731
     loop = TrainingLoop(accelerator, model, guard, state, train_log, fitter if budget.bounded else None, stop,
-                        last_checkpoint=newest)
+                        last_checkpoint=lambda: str(checkpoints.newest() or "none"))
 
     def batches_for_epoch(epoch: int, skip: int):
         # Deterministic in (seed, epoch): a resumed run rebuilds the epoch's order and skips what it already saw.
@@ -314,10 +314,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
             checkpoints.save(state)
     train_log.close()
     # Whatever ended the run, its state is saved (a resume continues from here), never right after a skipped step.
-    if list_checkpoints(out_dir)[-1:] != [checkpoints.root / f"step_{state.completed_steps}"] and not (
-        update is not None and update.skipped
-    ):
-        checkpoints.save(state)
+    checkpoints.save_unless_saved(state, last_step_skipped=update is not None and update.skipped)
     if loop.stop_reason is not None and loop.stop_reason != "time budget":
         accelerator.print(f"Stopped by {loop.stop_reason} at step {state.completed_steps}: resume with "
                           "--resume_from_checkpoint latest.")

@@ -43,6 +43,8 @@ from typing import Any, Literal
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .safe_io import atomic_write_text
+
 Task = Literal["causal-lm", "translation"]
 TASKS: tuple[str, ...] = ("causal-lm", "translation")
 
@@ -355,9 +357,7 @@ def write_model_card(
     """Write `output_dir/README.md` from `results` (see the module docstring); return its path."""
     card = build_model_card(output_dir, results, task, repo_id=repo_id, template_path=template_path)
     path = Path(output_dir) / "README.md"
-    tmp = path.with_name("README.md.tmp")
-    tmp.write_text(str(card), encoding="utf-8")
-    tmp.replace(path)  # never leave a half-written card next to a finished checkpoint
+    atomic_write_text(path, str(card))  # never leave a half-written card next to a finished checkpoint
     return str(path)
 
 

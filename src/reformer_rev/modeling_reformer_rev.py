@@ -350,7 +350,7 @@ class RevFormerPreTrainedModel(PreTrainedModel):
         want_info = kwargs.pop("output_loading_info", False)
         load = super().from_pretrained
         try:
-            # Under the folder's shared save lock, checked against its save manifest: never a mix of two saves.
+            # Under the folder's shared save lock (no save moves files meanwhile): never a mix of two saves.
             model, info = load_model_folder(
                 pretrained_model_name_or_path,
                 lambda: load(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs),

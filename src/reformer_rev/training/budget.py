@@ -49,8 +49,10 @@ class BudgetedSchedule:
         self.num_warmup_steps = int(num_warmup_steps) if kind != "constant" else 0
         self.num_training_steps = int(num_training_steps)
         self.inverse_sqrt_timescale = max(1, int(num_warmup_steps))
-        # The decay runs linearly in "remaining fraction" from (anchor_step, anchor_remaining) to
-        # (num_training_steps, 0); a refit moves the anchor to the current step.
+        # The warmup ramps linearly from (warmup_anchor_step, warmup_anchor_factor) to (num_warmup_steps, 1); the decay
+        # runs linearly in "remaining fraction" from (anchor_step, anchor_remaining) to (num_training_steps, 0). A refit
+        # moves the anchors to the current step.
+        self.warmup_anchor_step, self.warmup_anchor_factor = 0, 0.0
         self.anchor_step, self.anchor_remaining = self.num_warmup_steps, 1.0
 
     def remaining(self, step: int) -> float:
@@ -66,7 +68,8 @@ class BudgetedSchedule:
 
     def __call__(self, step: int) -> float:
         if step < self.num_warmup_steps:
-            return float(step) / float(max(1, self.num_warmup_steps))
+            a, f = self.warmup_anchor_step, self.warmup_anchor_factor
+            return f + (1.0 - f) * float(step - a) / float(max(1, self.num_warmup_steps - a))
         if self.kind == "linear":
             return self.remaining(step)
         if self.kind == "cosine":
@@ -83,14 +86,15 @@ class BudgetedSchedule:
     def refit(self, step: int, num_training_steps: int) -> None:
         """Make the schedule end at `num_training_steps`, continuing from the learning rate of `step`."""
         total = max(int(num_training_steps), step + 1)
-        if step < self.num_warmup_steps and (total >= 2 * self.num_warmup_steps or step == 0):
-            self.anchor_step, self.anchor_remaining = self.num_warmup_steps, 1.0  # the warmup fits: keep it
-        elif step < self.num_warmup_steps:
-            # The warmup would take most of the shortened run: the decay starts now, from the current learning
-            # rate (the peak is then lower than asked, but the run decays and the learning rate never jumps).
-            factor = self(step)
-            self.num_warmup_steps, self.anchor_step = step, step
-            self.anchor_remaining = factor if self.kind == "linear" else 1.0 - math.acos(2.0 * factor - 1.0) / math.pi
+        if step < self.num_warmup_steps:
+            shorter = max(step + math.ceil(0.1 * total), math.ceil(0.2 * total))
+            if total < 2 * self.num_warmup_steps and shorter < self.num_warmup_steps:
+                # The warmup would take most of the shortened run: it ends at 20% of the run instead (at least 10% of
+                # the run from now), ramping on from the current learning rate, so the run still reaches the peak
+                # and decays.
+                self.warmup_anchor_step, self.warmup_anchor_factor = step, self(step)
+                self.num_warmup_steps = shorter
+            self.anchor_step, self.anchor_remaining = self.num_warmup_steps, 1.0
         else:
             self.anchor_remaining, self.anchor_step = self.remaining(step), step
         self.num_training_steps = total
@@ -149,7 +153,7 @@ class StepFitter:
     The caller reports each finished optimizer step with the seconds it took (training only). Two callbacks, given
     the current seconds per step, estimate the rest of the job: `overhead(s)` the periodic work per step (evaluations,
     checkpoints) and `reserve(s)` what the end of the job needs (final evaluation and save). After
-    `calibration_steps` steps, and again whenever the median step time of the last `window` steps differs from the
+    `calibration_steps` steps, and again whenever the mean step time of the last `window` steps differs from the
     one of the last fit by more than `drift`, the run is refitted: `total = done + time_left / (s + overhead(s))`,
     never above the requested `max_steps`.
     """
@@ -161,8 +165,8 @@ class StepFitter:
         reserve: Callable[[float], float],
         overhead: Callable[[float], float] = lambda s: 0.0,
         calibration_steps: int = 5,
-        window: int = 10,
-        drift: float = 0.1,
+        window: int = 20,
+        drift: float = 0.15,
     ) -> None:
         self.budget, self.max_steps, self.reserve, self.overhead = budget, max_steps, reserve, overhead
         self.calibration_steps, self.window, self.drift = calibration_steps, window, drift
@@ -172,9 +176,10 @@ class StepFitter:
 
     @property
     def seconds_per_step(self) -> float | None:
-        """Median of the last `window` steps (the first one, which pays one-time costs, excluded)."""
-        recent = sorted(self.step_seconds[1:][-self.window :])
-        return recent[len(recent) // 2] if recent else None
+        """Mean of the last `window` steps (the first one, which pays one-time costs, excluded). A mean, not a median:
+        on a shared machine step times are often bimodal, and a median flipping between the modes refits in vain."""
+        recent = self.step_seconds[1:][-self.window :]
+        return sum(recent) / len(recent) if recent else None
 
     def deadline(self) -> float:
         """Time after which training must stop for the rest of the job to fit."""

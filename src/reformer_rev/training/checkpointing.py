@@ -288,6 +288,18 @@ class CheckpointManager:
         """Finished checkpoint folders (with a manifest), oldest first."""
         return list_checkpoints(self.root.parent)
 
+    def newest(self) -> Path | None:
+        found = self.list()
+        return found[-1] if found else None
+
+    def save_unless_saved(self, state: TrainingState, last_step_skipped: bool) -> Path | None:
+        """At the end of a run (or a stop): save its state unless the newest checkpoint already is this step, or the
+        last step was skipped as non-finite (the newest checkpoint then stays the last good state)."""
+        newest = self.newest()
+        if last_step_skipped or (newest is not None and newest.name == f"{CHECKPOINT_PREFIX}{state.completed_steps}"):
+            return newest
+        return self.save(state)
+
     def remove_interrupted_saves(self) -> list[Path]:
         stale = sorted(self.root.glob(TEMP_PREFIX + "*")) if self.root.is_dir() else []
         for d in stale:
@@ -387,7 +399,7 @@ class CheckpointManager:
             required.append(SCALER_NAME)
         verify_manifest(path, required)
         try:
-            state = TrainingState.load(path / TRAINER_STATE_NAME)
+            state = TrainingState.from_json((path / TRAINER_STATE_NAME).read_text())
         except (OSError, ValueError) as err:
             raise CheckpointError(TRAINER_STATE_NAME, str(err)) from err
         model_state, _ = tensors_from_file(path / MODEL_NAME)

@@ -96,11 +96,14 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> 
         "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "learning_rate": 1e-3,
         "weight_decay": 0.01, "adam_beta1": 0.9, "adam_beta2": 0.999, "max_grad_norm": 1.0, "num_train_epochs": 1,
         "max_train_steps": None, "gradient_accumulation_steps": 1, "lr_scheduler_type": "cosine",
-        "num_warmup_steps": 0, "mixed_precision": None, "seed": 42, "time_budget_minutes": None, **defaults,
+        "num_warmup_steps": 0, "mixed_precision": None, "seed": 42, "time_budget_minutes": None,
+        "batch_size_help": None, **defaults,
     }
     g = parser.add_argument_group("training")
-    g.add_argument("--per_device_train_batch_size", type=int, default=d["per_device_train_batch_size"])
-    g.add_argument("--per_device_eval_batch_size", type=int, default=d["per_device_eval_batch_size"])
+    g.add_argument("--per_device_train_batch_size", type=int, default=d["per_device_train_batch_size"],
+                   help=d.get("batch_size_help"))
+    g.add_argument("--per_device_eval_batch_size", type=int, default=d["per_device_eval_batch_size"],
+                   help=d.get("batch_size_help"))
     g.add_argument("--learning_rate", type=float, default=d["learning_rate"], help="Peak learning rate.")
     g.add_argument("--weight_decay", type=float, default=d["weight_decay"], help="AdamW decay of matrices only.")
     g.add_argument("--adam_beta1", type=float, default=d["adam_beta1"])
@@ -196,22 +199,12 @@ def make_accelerator(args: argparse.Namespace, **kwargs: Any) -> Accelerator:
 
 
 def prepare_distributed_model(model: torch.nn.Module, accelerator: Accelerator) -> None:
-    """After `accelerator.prepare`: route the reversible blocks' f/g through FSDP2's hooks; refuse what DDP cannot do."""
+    """After `accelerator.prepare`: route the reversible blocks' f/g through FSDP2's hooks (docs/distributed.md)."""
     patched = register_fsdp_reversible_methods(model)
     if accelerator.distributed_type == DistributedType.FSDP and patched == 0:
         raise ValueError(
             "FSDP needs `fsdp_version: 2` with `fsdp_transformer_layer_cls_to_wrap: RevFormerBlock` "
             "(training/configs/fsdp.yaml): the reversible blocks' f/g must run under FSDP2's hooks."
-        )
-    if (
-        isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        and (accelerator.unwrap_model(model).config.chunk_size_feed_forward or 0) > 0  # None: chosen by the library
-    ):
-        # The recompute back-propagates each feed-forward chunk separately, so each FFN weight's gradient hook fires
-        # once per chunk, which DDP rejects ("marked as ready twice"); static_graph fails with gradient accumulation.
-        raise ValueError(
-            "`--chunk_size_feed_forward` > 0 is not supported with multi-process DDP (the chunked recompute fires each "
-            "feed-forward gradient hook once per chunk). Use 0, or FSDP."
         )
 
 

@@ -286,8 +286,10 @@ class TrainingLoop:
                 if fitted is not None and fitted != state.max_train_steps:
                     fit = self.fitter.fits[-1] if self.fitter.fits else None
                     rate = f"{fit.seconds_per_step:.2f} s/step" if fit else "the measured step time"
-                    logger.warning(f"Time budget: at {rate}, --max_train_steps {state.max_train_steps} -> {fitted} "
-                                   f"(step {state.completed_steps}); the LR schedule now ends there.")
+                    # The first fit is news; refits after a drift of the step time are routine on a shared machine.
+                    log = logger.warning if len(self.fitter.fits) <= 1 else logger.info
+                    log(f"Time budget: at {rate}, --max_train_steps {state.max_train_steps} -> {fitted} "
+                        f"(step {state.completed_steps}); the LR schedule now ends there.")
                     state.max_train_steps = max(fitted, state.completed_steps)
                     refit_scheduler(self.guard.scheduler, state.completed_steps, state.max_train_steps)
                 yield Update(state.completed_steps, epoch, loss_value, lr, grad_norm, skipped)

@@ -41,27 +41,30 @@ class TrainingState:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, source: str | os.PathLike = TRAINER_STATE_NAME) -> TrainingState:
-        """Parse and check every field (type and range); `ValueError` names `source` and the bad field."""
+    def from_json(cls, text: str) -> TrainingState:
+        """Parse and check every field (type and range); `ValueError` names the bad field."""
         try:
             data = json.loads(text)
         except ValueError as err:
-            raise ValueError(f"{source} is not valid JSON ({err})") from err
+            raise ValueError(f"not valid JSON ({err})") from err
         if not isinstance(data, dict):
-            raise ValueError(f"{source} must hold a JSON object, got {type(data).__name__}")
+            raise ValueError(f"must hold a JSON object, got {type(data).__name__}")
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name not in data:
-                raise ValueError(f"{source} lacks the key {f.name!r}")
+                raise ValueError(f"lacks the key {f.name!r}")
             value = data[f.name]
             expected = {"eval_history": list, "extra": dict, "train_time_s": (int, float)}.get(f.name, int)
             if not isinstance(value, expected) or isinstance(value, bool):
-                raise ValueError(f"{source}: {f.name!r} must be {getattr(expected, '__name__', 'a number')}, got {value!r:.60}")
+                raise ValueError(f"{f.name!r} must be {getattr(expected, '__name__', 'a number')}, got {value!r:.60}")
             if expected is int and value < 0:
-                raise ValueError(f"{source}: {f.name!r} must be >= 0, got {value}")
+                raise ValueError(f"{f.name!r} must be >= 0, got {value}")
             kwargs[f.name] = value
         return cls(**kwargs)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TrainingState:
-        return cls.from_json(Path(path).read_text(), path)
+        try:
+            return cls.from_json(Path(path).read_text())
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err

@@ -1,0 +1,123 @@
+"""Time budgets and the movable learning-rate schedule (`reformer_rev.training.budget`), on a fake clock."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import get_scheduler
+
+from reformer_rev.training import budget
+from reformer_rev.training.budget import BudgetedSchedule, StepFitter, TimeBudget, make_scheduler, refit_scheduler
+
+
+def lrs(scheduler, steps: int, refits: dict[int, int] | None = None) -> list[float]:
+    out = []
+    for step in range(1, steps + 1):
+        out.append(scheduler.optimizer.param_groups[0]["lr"])
+        scheduler.optimizer.step()
+        scheduler.step()
+        if refits and step in refits:
+            refit_scheduler(scheduler, step, refits[step])
+    return out
+
+
+def sgd() -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+
+@pytest.mark.parametrize("kind", budget.SCHEDULES)
+def test_schedule_equals_transformers_before_any_refit(kind):
+    extra = {"scheduler_specific_kwargs": {"timescale": 20}} if kind == "inverse_sqrt" else {}
+    ours = make_scheduler(sgd(), kind, 20, 200)
+    theirs = get_scheduler(kind, sgd(), num_warmup_steps=20, num_training_steps=200, **extra)
+    assert lrs(ours, 200) == lrs(theirs, 200)  # bit for bit over the whole run
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_refit_keeps_the_learning_rate_continuous_and_ends_at_zero(kind):
+    values = lrs(make_scheduler(sgd(), kind, 20, 200), 100, refits={50: 80, 70: 100})
+    jumps = [abs(b - a) for a, b in zip(values, values[1:])]
+    assert max(jumps[20:]) < 0.05  # after warmup: no jump at either refit (a cosine step here is ~0.02-0.04)
+    assert values[-1] < 0.01 and values[-1] > 0  # the last step of the refitted run has (almost) decayed
+    assert lrs(make_scheduler(sgd(), kind, 20, 200), 100)[-1] > 0.4  # unfitted, it would still be high
+
+
+def test_refit_during_warmup_of_a_too_short_run_still_reaches_the_peak():
+    """Refit at step 6 (warmup 6/20 done) to a 30-step run: the warmup ends at step 9 instead of 20, ramping on from
+    the current rate, then the decay ends at step 30; a later refit to 60 steps only moves the decay's end."""
+    values = lrs(make_scheduler(sgd(), "cosine", 20, 200), 30, refits={6: 30})
+    assert values[:7] == pytest.approx([i / 20 for i in range(7)])  # the original warmup up to the refit
+    assert values[6:10] == pytest.approx([0.3, 0.3 + 0.7 / 3, 0.3 + 1.4 / 3, 1.0])  # ramp on, reaching the peak
+    assert values[-1] < 0.01
+    longer = lrs(make_scheduler(sgd(), "cosine", 20, 200), 60, refits={6: 30, 12: 60})
+    assert longer[:12] == values[:12] and longer[-1] < 0.01
+    assert max(abs(b - a) for a, b in zip(longer, longer[1:])) < 0.25
+
+
+def test_scheduler_state_is_json_and_restores_a_refitted_schedule():
+    a = make_scheduler(sgd(), "cosine", 10, 100)
+    lrs(a, 30, refits={20: 60})
+    state = json.loads(json.dumps(a.state_dict()))  # what a checkpoint stores: plain JSON, no callable
+    b = make_scheduler(sgd(), "cosine", 10, 100)
+    b.load_state_dict(state)
+    b.optimizer.param_groups[0]["lr"] = a.optimizer.param_groups[0]["lr"]
+    assert lrs(a, 30) == lrs(b, 30)
+    assert state["lr_lambdas"][0]["num_training_steps"] == 60
+
+
+def test_bad_schedule_name():
+    with pytest.raises(ValueError, match="lr_scheduler_type"):
+        BudgetedSchedule("cosine_with_restarts", 0, 10)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_fitter_fits_the_run_then_refits_when_the_machine_slows(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(budget.time, "time", clock.time)
+    b = TimeBudget(minutes=2, start=clock.now)  # 120 s
+    fitter = StepFitter(b, max_steps=1000, reserve=lambda s: 20.0, overhead=lambda s: 0.1 * s)
+    total, times = 1000, {}
+    for step in range(1, 200):
+        seconds = 1.0 if step <= 40 else 2.0  # the machine gets twice as slow after step 40
+        clock.now += seconds
+        times[step] = clock.now
+        new = fitter.step_done(step, seconds, total)
+        if new is not None:
+            total = new
+        if clock.now > fitter.deadline() or step >= total:
+            break
+    first, *refits = fitter.fits
+    # first fit after calibration: (120 - 20 reserve - 6 s elapsed) / (1 s + 10% overhead) more steps
+    assert (first.step, first.new_total) == (6, 6 + int((120 - 20 - 6) / 1.1))
+    # after the slowdown the mean of the last 20 steps rises; every 15% of drift refits to the time then left
+    assert refits and all(f.step > 40 and f.new_total < f.old_total for f in refits)
+    for f in refits:
+        left = (1000.0 + 100.0) - times[f.step]
+        assert f.new_total == f.step + int(left / (1.1 * f.seconds_per_step))
+    assert all(b.seconds_per_step > a.seconds_per_step * 1.15 for a, b in zip(fitter.fits, refits))
+    # the fitted run ends before the deadline: training + reserve fit in the budget
+    assert step == total and clock.now <= b.end - 20.0
+
+
+def test_fitter_never_lengthens_past_the_request_and_is_off_without_budget(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(budget.time, "time", clock.time)
+    fitter = StepFitter(TimeBudget(minutes=60, start=clock.now), max_steps=50, reserve=lambda s: 0.0)
+    totals = []
+    for step in range(1, 10):
+        clock.now += 1.0
+        totals.append(fitter.step_done(step, 1.0, 50))
+    assert totals == [None] * 9  # 50 steps fit easily: nothing to change
+    unbounded = StepFitter(TimeBudget(minutes=None), max_steps=50, reserve=lambda s: 0.0)
+    assert all(unbounded.step_done(i, 100.0, 50) is None for i in range(1, 20))
+    assert not unbounded.out_of_time() and math.isinf(unbounded.deadline())
