@@ -6,6 +6,7 @@ Importing the package registers the `reformer_rev` model type with the `transfor
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from .configuration_reformer_rev import RevFormerConfig
+from .conversion import is_reversible, make_reversible, revert_reversible
 from .modeling_reformer_rev import RevFormerForCausalLM, RevFormerModel, RevFormerPreTrainedModel
 from .modeling_reformer_rev_seq2seq import RevFormerForConditionalGeneration, RevFormerSeq2SeqModel
 from .reversible import run_reversible_stack
@@ -35,5 +36,8 @@ __all__ = [
     "RevFormerSeq2SeqModel",
     "RevFormerForConditionalGeneration",
     "run_reversible_stack",
+    "make_reversible",
+    "revert_reversible",
+    "is_reversible",
     "__version__",
 ]
