@@ -98,9 +98,6 @@ class FloatArith:
     def div_gamma(self, s: torch.Tensor, gamma: Fraction) -> torch.Tensor:
         return s / float(gamma)
 
-    def fork(self) -> FloatArith:
-        return self
-
 
 class InfoBuffer:
     """A non-negative big integer per tensor element, stored as int64 limbs of `LIMB_BITS` bits (least significant
@@ -193,11 +190,6 @@ class ExactArith:
         q = torch.div(s, n, rounding_mode="floor")
         self.buffer.push(s - q * n, n)
         return q * d + self.buffer.pop(d, s)
-
-    def fork(self) -> ExactArith:
-        """A copy with its own buffer list (limbs are replaced, never modified in place), so a second backward of
-        the same graph starts from the same buffer."""
-        return ExactArith(self.bits, self.dtype, InfoBuffer(self.buffer.limbs))
 
 
 class DualArith(ExactArith):

@@ -10,7 +10,7 @@ so the backward solves one more (adjoint, linear) fixed point with vector-Jacobi
 *phantom gradient* (Geng et al., 2021) back-propagates through `k` damped steps `z <- (1 - tau) z + tau f(z)` started
 at the (detached) fixed point: cheaper and often more stable, at the price of an approximate gradient.
 
-Design rules (see also docs/design.md §2):
+Design rules (docs/design.md §2):
 
 * the solver state is kept in at least float32 (`promote_types(dtype, float32)`), and Anderson's small linear solve runs
   in float64: bf16 solves are inaccurate and `torch.linalg.solve` has no bf16 kernel on CPU;
@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+
+from .reversible import AutocastState
 
 SUPPORTED_SOLVERS = ("fixed_point", "anderson")
 SUPPORTED_BACKWARDS = ("implicit", "phantom")
@@ -279,7 +281,7 @@ class _ImplicitFixedPoint(torch.autograd.Function):
         z_star, fstats = solve(lambda z: f(z, *inputs), z0, **options.forward_kwargs())
         stats_box.append(DEQStats(fstats, backward_mode="implicit"))
         ctx.f, ctx.options, ctx.stats_box, ctx.on_backward = f, options, stats_box, on_backward
-        ctx.autocast = _autocast_state(z0.device.type)
+        ctx.autocast = AutocastState.capture(z0.device.type)
         ctx.save_for_backward(z_star, *inputs)
         return z_star
 
@@ -288,7 +290,7 @@ class _ImplicitFixedPoint(torch.autograd.Function):
         z_star, *inputs = ctx.saved_tensors
         leaves = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
         grad = grad.contiguous()
-        with torch.enable_grad(), _autocast_context(ctx.autocast):
+        with torch.enable_grad(), ctx.autocast.context():
             z = z_star.detach().requires_grad_(True)
             fz = ctx.f(z, *leaves)
 
@@ -328,18 +330,6 @@ def _solve_adjoint(adjoint: Callable[[torch.Tensor], torch.Tensor], grad: torch.
             beta=kwargs["damping"],
         )
     return u.to(in_dtype), stats
-
-
-def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype | None]:
-    enabled = torch.is_autocast_enabled(device_type)
-    return device_type, enabled, (torch.get_autocast_dtype(device_type) if enabled else None)
-
-
-def _autocast_context(state: tuple[str, bool, torch.dtype | None]):
-    device_type, enabled, dtype = state
-    if not enabled:
-        return torch.autocast(device_type, enabled=False)
-    return torch.autocast(device_type, dtype=dtype, enabled=True)
 
 
 def deq_fixed_point(
@@ -405,9 +395,6 @@ def _closure_has_grad_params(f: Callable[..., torch.Tensor]) -> bool:
     module = f if isinstance(f, torch.nn.Module) else getattr(f, "__self__", None)
     if isinstance(module, torch.nn.Module):
         return any(p.requires_grad for p in module.parameters())
-    params = getattr(f, "deq_parameters", None)
-    if params is not None:
-        return any(p.requires_grad for p in params)
     return True
 
 

@@ -13,15 +13,22 @@ so activation memory is one block's worth whatever the depth.
 Nothing here knows about attention or feed-forward layers: blocks only have to expose `f(x, **kwargs)` and
 `g(x, **kwargs)` and, if `g` acts on every position independently, a `g_chunk_size` to bound its activations.
 
-Correctness rules this module follows (see docs/design.md §2):
+Correctness rules this module follows (docs/design.md §2, §8):
 
-* dropout is replayed exactly: the RNG state of every device in use is captured before each `f`/`g` call of each
-  forward *call* (stored on the autograd context, never on a module) and restored around the recompute with
-  `torch.random.fork_rng`, so two forwards before one backward, or gradient accumulation, stay exact and the
-  global generator is never reseeded;
+* randomness is replayed exactly, wherever it comes from (config dropout, adapter dropout inside a LoRA layer, a
+  user's `nn.Dropout`, stochastic depth): the RNG state of every device in use is captured before each `f`/`g` call
+  of each forward *call* (stored on the autograd context, never on a module) and restored around the recompute with
+  `torch.random.fork_rng`. Nothing is inferred from config fields: a state is dropped only when the generators are
+  provably untouched by the call (their state compares equal afterwards), so blocks without random ops cost nothing.
+  Two forwards before one backward, or gradient accumulation, stay exact and the global generator is never reseeded;
 * autocast is replayed: the autocast state of the forward is recorded and re-entered in backward;
-* parameter gradients are accumulated by `torch.autograd.backward` on each rebuilt block graph (not returned from
-  the Function), which is what DDP's default mode and FSDP2 expect.
+* gradients do not depend on what requires grad: the stack is on the autograd graph whenever any block parameter
+  (or input) needs a gradient, even if the inputs are frozen (a frozen embedding, PEFT adapters);
+* every parameter's gradient is delivered once per backward, at its last use (the lowest block that applies it),
+  however many times the recompute uses it (chunked feed-forward, weight-tied blocks). The recompute computes
+  gradients with `torch.autograd.grad` into local accumulators and hands each parameter its total with one
+  `torch.autograd.backward` on the parameter itself, so its accumulation hook fires once: what DDP's default mode,
+  `static_graph` and ZeRO expect. FSDP2-sharded blocks keep in-place accumulation (`distributed.py`).
 
 The coupling rule is pluggable (`couplings.py`: additive, momentum, leapfrog), and so is the stream arithmetic:
 floating point, or int64 fixed point for bit-exact reversal at any depth (`fixed_point_bits`). A drift guard keeps
@@ -55,8 +62,6 @@ class ReversibleBlockProtocol(Protocol):
 
     training: bool
     g_chunk_size: int
-    # Optional: False when f and g draw no random numbers (no active dropout), so no RNG state is recorded.
-    uses_rng: bool
 
     def f(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor: ...
 
@@ -80,6 +85,12 @@ class RngState:
     def capture(cls, cuda_devices: tuple[int, ...]) -> RngState:
         states = tuple(torch.cuda.get_rng_state(d) for d in cuda_devices)
         return cls(torch.get_rng_state(), cuda_devices, states)
+
+    def unchanged(self) -> bool:
+        """Whether the generators are still in this state (nothing drew random numbers since the capture)."""
+        if not torch.equal(torch.get_rng_state(), self.cpu):
+            return False
+        return all(torch.equal(torch.cuda.get_rng_state(d), s) for d, s in zip(self.cuda_devices, self.cuda_states))
 
     def fork(self):
         """Context manager: run with this RNG state, leave the global generators as they were afterwards."""
@@ -166,6 +177,68 @@ def _branch_out(fn: Callable[..., torch.Tensor], x: torch.Tensor, chunk: int, co
     return out if coef == 1.0 else out * coef
 
 
+def _graph_leaves(out: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors requiring grad that `out` was computed from: parameters (the block's own, or any other one
+    `f`/`g` closes over, e.g. a shared adapter), differentiable kwargs and the recompute's input leaf."""
+    leaves, seen, stack = [], set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
+        if variable is not None:
+            leaves.append(variable)
+        else:
+            stack.extend(child for child, _ in node.next_functions)
+    return leaves
+
+
+class _GradientSink:
+    """Parameter gradients of one recomputing backward, handed to each parameter once.
+
+    The recompute may use a parameter many times: once per chunk of `g`, once per application of a weight-tied
+    block. Accumulating each use into `.grad` would fire the parameter's accumulation hook each time, which DDP's
+    default mode rejects ("mark a variable ready only once") and which makes DDP/ZeRO reduce a partial gradient.
+    Instead gradients are summed here and each parameter receives its total with one `torch.autograd.backward` on
+    the parameter itself (its `AccumulateGrad` node runs once, hooks included) as soon as no lower block uses it, so
+    at most one block's worth of gradients is held at a time and DDP can overlap communication with the backward.
+
+    `in_place=True` keeps accumulation into `.grad` on every use: FSDP2 reduce-scatters from its own backward hooks
+    around each recompute call (`distributed.py`) and owns the unsharded gradient buffers.
+    """
+
+    def __init__(self, blocks: Sequence[ReversibleBlockProtocol], in_place: bool) -> None:
+        self.in_place = in_place
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.release_at: dict[int, list[int]] = {}
+        if in_place:
+            return
+        lowest: dict[int, int] = {}
+        for i, block in enumerate(blocks):
+            for p in block.parameters():  # type: ignore[attr-defined]
+                lowest.setdefault(id(p), i)  # forward order: the first use is the lowest block
+        for key, i in lowest.items():
+            self.release_at.setdefault(i, []).append(key)
+
+    def add(self, leaf: torch.Tensor, grad: torch.Tensor | None) -> None:
+        if grad is None:
+            return
+        key = id(leaf)
+        if key in self.pending:
+            self.pending[key] = (leaf, self.pending[key][1] + grad)
+        else:
+            self.pending[key] = (leaf, grad)
+
+    def release(self, block_index: int | None = None) -> None:
+        """Deliver the gradients of the parameters whose lowest use is `block_index` (all pending ones if None)."""
+        keys = list(self.pending) if block_index is None else self.release_at.get(block_index, ())
+        items = [self.pending.pop(k) for k in keys if k in self.pending]
+        if items:
+            leaves, grads = zip(*items)
+            torch.autograd.backward(list(leaves), list(grads))
+
+
 def _branch_backward(
     fn: Callable[..., torch.Tensor],
     x: torch.Tensor,
@@ -173,21 +246,38 @@ def _branch_backward(
     chunk: int,
     coef: float,
     kwargs: dict[str, Any],
+    sink: _GradientSink,
+    local_leaves: dict[int, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Recompute `out = coef * fn(x)` and back-propagate `grad_out` through it; returns `(out, dL/dx)`, detached.
 
     Chunk-wise with a leaf per chunk (the same chunks as the forward, so the values are bit-identical), so only one
-    chunk's graph is alive at a time. Parameter and differentiable-kwarg gradients accumulate into `.grad`.
+    chunk's graph is alive at a time. Gradients of the differentiable kwargs (`local_leaves`, the backward's own
+    leaves) accumulate into their `.grad`; parameter gradients go to `sink`.
     """
     outs, grads = [], []
+    others: list[torch.Tensor] | None = None
     for s in _chunks(x.shape[1], chunk):
         x_c = x[:, s].detach().requires_grad_(True)
         o = fn(x_c, **kwargs)
         if coef != 1.0:
             o = o * coef
-        torch.autograd.backward(o, grad_out[:, s])
+        if sink.in_place:
+            torch.autograd.backward(o, grad_out[:, s])
+            g_x = x_c.grad
+        else:
+            if others is None:  # every chunk's graph has the same leaves but its input
+                others = [leaf for leaf in _graph_leaves(o) if leaf is not x_c]
+            g_x, *g_others = torch.autograd.grad(o, [x_c, *others], grad_out[:, s], allow_unused=True)
+            for leaf, g in zip(others, g_others):
+                if g is None:
+                    continue
+                if id(leaf) in local_leaves:
+                    leaf.grad = g if leaf.grad is None else leaf.grad + g
+                else:
+                    sink.add(leaf, g)
         outs.append(o.detach())
-        grads.append(x_c.grad if x_c.grad is not None else torch.zeros_like(x_c))
+        grads.append(g_x if g_x is not None else torch.zeros_like(x_c))
         del o
     if len(outs) == 1:
         return outs[0], grads[0]
@@ -209,13 +299,16 @@ def block_forward(
     """
     coupling = coupling or _ADDITIVE
     ar = arith or _FLOAT
-    record_rng = cuda_devices is not None and getattr(block, "uses_rng", block.training)
+    record = cuda_devices is not None
     rngs = []
     for fn, chunk in _branches(block):
-        rngs.append(RngState.capture(cuda_devices) if record_rng else None)
+        # Any op in f/g may draw random numbers (adapter dropout, a user's nn.Dropout): capture before every call,
+        # keep the state only if the call provably drew (a CPU state is ~5 kB, a CUDA one 16 bytes).
+        rng = RngState.capture(cuda_devices) if record else None
         out = _branch_out(fn, ar.view(coupling.forward_input(x1, x2)), chunk, coupling.coef, kwargs)
+        rngs.append(None if rng is None or rng.unchanged() else rng)
         x1, x2 = coupling.forward_combine(ar, x1, x2, ar.quant(out))
-    return x1, x2, (_BlockRecord(*rngs) if cuda_devices is not None else None)
+    return x1, x2, (_BlockRecord(*rngs) if record else None)
 
 
 def _maybe_fork(state: RngState | None):
@@ -230,21 +323,25 @@ def block_backward(
     dy2: torch.Tensor,
     kwargs: dict[str, Any],
     record: _BlockRecord,
-    coupling: Coupling | None = None,
-    arith: Any = None,
+    coupling: Coupling,
+    arith: Any,
+    sink: _GradientSink,
+    local_leaves: dict[int, torch.Tensor],
 ) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
     """Reconstruct `(x1, x2)` from `(y1, y2)` and turn `(dL/dy1, dL/dy2)` into `(dL/dx1, dL/dx2)`.
 
     Each residual function is evaluated exactly once (with grad), its output used both to invert the coupling and
-    to back-propagate: one extra forward per block, the minimum for a recomputing backward. Parameter gradients and
-    gradients of differentiable `kwargs` (e.g. an encoder output) accumulate into their `.grad` fields.
+    to back-propagate: one extra forward per block, the minimum for a recomputing backward. Parameter gradients go
+    to `sink`; gradients of differentiable `kwargs` (e.g. an encoder output) accumulate into their `.grad` fields.
     """
     coupling = coupling or _ADDITIVE
     ar = arith or _FLOAT
     for (fn, chunk), rng in reversed(list(zip(_branches(block), (record.rng_f, record.rng_g)))):
         xin = coupling.inverse_input(ar, y1, y2)
         with _maybe_fork(rng):
-            out, g_in = _branch_backward(fn, ar.view(xin), coupling.grad_out(dy1, dy2), chunk, coupling.coef, kwargs)
+            out, g_in = _branch_backward(
+                fn, ar.view(xin), coupling.grad_out(dy1, dy2), chunk, coupling.coef, kwargs, sink, local_leaves
+            )
         with torch.no_grad():
             y1, y2 = coupling.inverse_combine(ar, y1, y2, xin, ar.quant(out))
             dy1, dy2 = coupling.grad_inputs(dy1, dy2, g_in)
@@ -289,9 +386,14 @@ class _StackRun:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _is_fsdp_sharded(block: Any) -> bool:
+    """Whether `block` is an FSDP2 module (`torch.distributed.fsdp.fully_shard`), which accumulates in place."""
+    return callable(getattr(block, "_get_fsdp_state", None))
+
+
 class _ReversibleStackFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x1, x2, blocks, static_kwargs, options, diff_names, *diff_values):  # type: ignore[override]
+    def forward(ctx, anchor, x1, x2, blocks, static_kwargs, options, diff_names, *diff_values):  # type: ignore[override]
         coupling, bits, checkpoint_every, report = options
         kwargs = {**static_kwargs, **dict(zip(diff_names, diff_values))}
         devices = _cuda_devices((x1, x2))
@@ -311,6 +413,7 @@ class _ReversibleStackFunction(torch.autograd.Function):
     def backward(ctx, dy1, dy2):  # type: ignore[override]
         y1, y2, *diff_values = ctx.saved_tensors
         leaves = [v.detach().requires_grad_(v.requires_grad) for v in diff_values]
+        local_leaves = {id(leaf): leaf for leaf in leaves if leaf.requires_grad}
         kwargs = {**ctx.static_kwargs, **dict(zip(ctx.diff_names, leaves))}
         dy1 = dy1.contiguous()
         dy2 = dy2.contiguous()
@@ -321,10 +424,14 @@ class _ReversibleStackFunction(torch.autograd.Function):
         coupling, ar, run = ctx.coupling, ctx.arith, ctx.run
         ctx.arith = None
         report = run.report
+        sink = _GradientSink(ctx.blocks, in_place=any(_is_fsdp_sharded(b) for b in ctx.blocks))
         with torch.enable_grad(), ctx.autocast.context():
             for i in reversed(range(len(ctx.blocks))):
                 block, record = ctx.blocks[i], ctx.records[i]
-                y1, y2, dy1, dy2 = block_backward(block, y1, y2, dy1, dy2, kwargs, record, coupling, ar)
+                y1, y2, dy1, dy2 = block_backward(
+                    block, y1, y2, dy1, dy2, kwargs, record, coupling, ar, sink, local_leaves
+                )
+                sink.release(i)
                 if i in run.inputs:
                     report.blocks.append(measure_drift(ar, i, (y1, y2), run.inputs.pop(i)))
                 if i in run.checkpoints:
@@ -332,13 +439,16 @@ class _ReversibleStackFunction(torch.autograd.Function):
                     if report is not None:
                         report.checkpoints.append(measure_drift(ar, i, (y1, y2), exact))
                     y1, y2 = exact
+            sink.release()  # leaves outside every block's parameters (closed over by f/g), after their last use
         if report is not None:
             report.blocks.sort(key=lambda b: b.index)
             report.checkpoints.sort(key=lambda b: b.index)
         # Free the references held by the context early (the graph may outlive this call).
         ctx.blocks = ctx.records = ctx.static_kwargs = ctx.run = ctx.arith = None
         diff_grads = tuple(leaf.grad if leaf.requires_grad else None for leaf in leaves)
-        return (dy1, dy2, None, None, None, None, *diff_grads)
+        dx1 = dy1 if ctx.needs_input_grad[1] else None
+        dx2 = dy2 if ctx.needs_input_grad[2] else None
+        return (None, dx1, dx2, None, None, None, None, *diff_grads)
 
 
 def run_reversible_stack(
@@ -396,7 +506,12 @@ def run_reversible_stack(
         return x1, x2
     names = tuple(diff_kwargs)
     options = (coupling, fixed_point_bits, checkpoint_every, drift_report)
-    return _ReversibleStackFunction.apply(x1, x2, list(blocks), static_kwargs, options, names, *diff_kwargs.values())
+    # A leaf that requires grad keeps the stack on the graph when only block parameters need gradients (frozen
+    # embedding, PEFT adapters): a Function whose inputs all lack requires_grad returns outputs without a grad_fn.
+    anchor = torch.empty(0, device=x1.device, requires_grad=True)
+    return _ReversibleStackFunction.apply(
+        anchor, x1, x2, list(blocks), static_kwargs, options, names, *diff_kwargs.values()
+    )
 
 
 __all__ = [
