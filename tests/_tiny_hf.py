@@ -27,14 +27,16 @@ def tiny_model(
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if family == "gpt2":
+        overrides.setdefault("n_positions", 128)
         config = GPT2Config(
-            n_embd=32, n_layer=depth, n_head=4, n_positions=128, attn_pdrop=dropout, resid_pdrop=dropout,
+            n_embd=32, n_layer=depth, n_head=4, attn_pdrop=dropout, resid_pdrop=dropout,
             embd_pdrop=dropout, **common, **overrides,
         )
         return GPT2LMHeadModel(config).to(dtype)
+    overrides.setdefault("max_position_embeddings", 128)
     llama_like = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=depth, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=128, attention_dropout=dropout, **common,
+        attention_dropout=dropout, **common,
     )
     if family == "llama":
         config = LlamaConfig(**llama_like, **overrides)

@@ -100,11 +100,6 @@ class _LayerBlock:
     def training(self) -> bool:
         return self.layer.training
 
-    @property
-    def uses_rng(self) -> bool:
-        # Capture RNG whenever the layer trains: dropout may hide in injected modules (LoRA's lora_dropout).
-        return self.layer.training
-
     def parameters(self):
         return self.layer.parameters()
 
