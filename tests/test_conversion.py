@@ -430,3 +430,16 @@ def test_stream_overflow_raises():
     ids = random_ids()
     with pytest.raises(OverflowError, match="BDIA fixed-point stream overflow.*Lower `fixed_point_bits`"):
         model(ids, labels=ids)
+
+
+@pytest.mark.slow
+def test_accelerate_ddp_two_processes_match_the_twin(tmp_path):
+    from test_distributed import run_worker
+
+    for run in run_worker("ddp_conversion.py", tmp_path)["runs"]:
+        assert run["num_processes"] == 2 and run["ddp_wrapped"] == "DistributedDataParallel", run
+        assert run["distributed_type"].endswith("MULTI_CPU")
+        assert run["max_abs_diff_across_ranks"] == 0.0  # the all-reduce saw every gradient
+        assert run["update_to_param_norm"] > 1e-2, run
+        assert run["max_loss_diff"] <= 1e-12, run
+        assert run["param_rel_err"] <= 1e-6 and run["update_rel_err"] <= 1e-6, run
