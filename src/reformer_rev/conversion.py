@@ -18,16 +18,20 @@ raises instead of silently computing something else. `revert_reversible(model)` 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from .bdia import BDIACoupling
 from .couplings import Coupling, MomentumCoupling
 from .reversible import run_reversible_stack
+
+logger = logging.get_logger(__name__)
 
 SUPPORTED_CONVERSION_COUPLINGS = ("bdia", "momentum")
 
@@ -152,9 +156,7 @@ class ReversibleConversion:
                     )
         self.blocks = [_LayerBlock(layer, family, str(i)) for i, layer in enumerate(self.layers)]
         # A layer that still takes `output_attentions` returns a tuple `(hidden, ...)` (older releases).
-        self.returns_tuple = [
-            "output_attentions" in inspect.signature(type(layer).forward).parameters for layer in self.layers
-        ]
+        self.returns_tuple = ["output_attentions" in _signature(type(layer)).parameters for layer in self.layers]
         self.coupling: BDIACoupling | MomentumCoupling = BDIACoupling()
         self.reversible = True
         self.fixed_point_bits = 40
@@ -224,6 +226,11 @@ class ReversibleConversion:
                     f"A non-empty `{name}` (e.g. prefix tuning) cannot be used while a converted model trains "
                     "reversibly: the recomputing backward would update the cache a second time."
                 )
+        if any(callable(getattr(layer, "_get_fsdp_state", None)) for layer in self.layers):
+            raise ValueError(
+                "`make_reversible` does not support FSDP-sharded decoder layers (the whole stack runs inside one "
+                "layer's call, while FSDP gathers each layer's weights around its own call). Use DDP."
+            )
         self.current = _StackCall()
 
     def _close_call(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -264,11 +271,13 @@ class ReversibleConversion:
         for name in self.family.layer_only_args:
             if bound.pop(name, None) is not None:
                 raise ValueError(f"`{name}` (cross-attention) is not supported by `make_reversible`.")
-        for name in _CACHE_ARGS:
-            if bound.get(name) is not None:
-                bound[name] = None  # the recompute would append to the cache twice; training does not need it
-        if bound.get("use_cache"):
-            bound["use_cache"] = False
+        if bound.get("use_cache") or any(bound.get(name) is not None for name in _CACHE_ARGS):
+            # The recompute would append to the cache a second time; training does not need it (as with activation
+            # checkpointing, the returned cache stays empty).
+            logger.warning_once("`use_cache=True` is incompatible with reversible training: the KV cache is not filled.")
+            for name in (*_CACHE_ARGS, "use_cache"):
+                if name in bound:
+                    bound[name] = False if name == "use_cache" else None
         static, diff_names = {}, []
         for name, value in bound.items():
             if isinstance(value, torch.Tensor) and value.requires_grad:
@@ -306,9 +315,14 @@ def _converted_layer_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return self._reversible_conversion.layer_forward(self, args, kwargs)
 
 
+@functools.lru_cache(maxsize=None)
+def _signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
 def _bind(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The layer's call arguments by name, as its own (class) forward would see them; `**kwargs` flattened."""
-    sig = inspect.signature(type(layer).forward)
+    sig = _signature(type(layer))
     bound = sig.bind(layer, *args, **kwargs)
     out: dict[str, Any] = {}
     for name, value in list(bound.arguments.items())[1:]:  # [0] is `self`
