@@ -6,8 +6,8 @@ of `data/bible_mt` (Reina-Valera 1909), at equal steps and data order:
 
 * `plain`: ordinary full fine-tuning (a);
 * `ckpt`: the same with activation checkpointing (b);
-* `bdia`: `make_reversible(model)`, BDIA coupling with gamma = 1/2 (c);
-* `momentum` (optional): `make_reversible(model, coupling="momentum")`, exact momentum with gamma = 1/2.
+* `rev`: `make_reversible(model)`, the default heavy-ball coupling with gamma = +-1/2 (c);
+* optional: `bdia` (`coupling="bdia"`, gamma = +-1/2), `momentum` (`coupling="momentum"`, gamma = 1/2).
 
 Reported per candidate:
 
@@ -50,18 +50,21 @@ sys.path.insert(0, str(EVAL_DIR))
 from _bench_common import environment, fmt, least_squares, markdown_table, write_json  # noqa: E402
 from pretrain_small import cosine_lr, spanish_verses, token_blocks  # noqa: E402
 
-CANDIDATES = ("plain", "ckpt", "bdia", "momentum")
+CANDIDATES = ("plain", "ckpt", "rev", "bdia", "momentum")
 LABELS = {
     "plain": "(a) ordinary fine-tuning",
     "ckpt": "(b) ordinary + activation checkpointing",
-    "bdia": "(c) make_reversible (BDIA, gamma 1/2)",
-    "momentum": "make_reversible (momentum, gamma 1/2)",
+    "rev": "(c) make_reversible (heavy-ball, gamma +-1/2)",
+    "bdia": "make_reversible(coupling='bdia'), gamma +-1/2",
+    "momentum": "make_reversible(coupling='momentum'), gamma 1/2",
 }
-# Step-0 fidelity of more couplings than are fine-tuned: (coupling, gamma) -> label.
+# Step-0 fidelity of more couplings than are fine-tuned: key -> (coupling, gamma, label).
 FIDELITY_VARIANTS = {
+    "heavy_ball": ("heavy_ball", 0.5, "heavy-ball gamma=+-1/2 (1 bit), the default"),
+    "heavy_ball_quarter": ("heavy_ball", 0.25, "heavy-ball gamma=+-1/4 (2 bits)"),
     "bdia": ("bdia", 0.5, "BDIA gamma=+-1/2 (1 bit)"),
     "bdia_quarter": ("bdia", 0.25, "BDIA gamma=+-1/4 (2 bits)"),
-    "momentum": ("momentum", 0.5, "momentum gamma=1/2 (1.23 bits)"),
+    "momentum": ("momentum", 0.5, "momentum gamma=1/2 (1.23 bits), deterministic"),
 }
 RESULT_MARKER = "@@CONVERT_RESULT@@"
 
@@ -81,8 +84,10 @@ def prepare(model, candidate: str):
             enable({"use_reentrant": False})
         else:  # pragma: no cover - older releases
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif candidate == "bdia":
+    elif candidate == "rev":
         make_reversible(model)
+    elif candidate == "bdia":
+        make_reversible(model, coupling="bdia")
     elif candidate == "momentum":
         make_reversible(model, coupling="momentum", gamma=0.5)
     elif candidate != "plain":
@@ -330,7 +335,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model_name_or_path", action="append", default=[], metavar="FAMILY=PATH_OR_HUB_ID",
                    help="Override one family's checkpoint (a local folder or a Hub id).")
     p.add_argument("--families", default="llama,gpt2")
-    p.add_argument("--candidates", default="plain,ckpt,bdia", help=f"Fine-tuned candidates, from {CANDIDATES}.")
+    p.add_argument("--candidates", default="plain,ckpt,rev", help=f"Fine-tuned candidates, from {CANDIDATES}.")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=256)
@@ -340,7 +345,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_train_verses", type=int, default=0, help="Use only the first N Spanish verses (0 = all).")
     p.add_argument("--memory_depths", default="4,16,32")
     p.add_argument("--memory_batch_size", type=int, default=4)
-    p.add_argument("--memory_candidates", default="plain,ckpt,bdia")
+    p.add_argument("--memory_candidates", default="plain,ckpt,rev")
     p.add_argument("--skip", default="", help="Comma-separated sections to skip: fidelity, finetune, memory.")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU-time ratios are not skewed by load).")
     p.add_argument("--seed", type=int, default=0)

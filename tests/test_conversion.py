@@ -1,4 +1,4 @@
-"""`make_reversible`: pretrained transformers causal LMs fine-tuned through the reversible engine (BDIA coupling).
+"""`make_reversible`: pretrained transformers causal LMs fine-tuned through the reversible engine (two-step couplings).
 
 For every supported family with tiny random weights: inference is the original model, float64 gradients equal the
 ordinary-autograd twin's (dropout on), activation memory grows with depth by the side bits only, the saved checkpoint
@@ -19,7 +19,7 @@ from _tiny_hf import FAMILIES, VOCAB, random_ids, tiny_model
 
 from conftest import max_grad_rel_err, rel_err
 from reformer_rev import is_reversible, make_reversible, revert_reversible, run_reversible_stack
-from reformer_rev.bdia import BDIACoupling, PackedBits
+from reformer_rev.couplings_twostep import BDIACoupling, HeavyBallCoupling, PackedBits
 from reformer_rev.couplings import DriftReport
 from reformer_rev.profiling import peak_allocated_bytes
 
@@ -108,15 +108,16 @@ def test_generate_and_kv_cache_equal_the_original(family):
 # --------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("coupling", ["heavy_ball", "bdia"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_float64_gradients_equal_the_twin_with_dropout(family):
-    model, twin = converted_pair(family, dropout=0.1)
+def test_float64_gradients_equal_the_twin_with_dropout(family, coupling):
+    model, twin = converted_pair(family, dropout=0.1, coupling=coupling)
     model.train(), twin.train()
     ids, mask, labels = padded_batch()
     losses = []
     for m in (model, twin):
         torch.manual_seed(11)
-        # Two forwards before one backward: each call replays its own dropout masks and its own BDIA signs.
+        # Two forwards before one backward: each call replays its own dropout masks and its own coupling signs.
         loss = m(ids, attention_mask=mask, labels=labels).loss + m(ids[:2], labels=ids[:2]).loss
         loss.backward()
         losses.append(loss)
@@ -142,9 +143,10 @@ def test_training_function_is_the_coupling_not_the_original(family):
     assert mean < single / 2, (mean, single)
 
 
+@pytest.mark.parametrize("coupling_class", [HeavyBallCoupling, BDIACoupling])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
-def test_bdia_reversal_is_bit_exact_at_depth_48(dtype):
-    """Engine-level: a deep BDIA stack reconstructs every block input bit-exactly, in bf16 compute too; in float64
+def test_two_step_reversal_is_bit_exact_at_depth_48(dtype, coupling_class):
+    """Engine-level: a deep two-step stack reconstructs every block input bit-exactly, in bf16 compute too; in float64
     its gradients equal the twin's (bf16 gradients differ by the twin's own bf16 rounding, not by the reversal)."""
 
     class Block(torch.nn.Module):
@@ -167,7 +169,7 @@ def test_bdia_reversal_is_bit_exact_at_depth_48(dtype):
     for reversible in (True, False):
         report = DriftReport(per_block=True) if reversible else None
         torch.manual_seed(1)  # the same signs and dropout masks for both
-        coupling = BDIACoupling().start(96, 4, "cpu")
+        coupling = coupling_class().start(96, 4, "cpu")
         x1, x2 = coupling.init_streams(x)
         y1, y2 = run_reversible_stack(
             blocks, x1, x2, reversible=reversible, coupling=coupling, fixed_point_bits=30, drift_report=report
@@ -422,13 +424,13 @@ def test_gpt2_cross_attention_raises():
 
 
 def test_stream_overflow_raises():
-    # 52 fractional bits leave the BDIA streams 2^8 = 256 in value (the grid itself 2^10): hidden states ~500 must
+    # 52 fractional bits leave the two-step streams 2^8 = 256 in value (the grid itself 2^10): hidden states ~500 must
     # raise, not wrap around later.
     model = make_reversible(tiny_model("llama"), fixed_point_bits=52).train()
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(6e3)  # max |x| ~ 500: enters the grid, fails the 2^60 check
     ids = random_ids()
-    with pytest.raises(OverflowError, match="BDIA fixed-point stream overflow.*Lower `fixed_point_bits`"):
+    with pytest.raises(OverflowError, match="HeavyBallCoupling fixed-point stream overflow.*Lower `fixed_point_bits`"):
         model(ids, labels=ids)
 
 

@@ -2,10 +2,11 @@
 
 `make_reversible(model)` takes a loaded Llama, Qwen2, Mistral or GPT-2 causal LM and returns the *same object*. In
 eval mode, under `torch.no_grad()` and in `generate()` nothing changes: every decoder layer runs its own forward. In
-training with gradients enabled the decoder stack runs through the reversible engine (`reversible.py`) with a coupling
-that is the original residual update at `gamma = 0` (`bdia.py`; docs/design.md §9): each decoder layer is one engine
-block whose `f` is its pre-norm attention sub-layer and whose `g` its pre-norm MLP sub-layer, so activation memory
-grows with depth only by the coupling's side bits (one bit per element per sub-layer for BDIA with gamma = 1/2).
+training with gradients enabled the decoder stack runs through the reversible engine (`reversible.py`) with a
+coupling that is the original residual update at `gamma = 0` (`couplings_twostep.py`; docs/design.md §9): each
+decoder layer is one engine block whose `f` is its pre-norm attention sub-layer and whose `g` its pre-norm MLP
+sub-layer, so activation memory grows with depth only by the coupling's side bits (one bit per element per sub-layer
+with gamma = 1/2).
 
 How the stack is hooked, without copying any `transformers` forward code: the decoder layers' `forward` is replaced
 on the instances (the classes are untouched, `state_dict` keys too). In a reversible call every layer but the last
@@ -27,13 +28,13 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .bdia import BDIACoupling
+from .couplings_twostep import BDIACoupling, HeavyBallCoupling, TwoStepCoupling
 from .couplings import Coupling, MomentumCoupling
 from .reversible import run_reversible_stack
 
 logger = logging.get_logger(__name__)
 
-SUPPORTED_CONVERSION_COUPLINGS = ("bdia", "momentum")
+SUPPORTED_CONVERSION_COUPLINGS = ("heavy_ball", "bdia", "momentum")
 
 # Argument names a decoder layer has used for its KV cache across transformers releases.
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
@@ -157,7 +158,7 @@ class ReversibleConversion:
         self.blocks = [_LayerBlock(layer, family, str(i)) for i, layer in enumerate(self.layers)]
         # A layer that still takes `output_attentions` returns a tuple `(hidden, ...)` (older releases).
         self.returns_tuple = ["output_attentions" in _signature(type(layer)).parameters for layer in self.layers]
-        self.coupling: BDIACoupling | MomentumCoupling = BDIACoupling()
+        self.coupling: TwoStepCoupling | MomentumCoupling = HeavyBallCoupling()
         self.reversible = True
         self.fixed_point_bits = 40
         self.current: _StackCall | None = None
@@ -166,17 +167,19 @@ class ReversibleConversion:
     # ---- options -------------------------------------------------------------------------------------------------
 
     def configure(self, coupling: str | Coupling, gamma: float | None, reversible: bool, fixed_point_bits: int):
-        if isinstance(coupling, (BDIACoupling, MomentumCoupling)):
+        if isinstance(coupling, (TwoStepCoupling, MomentumCoupling)):
             if gamma is not None:
                 raise ValueError("Pass `gamma` only with a coupling name, not with a coupling instance.")
             self.coupling = coupling
+        elif coupling == "heavy_ball":
+            self.coupling = HeavyBallCoupling(0.5 if gamma is None else gamma)
         elif coupling == "bdia":
             self.coupling = BDIACoupling(0.5 if gamma is None else gamma)
         elif coupling == "momentum":
             self.coupling = MomentumCoupling(0.5 if gamma is None else gamma)
         else:
             raise ValueError(
-                f"`coupling` must be one of {SUPPORTED_CONVERSION_COUPLINGS} (or a BDIACoupling / MomentumCoupling): "
+                f"`coupling` must be one of {SUPPORTED_CONVERSION_COUPLINGS} (or a TwoStepCoupling / MomentumCoupling): "
                 f"the conversion needs a coupling that is the original residual update at inference, got {coupling!r}."
             )
         if not isinstance(reversible, bool):
@@ -295,7 +298,7 @@ class ReversibleConversion:
         call.done = True
         hidden = call.hidden
         coupling = self.coupling
-        if isinstance(coupling, BDIACoupling):
+        if isinstance(coupling, TwoStepCoupling):
             coupling = coupling.start(2 * len(self.blocks), hidden.shape[0], hidden.device)
         x1, x2 = coupling.init_streams(hidden)
         y1, y2 = run_reversible_stack(
@@ -344,7 +347,7 @@ def _bind(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, An
 def make_reversible(
     model: nn.Module,
     *,
-    coupling: str | Coupling = "bdia",
+    coupling: str | Coupling = "heavy_ball",
     gamma: float | None = None,
     reversible: bool = True,
     fixed_point_bits: int = 40,
@@ -356,15 +359,19 @@ def make_reversible(
     ordinary checkpoint of the original class. Calling it again on a converted model changes its options.
 
     Args:
-        coupling: `"bdia"` (default): `x_{k+1} = g x_{k-1} + (1-g) x_k + (1+g) h_k(x_k)` with `g = +-gamma` per
-            sample and sub-layer in training, `g = 0` (the original model) at inference; `gamma` must be `2^-m` and
-            costs `m` side bits per element per sub-layer (default 1/2: one bit). `"momentum"`: exact momentum
-            (`v <- gamma v + (1-gamma) h(x)`, `x <- x + v`; default gamma 1/2), `log2(1/gamma)` side bits; it moves the
-            training function further from the original (see docs/pretrained.md).
+        coupling: the training-time update of each residual sub-layer (`couplings_twostep.py`); all are the original
+            model at inference.
+            `"heavy_ball"` (default): `x_{k+1} = x_k + h_k(x_k) + g (x_{k-1} - x_k)` with `g = +-gamma` drawn per
+            sample and sub-layer in training; `gamma` must be `2^-m` and costs `m` side bits per element per
+            sub-layer (default 1/2: one bit).
+            `"bdia"`: `x_{k+1} = g x_{k-1} + (1-g) x_k + (1+g) h_k(x_k)` (BDIA, ICML 2025), the same bits, about
+            twice the training-time perturbation on pretrained weights (docs/pretrained.md).
+            `"momentum"`: exact momentum (`v <- gamma v + (1-gamma) h(x)`, `x <- x + v`; default gamma 1/2), a
+            deterministic change of the function, `log2(1/gamma)` bits in 52-bit limbs.
         gamma: the coupling's coefficient (see above).
         reversible: `False` runs the same coupling under ordinary autograd (the twin used to check gradients).
         fixed_point_bits: fractional bits of the int64 fixed-point streams that make reversal bit-exact. 40 keeps
-            hidden values up to ~2^18 for BDIA with gamma 1/2 (an OverflowError names the fix otherwise).
+            hidden values up to 2^20 (an OverflowError names the fix otherwise).
     """
     base = _unwrap(model)
     family = _family_of(base)
