@@ -48,7 +48,7 @@ REPO = EVAL_DIR.parent
 sys.path.insert(0, str(EVAL_DIR))
 
 from _bench_common import environment, fmt, least_squares, markdown_table, write_json  # noqa: E402
-from pretrain_small import cosine_lr, spanish_verses, token_blocks  # noqa: E402
+from pretrain_small import cosine_lr, english_books, spanish_verses, token_blocks  # noqa: E402
 
 CANDIDATES = ("plain", "ckpt", "rev", "bdia", "momentum")
 LABELS = {
@@ -119,22 +119,26 @@ def train_mode_loss(model, blocks: torch.Tensor, batch_size: int, seed: int) -> 
     return total / count
 
 
-def step0_fidelity(path: str, valid: torch.Tensor, batch_size: int, seed: int) -> dict[str, Any]:
+def step0_fidelity(path: str, domains: dict[str, torch.Tensor], batch_size: int, seed: int) -> dict[str, Any]:
+    """Training-mode loss of the pretrained model with each coupling vs the original's, per domain (dropout off)."""
     from transformers import AutoModelForCausalLM
 
-    from reformer_rev import make_reversible
     from pretrain_small import mean_loss
+    from reformer_rev import make_reversible
 
     original = without_dropout(AutoModelForCausalLM.from_pretrained(path))
-    out = {
-        "eval_loss": mean_loss(original, valid, batch_size),
-        "train_mode_loss": {"original": train_mode_loss(original, valid, batch_size, seed)},
-    }
+    variants = {"original": original}
     for key, (coupling, gamma, _) in FIDELITY_VARIANTS.items():
-        model = make_reversible(copy.deepcopy(original), coupling=coupling, gamma=gamma)
-        out["train_mode_loss"][key] = train_mode_loss(model, valid, batch_size, seed)
-    ref = out["train_mode_loss"]["original"]
-    out["relative_change"] = {k: v / ref - 1 for k, v in out["train_mode_loss"].items()}
+        variants[key] = make_reversible(copy.deepcopy(original), coupling=coupling, gamma=gamma)
+    out = {}
+    for domain, blocks in domains.items():
+        losses = {key: train_mode_loss(model, blocks, batch_size, seed) for key, model in variants.items()}
+        out[domain] = {
+            "blocks": len(blocks),
+            "eval_loss": mean_loss(original, blocks, batch_size),
+            "train_mode_loss": losses,
+            "relative_change": {k: v / losses["original"] - 1 for k, v in losses.items()},
+        }
     return out
 
 
@@ -318,13 +322,17 @@ def report(results: dict[str, Any]) -> str:
             lines.append(markdown_table(["candidate"] + [f"depth {d}" for d in depths] + ["MB / layer"], rows))
         if "fidelity" in res:
             fid = res["fidelity"]
-            rows = [["original (eval mode)", f"{fid['eval_loss']:.4f}", "–"]]
-            rows.append(["original (training mode)", f"{fid['train_mode_loss']['original']:.4f}", "0"])
+            domains = list(fid)
+            rows = [["original, eval mode"] + sum(([f"{fid[d]['eval_loss']:.4f}", "–"] for d in domains), [])]
+            rows.append(["original, training mode"] + sum(
+                ([f"{fid[d]['train_mode_loss']['original']:.4f}", "0"] for d in domains), []))
             for key, (_, _, label) in FIDELITY_VARIANTS.items():
-                rows.append([label, f"{fid['train_mode_loss'][key]:.4f}", f"{100 * fid['relative_change'][key]:+.2f}%"])
-            lines.append("\nStep-0 training-mode loss of the pretrained model on the Spanish validation blocks "
-                         "(dropout off, so only the coupling differs):\n")
-            lines.append(markdown_table(["function", "loss", "vs original"], rows))
+                rows.append([label] + sum(([f"{fid[d]['train_mode_loss'][key]:.4f}",
+                                            f"{100 * fid[d]['relative_change'][key]:+.2f}%"] for d in domains), []))
+            sizes = ", ".join(f"{fid[d]['blocks']} {d} validation blocks" for d in domains)
+            lines.append("\nStep-0 training-mode loss of the pretrained model (dropout off, so only the coupling "
+                         f"differs; {sizes}):\n")
+            lines.append(markdown_table(["function"] + sum(([f"{d} loss", "vs original"] for d in domains), []), rows))
     return "\n".join(lines)
 
 
@@ -342,6 +350,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learning_rate", type=float, default=5e-4)
     p.add_argument("--warmup_steps", type=int, default=10)
     p.add_argument("--valid_blocks", type=int, default=256, help="Spanish validation blocks evaluated (0 = all).")
+    p.add_argument("--fidelity_blocks", type=int, default=64, help="Validation blocks per domain for step 0.")
     p.add_argument("--max_train_verses", type=int, default=0, help="Use only the first N Spanish verses (0 = all).")
     p.add_argument("--memory_depths", default="4,16,32")
     p.add_argument("--memory_batch_size", type=int, default=4)
@@ -402,7 +411,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if pre.is_file():
             res["pretrain"] = json.loads(pre.read_text())
         if "fidelity" not in args.skip:
-            res["fidelity"] = step0_fidelity(path, valid, args.batch_size, args.seed)
+            # In the pretraining domain (where the model is good, so perturbations show) and in the target domain.
+            english = token_blocks(tokenizer, english_books("validation"), args.seq_len)
+            domains = {"English": english[: args.fidelity_blocks], "Spanish": valid[: args.fidelity_blocks]}
+            res["fidelity"] = step0_fidelity(path, domains, args.batch_size, args.seed)
             print(f"[{family}] step-0 fidelity: {json.dumps(res['fidelity'])}", flush=True)
         if "finetune" not in args.skip:
             res["finetune"] = finetune(family, path, train, valid_file, args)
