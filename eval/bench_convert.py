@@ -6,7 +6,8 @@ of `data/bible_mt` (Reina-Valera 1909), at equal steps and data order:
 
 * `plain`: ordinary full fine-tuning (a);
 * `ckpt`: the same with activation checkpointing (b);
-* `rev`: `make_reversible(model)`, the default heavy-ball coupling with gamma = +-1/2 (c);
+* `rev`: `make_reversible(model, gamma=0.5)`, heavy-ball coupling with gamma = +-1/2, one side bit (c);
+* `rev_quarter`: `make_reversible(model, gamma=0.25)`: heavy-ball with gamma = +-1/4, two side bits;
 * optional: `bdia` (`coupling="bdia"`, gamma = +-1/2), `momentum` (`coupling="momentum"`, gamma = 1/2).
 
 Reported per candidate:
@@ -50,11 +51,12 @@ sys.path.insert(0, str(EVAL_DIR))
 from _bench_common import environment, fmt, least_squares, markdown_table, write_json  # noqa: E402
 from pretrain_small import cosine_lr, english_books, spanish_verses, token_blocks  # noqa: E402
 
-CANDIDATES = ("plain", "ckpt", "rev", "bdia", "momentum")
+CANDIDATES = ("plain", "ckpt", "rev", "rev_quarter", "bdia", "momentum")
 LABELS = {
     "plain": "(a) ordinary fine-tuning",
     "ckpt": "(b) ordinary + activation checkpointing",
-    "rev": "(c) make_reversible (heavy-ball, gamma +-1/2)",
+    "rev": "(c) make_reversible (heavy-ball, gamma +-1/2, 1 bit)",
+    "rev_quarter": "make_reversible(gamma=0.25) (heavy-ball, 2 bits)",
     "bdia": "make_reversible(coupling='bdia'), gamma +-1/2",
     "momentum": "make_reversible(coupling='momentum'), gamma 1/2",
 }
@@ -85,7 +87,9 @@ def prepare(model, candidate: str):
         else:  # pragma: no cover - older releases
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif candidate == "rev":
-        make_reversible(model)
+        make_reversible(model, gamma=0.5)
+    elif candidate == "rev_quarter":
+        make_reversible(model, gamma=0.25)
     elif candidate == "bdia":
         make_reversible(model, coupling="bdia")
     elif candidate == "momentum":
