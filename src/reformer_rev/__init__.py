@@ -12,6 +12,7 @@ from transformers import (
 )
 
 from .configuration_reformer_rev import RevFormerConfig
+from .conversion import is_reversible, make_reversible, revert_reversible
 from .modeling_reformer_rev import (
     RevFormerForCausalLM,
     RevFormerForSequenceClassification,
@@ -49,5 +50,8 @@ __all__ = [
     "RevFormerSeq2SeqModel",
     "RevFormerForConditionalGeneration",
     "run_reversible_stack",
+    "make_reversible",
+    "revert_reversible",
+    "is_reversible",
     "__version__",
 ]

@@ -1,0 +1,59 @@
+"""Smoke test of the conversion benchmark: pretrain tiny standard models, fine-tune them three ways, reload plainly."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+EVAL_DIR = Path(__file__).resolve().parents[1] / "eval"
+sys.path.insert(0, str(EVAL_DIR))
+
+import bench_convert  # noqa: E402
+import pretrain_small  # noqa: E402
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(SystemExit):
+        bench_convert.parse_args(["--candidates", "rev,nope"])
+    with pytest.raises(SystemExit):
+        bench_convert.parse_args(["--candidates", "ckpt,rev"])  # no baseline
+    with pytest.raises(SystemExit):
+        bench_convert.parse_args(["--skip", "everything"])
+    with pytest.raises(SystemExit):
+        bench_convert.parse_args(["--model_name_or_path", "llama"])
+    with pytest.raises(SystemExit):
+        pretrain_small.parse_args(["--families", "llama,bert"])
+    args = bench_convert.parse_args(["--model_name_or_path", "gpt2=org/name", "--families", "gpt2"])
+    assert args.paths == {"gpt2": "org/name"}  # a Hub id goes to from_pretrained unchanged
+
+
+@pytest.mark.slow
+def test_pretrain_then_benchmark_end_to_end(tmp_path):
+    pretrained = tmp_path / "pretrained"
+    runs = pretrain_small.main([
+        "--output_dir", str(pretrained), "--max_books", "2", "--vocab_size", "300", "--max_steps", "3",
+        "--num_layers", "2", "--seq_len", "32", "--batch_size", "2", "--threads", "1",
+    ])
+    assert [r["class"] for r in runs] == ["LlamaForCausalLM", "GPT2LMHeadModel"]
+    config = json.loads((pretrained / "llama" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "auto_map" not in config
+    out = tmp_path / "bench"
+    results = bench_convert.main([
+        "--pretrained_dir", str(pretrained), "--steps", "3", "--seq_len", "32", "--batch_size", "2",
+        "--valid_blocks", "4", "--fidelity_blocks", "2", "--max_train_verses", "300", "--memory_depths", "1,3", "--memory_batch_size", "1", "--output_dir", str(out),
+    ])
+    assert json.loads((out / "results.json").read_text())["families"].keys() == {"llama", "gpt2"}
+    assert "(c) make_reversible" in (out / "results.md").read_text()
+    for family, res in results["families"].items():
+        cands = res["finetune"]["candidates"]
+        assert {c["reloaded_class"] for c in cands.values()} == {runs[0]["class"] if family == "llama" else runs[1]["class"]}
+        # Activation checkpointing replays the same computation: (b) ends where (a) does.
+        assert cands["ckpt"]["validation_loss_vs_plain"] == pytest.approx(0.0, abs=1e-5)
+        assert cands["rev"]["validation_loss_plain_reload"] > 0
+        growth = res["memory"]["growth_mb_per_layer"]
+        assert growth["rev"] < growth["plain"] / 10, growth
+        for fid in res["fidelity"].values():  # English and Spanish
+            assert fid["relative_change"]["original"] == 0.0 and set(fid["relative_change"]) >= {"heavy_ball", "bdia"}
