@@ -22,9 +22,9 @@ Reported per candidate:
 * peak activation memory of one training step at depth 4 / 16 / 32 (random weights of the same widths, each in a
   fresh process, `reformer_rev.profiling`), its growth per layer and the depth-32 figure.
 
-    python eval/pretrain_small.py --output_dir outputs/pretrained        # once, a few CPU minutes per model
-    python eval/bench_convert.py --pretrained_dir outputs/pretrained     # results in outputs/bench_convert/
-    python eval/bench_convert.py ... --write_docs                        # also docs/pretrained.md + JSON
+    python -m eval.pretrain_small --output_dir outputs/pretrained        # once, a few CPU minutes per model
+    python -m eval.bench_convert --pretrained_dir outputs/pretrained     # results in outputs/bench_convert/
+    python -m eval.bench_convert ... --write_docs                        # also docs/pretrained.md + JSON
 
 Targets (issue 14): (c)'s validation loss within 1% of (a)'s; (c)'s memory growth per layer <= 1/10 of (a)'s and
 (c) below (b) at depth 32; (c)'s tokens/s >= 0.75x (a)'s.
@@ -46,10 +46,10 @@ import torch
 
 EVAL_DIR = Path(__file__).resolve().parent
 REPO = EVAL_DIR.parent
-sys.path.insert(0, str(EVAL_DIR))
 
-from _bench_common import environment, fmt, least_squares, markdown_table, write_json  # noqa: E402
-from pretrain_small import cosine_lr, english_books, spanish_verses, token_blocks  # noqa: E402
+from eval._bench_common import environment, fmt, least_squares, markdown_table
+from eval.pretrain_small import cosine_lr, english_books, spanish_verses, token_blocks
+from reformer_rev.safe_io import atomic_write_json, atomic_write_text
 
 CANDIDATES = ("plain", "ckpt", "rev", "rev_quarter", "bdia", "momentum")
 LABELS = {
@@ -127,7 +127,7 @@ def step0_fidelity(path: str, domains: dict[str, torch.Tensor], batch_size: int,
     """Training-mode loss of the pretrained model with each coupling vs the original's, per domain (dropout off)."""
     from transformers import AutoModelForCausalLM
 
-    from pretrain_small import mean_loss
+    from eval.pretrain_small import mean_loss
     from reformer_rev import make_reversible
 
     original = without_dropout(AutoModelForCausalLM.from_pretrained(path))
@@ -269,7 +269,7 @@ def measure_memory(family: str, path: str, args) -> dict[str, Any]:
         for depth in args.memory_depths:
             spec = dict(path=path, candidate=cand, depth=depth, batch_size=args.memory_batch_size,
                         seq_len=args.seq_len, threads=args.threads)
-            proc = subprocess.run([sys.executable, __file__, "--memory_worker", json.dumps(spec)],
+            proc = subprocess.run([sys.executable, "-m", "eval.bench_convert", "--memory_worker", json.dumps(spec)], cwd=REPO,
                                   capture_output=True, text=True, check=False)
             line = next((x for x in proc.stdout.splitlines() if x.startswith(RESULT_MARKER)), None)
             if line is None:
@@ -425,13 +425,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "memory" not in args.skip:
             res["memory"] = measure_memory(family, path, args)
         results["families"][family] = res
-        write_json(out_dir / "results.json", results)
+        atomic_write_json(out_dir / "results.json", results)
     text = report(results)
     (out_dir / "results.md").write_text(text + "\n")
     print(text)
     if args.write_docs:
-        write_json(REPO / "docs" / "benchmarks" / "convert.json", results)
-        (REPO / "docs" / "benchmarks" / "convert.md").write_text(text + "\n")
+        atomic_write_json(REPO / "docs" / "benchmarks" / "convert.json", results)
+        atomic_write_text(REPO / "docs" / "benchmarks" / "convert.md", text + "\n")
     return results
 
 

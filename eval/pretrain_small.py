@@ -6,7 +6,7 @@ and a `GPT2LMHeadModel` (dropout on, as GPT-2 has it), trained for a few CPU min
 `data/bible_lm` with a byte-level BPE learned on the same text. Each is saved with `save_pretrained` (model +
 tokenizer + `pretrain.json` with the run's numbers) under `--output_dir` (a scratch folder: never commit it).
 
-    python eval/pretrain_small.py --output_dir outputs/pretrained --minutes 4
+    python -m eval.pretrain_small --output_dir outputs/pretrained --minutes 4
 """
 
 from __future__ import annotations
@@ -15,17 +15,15 @@ import argparse
 import gzip
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from reformer_rev.training.corpus import bundled_lm_files, bundled_translation_files
+from reformer_rev.training.tokenization import EOS_TOKEN, train_bpe_tokenizer
 
-from training.corpus import bundled_lm_files, bundled_translation_files  # noqa: E402
-from training.tokenization import EOS_TOKEN, train_bpe_tokenizer  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 FAMILIES = ("llama", "gpt2")
 

@@ -99,3 +99,14 @@ def cut_bundled_corpus(root: Path, splits: dict[str, tuple[int, int]]) -> dict[s
         files[split] = root / f"{split}.jsonl"
         files[split].write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return files
+
+
+@pytest.fixture(autouse=True)
+def fresh_drift_monitor(monkeypatch):
+    """A fresh process-wide drift monitor per test: it probes the first calls, then one in 16, and a probed call keeps
+    the stack's input stream alive until its backward; without a fresh one, peak-memory figures (and which calls
+    are probed) would depend on how many stacks earlier tests in the same worker ran."""
+    from reformer_rev import reversible
+    from reformer_rev.couplings import DriftMonitor
+
+    monkeypatch.setattr(reversible, "default_drift_monitor", DriftMonitor())

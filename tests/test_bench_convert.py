@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-EVAL_DIR = Path(__file__).resolve().parents[1] / "eval"
-sys.path.insert(0, str(EVAL_DIR))
-
-import bench_convert  # noqa: E402
-import pretrain_small  # noqa: E402
+from eval import bench_convert, pretrain_small
 
 
 def test_bad_arguments_are_rejected():
