@@ -209,6 +209,24 @@ class RevFormerStack(nn.ModuleList):
         self.last_drift_report: DriftReport | None = None
         self.deq_nonconverged = 0
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the backward recomputes this stack's blocks: always with the reversible engine, and in DEQ mode
+        (the implicit backward rebuilds the block group); not for the plain-autograd twin.
+
+        transformers reads this flag through `PreTrainedModel.is_activation_checkpointing` (`is_gradient_checkpointing`
+        in older 5.x, e.g. 5.15), and `Trainer` then gives DDP `find_unused_parameters=False` by default -- the setting a
+        recomputing backward needs (docs/distributed.md; `True` makes DDP refuse the engine's gradients). Requests to
+        turn activation checkpointing on or off stay logged no-ops (`_set_gradient_checkpointing`).
+        """
+        return bool(self.config.reversible) or self.config.depth_mode == "deq"
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        # Generic code that flips every module's `gradient_checkpointing` flag changes nothing: what the stack
+        # recomputes is fixed by the config (`reversible`, `depth_mode`), as `_set_gradient_checkpointing` says.
+        pass
+
     @classmethod
     def build(cls, config: RevFormerConfig, block_class: type[nn.Module], depth_field: str) -> RevFormerStack:
         """`num_unique_layers` distinct blocks (weight tying in depth), else one per layer of `depth_field`."""
