@@ -285,7 +285,9 @@ class RevFormerConfig(PretrainedConfig):
     """
 
     model_type = "reformer_rev"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # The cache field's name in outputs before and from transformers 5.24: the Trainer leaves both out of predictions.
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+
     def __init__(
         self,
         vocab_size: int = 260,
