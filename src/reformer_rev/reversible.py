@@ -252,6 +252,12 @@ class DeferredGradients(_PendingGradients):
         super().__init__()
         self.owners: dict[int, Any] = {}
 
+    @classmethod
+    def for_blocks(cls, blocks: Sequence[Any]) -> DeferredGradients | None:
+        """A new store for engine calls over `blocks`, or None when they are FSDP2-sharded: FSDP2 accumulates in place
+        from its own hooks around every call, and a deferred delivery would reach its parameters after they reshard."""
+        return None if any(_is_fsdp_sharded(b) for b in blocks) else cls()
+
     def register(self, blocks: Sequence[Any]) -> None:
         """Remember which block owns each parameter, to deliver it inside the block's release scope (ZeRO-3)."""
         for block in blocks:

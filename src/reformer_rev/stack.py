@@ -311,10 +311,12 @@ class RevFormerStack(nn.ModuleList):
         blocks = self.applied_blocks(depth)
         streams = coupling.init_streams(hidden)
         engine_kwargs = options.engine_kwargs(self.last_drift_report)
+        deferred = None
         if output_hidden_states and len(blocks) > 1 and options.reversible and self._needs_grad(hidden):
             # Block by block, a weight-tied block's parameters would receive their gradient once per application (and
             # parameters closed over by f/g once per block): the calls defer them, delivered once after the last.
-            deferred = DeferredGradients()
+            deferred = DeferredGradients.for_blocks(blocks)
+        if deferred is not None:
             streams = deferred.entry(*streams)
             engine_kwargs["deferred_gradients"] = deferred
         x1, x2, states = self._run(
@@ -356,7 +358,7 @@ class RevFormerStack(nn.ModuleList):
         phantom = options.deq_backward == "phantom"
         # The phantom unroll applies the group once per step: through the engine, the steps (and the Jacobian
         # penalty) defer their parameter gradients so that each parameter receives their sum once (deq.py).
-        deferred = DeferredGradients() if phantom and options.reversible else None
+        deferred = DeferredGradients.for_blocks(group) if phantom and options.reversible else None
 
         def f(h, a, b, *diff_values, reversible=False, commit=False):
             engine_kwargs = {**options.engine_kwargs(None), "reversible": reversible}
