@@ -280,8 +280,13 @@ def test_trainer_ddp_default_for_the_plain_twin_finds_unused_parameters(trainer_
     assert case["ok"] and case["ranks_max_abs_diff"] == 0.0 and case["param_rel_err"] <= EXACT, case
 
 
+# The Jacobian penalty's double backward runs through FSDP2's hooks, which reshard mid-graph: not supported under FSDP2
+# (docs/distributed.md, "Known limits").
+FSDP_MODES = tuple(m for m in LM_MODES if "jacobian" not in m)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [*LM_MODES, "seq2seq"])
+@pytest.mark.parametrize("mode", [*FSDP_MODES, "seq2seq"])
 def test_fsdp2_shard_reversible_model_matches_one_process(fsdp_modes, mode):
     case = fsdp_modes[mode]
     assert case["ok"], case
