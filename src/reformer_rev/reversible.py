@@ -30,7 +30,9 @@ Correctness rules this module follows (docs/design.md §2, §8):
   however many times the recompute uses it (chunked feed-forward, weight-tied blocks). The recompute computes
   gradients with `torch.autograd.grad` into local accumulators and hands each parameter its total with one
   `torch.autograd.backward` on the parameter itself, so its accumulation hook fires once: what DDP's default mode,
-  `static_graph` and ZeRO expect. FSDP2-sharded blocks keep in-place accumulation (`distributed.py`).
+  `static_graph` and ZeRO expect. Several engine calls of one forward that apply the same parameters (a stack run
+  block by block, a DEQ phantom unroll) share a `DeferredGradients`, which delivers once for all of them.
+  FSDP2-sharded blocks keep in-place accumulation (`distributed.py`).
 
 The coupling rule is pluggable (`couplings.py`: additive, momentum, leapfrog), and so is the stream arithmetic:
 floating point, or int64 fixed point for bit-exact reversal at any depth (`fixed_point_bits`). A drift guard keeps
