@@ -399,7 +399,8 @@ class RevFormerStack(nn.ModuleList):
         )
         if not stats.forward.converged:
             self._warn_deq(stats)
-        jacobian_loss = stats.jacobian_penalty
+        # The differentiable penalty travels in the model output; the stats (often kept for logging) keep only its value.
+        jacobian_loss, stats.jacobian_penalty = stats.jacobian_penalty, None
         recorder = static_kwargs["attentions"]
         if caches or recorder is not None:
             # One more application at the fixed point stores its keys/values (causal: later tokens do not change
