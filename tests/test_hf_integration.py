@@ -48,6 +48,37 @@ def test_save_and_load_with_auto_classes(model, tmp_path):
         torch.testing.assert_close(base(ids).last_hidden_state, ref_hidden, rtol=0, atol=0)
 
 
+def test_from_pretrained_loads_old_zero_dim_branch_gates(tmp_path):
+    """Learnable branch gates were 0-dim before FSDP2/ZeRO forced shape (1,). transformers' loader skips module load
+    hooks, so `from_pretrained` reshapes them through the registered `BranchGateToOneDim` conversion; saving again
+    writes the (1,) shape."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = RevFormerForCausalLM(tiny_config(branch_scale="learnable_gate")).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("_gate"):
+                param.uniform_(0.5, 1.5)  # not the zero init: the loaded values must matter
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = load_file(weights)
+    gate_keys = [k for k in state if k.endswith("_gate")]
+    assert len(gate_keys) == 2 * model.config.num_hidden_layers
+    save_file({k: v.reshape(()) if k in gate_keys else v for k, v in state.items()}, weights, metadata={"format": "pt"})
+    assert all(load_file(weights)[k].dim() == 0 for k in gate_keys)
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # raised "size mismatch" before the conversion
+    gates = {n: p for n, p in loaded.named_parameters() if n.endswith("_gate")}
+    assert sorted(gates) == sorted(gate_keys) and all(p.shape == (1,) for p in gates.values())
+    ids = torch.randint(3, 48, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    resaved = tmp_path / "resaved"
+    loaded.save_pretrained(resaved)
+    assert all(v.shape == (1,) for k, v in load_file(resaved / "model.safetensors").items() if k in gate_keys)
+
+
 def test_tied_embeddings_share_storage():
     m = RevFormerForCausalLM(tiny_config(tie_word_embeddings=True))
     assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()

@@ -22,6 +22,8 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
@@ -244,7 +246,8 @@ class RevFormerBlock(nn.Module):
             self.mlp_gate = nn.Parameter(torch.zeros(1))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # State dicts saved while the gates were 0-dim (before they became 1-D) still load.
+        # State dicts saved while the gates were 0-dim (before they became 1-D) still load. `from_pretrained` does not
+        # call this hook; it reshapes through the conversion registered below (`BranchGateToOneDim`).
         for name in ("attn_gate", "mlp_gate"):
             value = state_dict.get(prefix + name)
             if value is not None and value.dim() == 0:
@@ -286,6 +289,37 @@ class RevFormerBlock(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 # Outputs
 # --------------------------------------------------------------------------------------------------------------
+
+
+class BranchGateToOneDim(ConversionOps):
+    """Checkpoint conversion for `from_pretrained`: learnable branch gates saved as 0-dim scalars load as shape (1,).
+
+    transformers 5.x loads checkpoints without calling module load hooks, so `RevFormerBlock._load_from_state_dict`
+    does not run there; a registered `WeightConverter` is the loader's supported way to change a tensor on its way in.
+    Gates that are already 1-D pass through unchanged, and saving writes them as they are (the reverse is this op).
+    """
+
+    @torch.no_grad()
+    def convert(self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str], **kwargs):
+        (value,) = input_dict.values()
+        tensor = value[0] if isinstance(value, list) else value
+        return {target_patterns[0]: tensor.reshape(1) if tensor.dim() == 0 else tensor}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return self
+
+
+# Registered for the model type, so every class of it (causal LM, classifier, backbone, encoder-decoder) gets it; also
+# runs when the modeling file is imported as remote code, so `overwrite=True` (the second import re-registers).
+register_checkpoint_conversion_mapping(
+    RevFormerConfig.model_type,
+    [
+        WeightConverter(source_patterns=name, target_patterns=name, operations=[BranchGateToOneDim()])
+        for name in ("attn_gate", "mlp_gate")
+    ],
+    overwrite=True,
+)
 
 
 @dataclass
