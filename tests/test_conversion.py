@@ -449,8 +449,9 @@ def test_accelerate_ddp_two_processes_match_the_twin(tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_bf16_autocast_gradients_equal_the_twin(family):
-    """Accelerate's bf16 mixed precision wraps the forward in autocast: the recompute must replay it for the forward
-    ops only (backward ops under autocast differ from plain autograd's: 5e-3 in SDPA-with-dropout gradients).
+    """Accelerate's bf16 mixed precision wraps the forward in autocast: the engine's recompute must replay it for the
+    forward ops only (backward ops under autocast differ from plain autograd's: 5e-3 in SDPA-with-dropout gradients
+    when the whole recompute ran under autocast). Measured: 1.4e-7 for both families.
 
     Without padding the two agree to fp32 rounding. (With a left-padded batch, fp32 gradients summed in a different
     order flip a few bf16 roundings of the attention-output gradient: ~1e-3 relative, equally valid both ways.)"""
