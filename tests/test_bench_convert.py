@@ -51,3 +51,18 @@ def test_pretrain_then_benchmark_end_to_end(tmp_path):
         assert growth["rev"] < growth["plain"] / 10, growth
         for fid in res["fidelity"].values():  # English and Spanish
             assert fid["relative_change"]["original"] == 0.0 and set(fid["relative_change"]) >= {"heavy_ball", "bdia"}
+
+
+def test_merge_results_joins_families_and_refuses_different_settings(tmp_path):
+    settings = {"candidates": ["plain", "rev"], "steps": 150, "batch_size": 8, "seq_len": 256, "threads": 1}
+    paths = []
+    for family, steps in (("llama", 150), ("gpt2", 150), ("gpt2", 100)):
+        path = tmp_path / f"{family}_{steps}.json"
+        path.write_text(json.dumps({"settings": {**settings, "steps": steps, "families": [family]},
+                                    "families": {family: {"path": f"pretrained/{family}"}}}))
+        paths.append(str(path))
+    merged = bench_convert.merge_results(paths[:2])
+    assert merged["settings"]["families"] == ["llama", "gpt2"]
+    assert merged["families"]["gpt2"] == {"path": "pretrained/gpt2"}
+    with pytest.raises(ValueError, match="steps"):  # a different fine-tuning length is not one table
+        bench_convert.merge_results([paths[0], paths[2]])
