@@ -392,10 +392,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def merge_results(paths: list[str]) -> dict[str, Any]:
-    """One results dict with the families of several runs; their fine-tuning and memory settings must agree."""
+    """One results dict with the families of several runs.
+
+    The batch, schedule and memory settings must agree; the number of steps and the candidates may differ per family
+    (each family's `finetune` records its own steps, and every ratio is within one family's run)."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
-    compared = ("candidates", "steps", "batch_size", "seq_len", "learning_rate", "warmup_steps", "memory_depths",
-                "memory_batch_size", "threads", "seed")
+    compared = ("batch_size", "seq_len", "learning_rate", "warmup_steps", "memory_depths", "memory_batch_size",
+                "threads", "seed")
     for path, run in zip(paths[1:], runs[1:]):
         differ = [k for k in compared if run["settings"].get(k) != runs[0]["settings"].get(k)]
         if differ:
