@@ -311,6 +311,23 @@ def monitor_demo(args: argparse.Namespace, depth: int = 48) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def target_misses(results: dict[str, Any], min_depth: int = 48, factor: float = 2.0) -> list[str]:
+    """Rows where the default's error exceeds `factor` times the twin's (same precision setting), at depth >=
+    `min_depth` (issue 17's target)."""
+    misses = []
+    for model_name, by_depth in results["errors"].items():
+        for depth, rows in by_depth.items():
+            if int(depth) < min_depth:
+                continue
+            for setting in ("bf16 autocast", "bf16 weights"):
+                default, twin = rows[f"reversible (default), {setting}"], rows[f"twin (plain autograd), {setting}"]
+                for group, err in default.items():
+                    if err > factor * twin[group]:
+                        misses.append(f"{model_name}, depth {depth}, {setting}, {group}: "
+                                      f"{100 * err:.2f}% vs twin {100 * twin[group]:.2f}%")
+    return misses
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     candidates = [c for c in CANDIDATE_ORDER if c in results["candidates"]]
     lines = ["| model | depth | gradient of | " + " | ".join(candidates) + " |",
@@ -321,6 +338,9 @@ def render_markdown(results: dict[str, Any]) -> str:
             for group in groups:
                 cells = [f"{100 * rows[c][group]:.2f}%" if c in rows else "n/a" for c in candidates]
                 lines.append(f"| {model_name} | {depth} | {group} | " + " | ".join(cells) + " |")
+    misses = target_misses(results)
+    lines += ["", "Target (default error <= 2x the twin's at depth >= 48): "
+              + ("met in every row." if not misses else "missed in " + "; ".join(misses) + ".")]
     c = results.get("cost")
     if c:
         lines += ["", f"Cost at depth {c['depth']}, seq {c['seq_len']}, batch {c['batch_size']}, bf16 autocast "
