@@ -332,8 +332,11 @@ def render_markdown(results: dict[str, Any]) -> str:
     candidates = [c for c in CANDIDATE_ORDER if c in results["candidates"]]
     lines = ["| model | depth | gradient of | " + " | ".join(candidates) + " |",
              "|---|---|---|" + "---|" * len(candidates)]
-    for model_name, by_depth in results["errors"].items():
-        for depth, rows in by_depth.items():
+    order = [f.name for f in FAMILIES.values()]
+    for model_name in sorted(results["errors"], key=lambda n: order.index(n) if n in order else len(order)):
+        by_depth = results["errors"][model_name]
+        for depth in sorted(by_depth, key=int):
+            rows = by_depth[depth]
             groups = next(iter(rows.values())).keys()
             for group in groups:
                 cells = [f"{100 * rows[c][group]:.2f}%" if c in rows else "n/a" for c in candidates]
@@ -364,10 +367,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.resume and path.exists():
         results.update(json.loads(path.read_text()))
     for other in map(json.loads, (f.read_text() for f in args.include)):
-        for model_name, by_depth in other["errors"].items():
+        for model_name, by_depth in other.get("errors", {}).items():
             for depth, rows in by_depth.items():
                 results["errors"].setdefault(model_name, {}).setdefault(depth, rows)
-        results["candidates"] = [c for c in CANDIDATE_ORDER if c in {*results["candidates"], *other["candidates"]}]
+        results["candidates"] = [c for c in CANDIDATE_ORDER if c in {*results["candidates"], *other.get("candidates", [])}]
         for part in ("cost", "monitor"):
             if part in other:
                 results.setdefault(part, other[part])
