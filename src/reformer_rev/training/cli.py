@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType
 
 from ..configuration_reformer_rev import RevFormerConfig
-from ..distributed import register_fsdp_reversible_methods
+from ..distributed import register_deepspeed_zero3_scopes, register_fsdp_reversible_methods
 from .budget import SCHEDULES
 
 
@@ -199,7 +199,11 @@ def make_accelerator(args: argparse.Namespace, **kwargs: Any) -> Accelerator:
 
 
 def prepare_distributed_model(model: torch.nn.Module, accelerator: Accelerator) -> None:
-    """After `accelerator.prepare`: route the reversible blocks' f/g through FSDP2's hooks (docs/distributed.md)."""
+    """After `accelerator.prepare`, what the reversible blocks need from the distributed wrapper (docs/distributed.md):
+    under FSDP2 their f/g run through FSDP's hooks; under DeepSpeed their gradients are delivered while ZeRO-3 has
+    their parameters gathered (a no-op for ZeRO-1/2). Both training scripts call it; DDP needs nothing."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        register_deepspeed_zero3_scopes(model)
     patched = register_fsdp_reversible_methods(model)
     if accelerator.distributed_type == DistributedType.FSDP and patched == 0:
         raise ValueError(
