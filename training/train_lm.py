@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from datasets import DatasetDict, load_dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -570,7 +570,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
     # Stepped by hand once per optimizer step (not via `prepare`, which would step it once per process).
     lr_scheduler = make_scheduler(optimizer, args.lr_scheduler_type, args.num_warmup_steps, requested_steps)
     checkpoints = CheckpointManager(
-        accelerator, args.output_dir, model, optimizer, lr_scheduler, args.checkpoints_total_limit
+        accelerator, args.output_dir, model, optimizer, lr_scheduler, args.checkpoints_total_limit,
+        required=bool(args.checkpointing_steps or args.resume_from_checkpoint),
     )
     if accelerator.is_main_process:
         checkpoints.remove_interrupted_saves()
@@ -672,7 +673,9 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
         accelerator.log({f"final/{s}_{k}": v for s, m in final.items() for k, v in m.items()}, step=state.completed_steps)
     unwrapped = accelerator.unwrap_model(model)
     sample = None
-    if args.sample_tokens and accelerator.is_main_process:
+    # Sharded parameters (ZeRO-3, FSDP) are gathered by collectives inside every forward: all processes generate then.
+    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    if args.sample_tokens and (accelerator.is_main_process or sharded):
         sample = generate_sample(unwrapped, tokenizer, SAMPLE_PROMPT, args.sample_tokens, seed=args.seed)
         accelerator.print(f"sample ({args.sample_tokens} tokens after {SAMPLE_PROMPT!r}):\n{sample}\n")
     steps_log = TrainLog.read(args.output_dir) if accelerator.is_main_process else []

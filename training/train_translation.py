@@ -246,7 +246,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     requested_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     lr_scheduler = make_scheduler(optimizer, args.lr_scheduler_type, args.num_warmup_steps, requested_steps)
-    checkpoints = CheckpointManager(accelerator, out_dir, model, optimizer, lr_scheduler, args.checkpoints_total_limit)
+    checkpoints = CheckpointManager(accelerator, out_dir, model, optimizer, lr_scheduler, args.checkpoints_total_limit,
+                                    required=bool(args.checkpointing_steps or args.resume_from_checkpoint))
     if accelerator.is_main_process:
         checkpoints.remove_interrupted_saves()
     state = TrainingState(max_train_steps=requested_steps, requested_steps=requested_steps,

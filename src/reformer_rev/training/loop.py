@@ -119,11 +119,12 @@ class DriftLog:
         """The worst drift over the whole run: this process's probes, the other processes' (one all-reduce, so every
         process must call it) and, after a resume, the steps before it as `steps_log` recorded them."""
         s = self.monitor.state_dict()
-        probes = torch.tensor([float(s["probes"]), s["worst"] if s["probes"] else -1.0])
+        # float64: the value is compared with the logged one; -1 stands for "no probe on this process".
+        here = torch.tensor(s["worst"] if s["probes"] else -1.0, dtype=torch.float64)
         if accelerator is not None and accelerator.num_processes > 1:
-            probes = accelerator.reduce(probes.to(accelerator.device), "max").cpu()
+            here = accelerator.reduce(here.to(accelerator.device), "max").cpu()
         logged = [r["drift_worst_rel_err"] for r in steps_log if r.get("drift_worst_rel_err") is not None]
-        worst = max([*logged, *([probes[1].item()] if probes[1] >= 0 else [])], default=None)
+        worst = max([*logged, *([here.item()] if here >= 0 else [])], default=None)
         return {"worst_rel_err": worst, "last_rel_err": s["last"], "probes": s["probes"],
                 "threshold": self.monitor.threshold,
                 "exceeded_threshold": None if worst is None else worst > self.monitor.threshold}
