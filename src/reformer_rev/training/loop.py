@@ -39,6 +39,9 @@ from .state import TrainingState
 logger = logging.getLogger(__name__)
 
 TRAIN_LOG_NAME = "train_log.jsonl"
+# The drift monitor's fields of each log line: monitoring, not training state (a resumed process probes its own first
+# steps, so they differ from an uninterrupted run's while losses and weights are identical).
+DRIFT_LOG_FIELDS = ("drift_last_rel_err", "drift_worst_rel_err", "drift_probes")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -112,8 +115,7 @@ class DriftLog:
 
     def fields(self) -> dict[str, Any]:
         s = self.monitor.state_dict()
-        return {"drift_last_rel_err": s["last"], "drift_worst_rel_err": s["worst"] if s["probes"] else None,
-                "drift_probes": s["probes"]}
+        return dict(zip(DRIFT_LOG_FIELDS, (s["last"], s["worst"] if s["probes"] else None, s["probes"])))
 
     def summary(self, steps_log: list[dict[str, Any]], accelerator: Any = None) -> dict[str, Any]:
         """The worst drift over the whole run: this process's probes, the other processes' (one all-reduce, so every
