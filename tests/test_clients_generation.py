@@ -19,16 +19,14 @@ from transformers import (
 )
 
 from client_models import (
-    BYTE_VOCAB,
     PAD,
     byte_lm_config,
     byte_tokenizer,
-    make_seq2seq_pair,
     seq2seq_batch,
     seq2seq_config,
 )
 from conftest import rel_err, tiny_config
-from reformer_rev import RevFormerConfig, RevFormerForCausalLM, RevFormerForConditionalGeneration
+from reformer_rev import RevFormerForCausalLM, RevFormerForConditionalGeneration
 
 NEW = 8
 

@@ -285,7 +285,8 @@ class RevFormerConfig(PretrainedConfig):
     """
 
     model_type = "reformer_rev"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # The cache field's name in outputs before and from transformers 5.24: the Trainer leaves both out of predictions.
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,
@@ -420,5 +421,12 @@ class RevFormerConfig(PretrainedConfig):
             if not holds(self):
                 raise ValueError(f"`{name}` {message(self)}")
 
+
+
+# transformers declares `chunk_size_feed_forward: int` and its `@strict` dataclass checks that type on every assignment
+# (transformers 5.15 with huggingface_hub 1.x; 5.24 declares the type as a string the check skips). Here `None`, the
+# default, means "chosen from the sequence length", so this class checks the field with its own rule (FIELD_RULES)
+# instead of the inherited type check.
+RevFormerConfig.__validators__ = {**getattr(PretrainedConfig, "__validators__", {}), "chunk_size_feed_forward": []}
 
 __all__ = ["RevFormerConfig"]
