@@ -24,7 +24,7 @@ Reported per candidate:
 
     python -m eval.pretrain_small --output_dir outputs/pretrained        # once, a few CPU minutes per model
     python -m eval.bench_convert --pretrained_dir outputs/pretrained     # results in outputs/bench_convert/
-    python -m eval.bench_convert ... --write_docs                        # also docs/pretrained.md + JSON
+    python -m eval.bench_convert ... --write_docs                        # also docs/benchmarks/convert.{json,md}
 
 Targets (issue 14): (c)'s validation loss within 1% of (a)'s; (c)'s memory growth per layer <= 1/10 of (a)'s and
 (c) below (b) at depth 32; (c)'s tokens/s >= 0.75x (a)'s.
@@ -363,7 +363,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU-time ratios are not skewed by load).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default="outputs/bench_convert")
-    p.add_argument("--write_docs", action="store_true", help="Also write docs/pretrained_results.{json,md}.")
+    p.add_argument("--write_docs", action="store_true", help="Also write docs/benchmarks/convert.{json,md}.")
+    p.add_argument("--merge_results", default="", metavar="RESULTS_JSON,...",
+                   help="Run nothing: join the families of earlier runs' results.json files (e.g. one process per "
+                        "family, run side by side) into one report under --output_dir (and docs with --write_docs).")
     args = p.parse_args(argv)
     args.families = [f for f in args.families.split(",") if f]
     args.candidates = [c for c in args.candidates.split(",") if c]
@@ -388,8 +391,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def merge_results(paths: list[str]) -> dict[str, Any]:
+    """One results dict with the families of several runs.
+
+    The batch, schedule and memory settings must agree; the number of steps and the candidates may differ per family
+    (each family's `finetune` records its own steps, and every ratio is within one family's run)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    compared = ("batch_size", "seq_len", "learning_rate", "warmup_steps", "memory_depths", "memory_batch_size",
+                "threads", "seed")
+    for path, run in zip(paths[1:], runs[1:]):
+        differ = [k for k in compared if run["settings"].get(k) != runs[0]["settings"].get(k)]
+        if differ:
+            raise ValueError(f"--merge_results: {path} differs from {paths[0]} in {differ}")
+    merged = copy.deepcopy(runs[0])
+    merged["settings"]["merged_from"] = list(paths)
+    for run in runs[1:]:
+        merged["families"].update(run["families"])
+    merged["settings"]["families"] = list(merged["families"])
+    return merged
+
+
+def write_report(results: dict[str, Any], out_dir: Path, write_docs: bool) -> str:
+    text = report(results)
+    atomic_write_json(out_dir / "results.json", results)
+    atomic_write_text(out_dir / "results.md", text + "\n")
+    if write_docs:
+        atomic_write_json(REPO / "docs" / "benchmarks" / "convert.json", results)
+        atomic_write_text(REPO / "docs" / "benchmarks" / "convert.md", text + "\n")
+    return text
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.merge_results:
+        out_dir = Path(args.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results = merge_results([x for x in args.merge_results.split(",") if x])
+        print(write_report(results, out_dir, args.write_docs))
+        return results
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
@@ -426,12 +465,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             res["memory"] = measure_memory(family, path, args)
         results["families"][family] = res
         atomic_write_json(out_dir / "results.json", results)
-    text = report(results)
-    (out_dir / "results.md").write_text(text + "\n")
-    print(text)
-    if args.write_docs:
-        atomic_write_json(REPO / "docs" / "benchmarks" / "convert.json", results)
-        atomic_write_text(REPO / "docs" / "benchmarks" / "convert.md", text + "\n")
+    print(write_report(results, out_dir, args.write_docs))
     return results
 
 

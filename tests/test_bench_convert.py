@@ -51,3 +51,18 @@ def test_pretrain_then_benchmark_end_to_end(tmp_path):
         assert growth["rev"] < growth["plain"] / 10, growth
         for fid in res["fidelity"].values():  # English and Spanish
             assert fid["relative_change"]["original"] == 0.0 and set(fid["relative_change"]) >= {"heavy_ball", "bdia"}
+
+
+def test_merge_results_joins_families_and_refuses_different_settings(tmp_path):
+    settings = {"candidates": ["plain", "rev"], "steps": 150, "batch_size": 8, "seq_len": 256, "threads": 1}
+    paths = []
+    for family, seq_len in (("llama", 256), ("gpt2", 256), ("gpt2", 128)):
+        path = tmp_path / f"{family}_{seq_len}.json"
+        path.write_text(json.dumps({"settings": {**settings, "seq_len": seq_len, "families": [family]},
+                                    "families": {family: {"path": f"pretrained/{family}"}}}))
+        paths.append(str(path))
+    merged = bench_convert.merge_results(paths[:2])
+    assert merged["settings"]["families"] == ["llama", "gpt2"]
+    assert merged["families"]["gpt2"] == {"path": "pretrained/gpt2"}
+    with pytest.raises(ValueError, match="seq_len"):  # other blocks: not one table
+        bench_convert.merge_results([paths[0], paths[2]])

@@ -307,3 +307,27 @@ def test_engine_rejects_bad_options():
         run_reversible_stack(blocks, x, x, fixed_point_bits=70, static_kwargs=static)
     with pytest.raises(ValueError, match="checkpoint_every"):
         run_reversible_stack(blocks, x, x, checkpoint_every=-2, static_kwargs=static)
+
+
+def test_learnable_gates_are_one_dimensional_and_old_scalar_state_dicts_load(padded_batch):
+    """FSDP2 and DeepSpeed refuse 0-dim parameters, so the gates are shape (1,); a state dict saved when they were 0-dim
+    scalars still loads (`RevFormerBlock._load_from_state_dict`) and gives the same outputs."""
+    ids, mask, labels = padded_batch
+    torch.manual_seed(0)
+    model = RevFormerForCausalLM(tiny_config(branch_scale="learnable_gate")).double()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("_gate"):
+                p.uniform_(0.5, 1.5)  # not the zero init: the loaded values must matter
+    gates = {n: p for n, p in model.named_parameters() if n.endswith("_gate")}
+    assert len(gates) == 6 and all(p.shape == (1,) for p in gates.values())
+    old = {k: (v.reshape(()) if k.endswith("_gate") else v).clone() for k, v in model.state_dict().items()}
+    assert old["model.layers.0.attn_gate"].dim() == 0
+    torch.manual_seed(1)
+    fresh = RevFormerForCausalLM(tiny_config(branch_scale="learnable_gate")).double()
+    fresh.load_state_dict(old)  # strict: every key present, every shape accepted
+    assert all(p.shape == (1,) for n, p in fresh.named_parameters() if n.endswith("_gate"))
+    with torch.no_grad():
+        expected, got = (m(ids, attention_mask=mask).logits for m in (model, fresh))
+        losses = [m(ids, attention_mask=mask, labels=labels).loss.item() for m in (model, fresh)]
+    assert torch.equal(got, expected) and losses[0] == losses[1]

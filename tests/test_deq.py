@@ -166,6 +166,81 @@ def test_jacobian_regularizer_matches_exact_frobenius_norm():
     assert f.W.grad is not None and f.W.grad.abs().sum() > 0  # differentiable: usable as a loss term
 
 
+def _count_deliveries(module: torch.nn.Module) -> dict[str, int]:
+    """Per parameter, how often its gradient is accumulated (what DDP's default mode and ZeRO listen to)."""
+    counts = {name: 0 for name, _ in module.named_parameters()}
+    for name, p in module.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda _p, _n=name: counts.__setitem__(_n, counts[_n] + 1))
+    return counts
+
+
+def test_jacobian_penalty_rides_the_implicit_backward_once_and_equals_the_separate_regulariser():
+    """`deq_fixed_point(jacobian_samples=...)`: the penalty's gradient reaches the parameters in the implicit backward's
+    single `torch.autograd.backward` (each hook fires once), and equals the ordinary-autograd regulariser's gradient
+    added to the implicit one (float64)."""
+    f = Contractive(rho=0.7)
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    kwargs = dict(solver="anderson", tol=1e-14, max_iter=300)
+    z_ref, _ = deq_fixed_point(f, torch.zeros_like(x), (x,), **kwargs)
+    penalty = jacobian_regularizer(f, z_ref, (x,), num_samples=2, generator=torch.Generator().manual_seed(3))
+    reference = _grads(f, x, _loss(z_ref) + 0.5 * penalty)
+    counts = _count_deliveries(f)
+    gen = torch.Generator().manual_seed(3)
+    z, stats = deq_fixed_point(f, torch.zeros_like(x), (x,), jacobian_samples=2, generator=gen, **kwargs)
+    assert stats.jacobian_loss == pytest.approx(penalty.item(), rel=1e-12)
+    assert "jacobian_penalty" not in stats.to_dict()
+    fused = _grads(f, x, _loss(z) + 0.5 * stats.jacobian_penalty)
+    assert set(counts.values()) == {1}, counts
+    errors = [rel_err(a, b) for a, b in zip(fused, reference)]
+    assert max(errors) <= 1e-12, errors
+    # The penalty alone (the fixed point's own gradient unused) goes through the same backward.
+    z, stats = deq_fixed_point(f, torch.zeros_like(x), (x,), jacobian_samples=2, generator=gen.manual_seed(3), **kwargs)
+    alone = _grads(f, x, stats.jacobian_penalty)
+    expected = _grads(f, x, jacobian_regularizer(f, z_ref, (x,), 2, torch.Generator().manual_seed(3)))
+    assert max(rel_err(a, b) for a, b in zip(alone, expected)) <= 1e-12
+
+
+@pytest.mark.parametrize("reg", [0.0, 0.1], ids=["phantom", "phantom_jacobian_reg"])
+def test_model_phantom_unroll_through_the_engine_delivers_once_and_matches_ordinary_autograd(reg):
+    """The phantom unroll runs the reversible engine once per step: with `DeferredGradients` each block parameter's
+    gradient -- summed over the steps and the Jacobian penalty -- is delivered once, and equals the twin's
+    (`reversible=False`, ordinary autograd through every step), float64 with dropout."""
+    ids = torch.randint(3, 48, (2, 16), generator=torch.Generator().manual_seed(5))
+    config = dict(deq_backward="phantom", deq_phantom_steps=3, deq_jacobian_reg=reg, chunk_size_feed_forward=4,
+                  hidden_dropout=0.1, attention_dropout=0.1, deq_max_iter=20)
+    grads, counts = [], None
+    for reversible in (True, False):
+        model = _deq_model(reversible=reversible, **config).train()
+        deliveries = _count_deliveries(model)
+        torch.manual_seed(4)
+        out = model(ids, labels=ids)
+        assert (out.jacobian_loss is not None) == (reg > 0)
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        counts = counts or deliveries
+    assert set(counts.values()) == {1}, {n: c for n, c in counts.items() if c != 1}
+    errors = {n: rel_err(grads[0][n], grads[1][n]) for n in grads[1]}
+    assert max(errors.values()) <= 1e-12, max(errors.items(), key=lambda kv: kv[1])
+
+
+def test_model_implicit_jacobian_reg_matches_unrolled_phantom_with_ordinary_autograd_penalty():
+    """Implicit backward with the fused penalty vs the twin's phantom unroll of 30 steps with the penalty computed by
+    ordinary autograd at its end (the same point to 1e-13): the same total gradient (float64, dropout on)."""
+    ids = torch.randint(3, 48, (2, 24), generator=torch.Generator().manual_seed(5))
+    tight = dict(deq_tol=1e-13, deq_max_iter=60, hidden_dropout=0.1, attention_dropout=0.1, deq_jacobian_reg=0.5)
+    grads, penalties = [], []
+    for backward, reversible in (("implicit", True), ("phantom", False)):
+        model = _deq_model(deq_backward=backward, deq_phantom_steps=30, reversible=reversible, **tight).train()
+        torch.manual_seed(4)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        penalties.append(out.jacobian_loss.item())
+    assert penalties[0] == pytest.approx(penalties[1], rel=1e-9)
+    errors = {n: rel_err(grads[0][n], grads[1][n]) for n in grads[1]}
+    assert max(errors.values()) <= 1e-8, max(errors.items(), key=lambda kv: kv[1])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The DEQ model
 # --------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ attention maps, the sequence classifier, and clear errors for bad input."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -175,6 +176,27 @@ def test_gradient_checkpointing_request_is_accepted_logged_once_and_changes_noth
         model(ids, attention_mask=mask, labels=labels).loss.backward()
     assert max_grad_rel_err(rev, ref)[0] <= 1e-10
     rev.gradient_checkpointing_disable()
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(depth_mode="deq", num_unique_layers=1, reversible=False),
+                                       dict(reversible=False)], ids=["reversible", "deq_twin", "plain_twin"])
+def test_trainer_ddp_default_follows_whether_the_backward_recomputes(tmp_path, overrides):
+    """transformers' Trainer gives DDP `find_unused_parameters = not model.is_activation_checkpointing` by default;
+    a recomputing stack (reversible engine, DEQ's implicit backward) reports that it checkpoints, so the default is the
+    `False` it needs, before and after `gradient_checkpointing_enable/disable()`; the plain twin keeps `True`."""
+    model = RevFormerForCausalLM(tiny_config(**overrides))
+    recomputes = overrides.get("reversible", True) or overrides.get("depth_mode") == "deq"
+    # `is_gradient_checkpointing` until transformers renamed it (5.15 has only that name; 5.24 warns on it).
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    assert getattr(model, name) is recomputes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecated `gradient_checkpointing_*` names on 5.24
+        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_disable()
+    assert getattr(model, name) is recomputes
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = Trainer(model=model, args=args, train_dataset=_tiny_lm_dataset())
+    assert trainer.accelerator.ddp_handler.find_unused_parameters is (not recomputes)
 
 
 def test_trainer_with_gradient_checkpointing_trains(tmp_path):

@@ -57,6 +57,25 @@ def test_tied_equals_untied_stack_with_copied_blocks(padded_batch):
             assert rel_err(p.grad, summed) <= 1e-10, (j, name)
 
 
+def test_hidden_states_in_training_deliver_each_gradient_once_and_match_the_twin(padded_batch):
+    """`output_hidden_states=True` runs the stack block by block (one engine call per application); a tied block's
+    parameters still receive their gradient once per backward (`DeferredGradients`), equal to ordinary autograd's
+    with a loss on every hidden state (float64, dropout on)."""
+    ids, mask, labels = padded_batch
+    rev, twin = make_pair(**TIED, chunk_size_feed_forward=8, hidden_dropout=0.1, attention_dropout=0.1)
+    counts = {n: 0 for n, _ in rev.named_parameters()}
+    for n, p in rev.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda _p, _n=n: counts.__setitem__(_n, counts[_n] + 1))
+    for model in (rev, twin):
+        torch.manual_seed(3)
+        out = model.train()(ids, attention_mask=mask, labels=labels, output_hidden_states=True)
+        assert len(out.hidden_states) == 8
+        (out.loss + sum(h.square().mean() for h in out.hidden_states[1:])).backward()
+    assert set(counts.values()) == {1}, {n: c for n, c in counts.items() if c != 1}
+    worst, name = max_grad_rel_err(rev, twin)
+    assert worst <= 1e-10, (worst, name)
+
+
 def test_float64_parity_reversible_vs_twin_weight_tied_dropout(padded_batch):
     ids, mask, labels = padded_batch
     rev, twin = make_pair(

@@ -30,14 +30,12 @@ from transformers.utils import logging
 
 from .couplings_twostep import BDIACoupling, HeavyBallCoupling, TwoStepCoupling
 from .couplings import Coupling, MomentumCoupling
-from .reversible import AutocastState, run_reversible_stack
+from .reversible import run_reversible_stack
 
 logger = logging.get_logger(__name__)
 
 SUPPORTED_CONVERSION_COUPLINGS = ("heavy_ball", "bdia", "momentum")
 
-# Key of the stack call's autocast state in the engine kwargs (the layers' own argument names never start with "_").
-_AUTOCAST = "_autocast"
 # Argument names a decoder layer has used for its KV cache across transformers releases.
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
@@ -116,13 +114,11 @@ class _LayerBlock:
 
     def f(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         fam = self.family
-        with kwargs[_AUTOCAST].context():
-            out = getattr(self.layer, fam.attn)(getattr(self.layer, fam.attn_norm)(x), **self._attn_kwargs(kwargs))
+        out = getattr(self.layer, fam.attn)(getattr(self.layer, fam.attn_norm)(x), **self._attn_kwargs(kwargs))
         return out[0] if isinstance(out, tuple) else out
 
     def g(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        with kwargs[_AUTOCAST].context():
-            return getattr(self.layer, self.family.mlp)(getattr(self.layer, self.family.mlp_norm)(x))
+        return getattr(self.layer, self.family.mlp)(getattr(self.layer, self.family.mlp_norm)(x))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -305,22 +301,18 @@ class ReversibleConversion:
         if isinstance(coupling, TwoStepCoupling):
             coupling = coupling.start(2 * len(self.blocks), hidden.shape[0], hidden.device)
         x1, x2 = coupling.init_streams(hidden)
-        # Autocast (e.g. Accelerate's bf16) is applied by the sub-layers themselves and is off around the engine: the
-        # engine replays the autocast state it sees around the whole recompute, backward included, and backward ops
-        # under autocast differ from plain autograd's (measured: SDPA with dropout, 0.5% in the q/k/v gradients).
-        device = hidden.device.type
-        call.static[_AUTOCAST] = AutocastState.capture(device)
-        with torch.autocast(device, enabled=False):
-            y1, y2 = run_reversible_stack(
-                self.blocks,
-                x1,
-                x2,
-                reversible=self.reversible,
-                static_kwargs=call.static,
-                diff_kwargs=call.diff,
-                coupling=coupling,
-                fixed_point_bits=self.fixed_point_bits,
-            )
+        # Autocast (e.g. Accelerate's bf16) needs nothing here: the engine replays the forward's autocast state around
+        # the recompute of f/g only and computes the gradients outside it, as plain autograd does.
+        y1, y2 = run_reversible_stack(
+            self.blocks,
+            x1,
+            x2,
+            reversible=self.reversible,
+            static_kwargs=call.static,
+            diff_kwargs=call.diff,
+            coupling=coupling,
+            fixed_point_bits=self.fixed_point_bits,
+        )
         return coupling.merge_streams(y1, y2)
 
 

@@ -16,9 +16,11 @@ Design rules (docs/design.md §2):
   in float64: bf16 solves are inaccurate and `torch.linalg.solve` has no bf16 kernel on CPU;
 * residuals are relative, per batch row: `||f(z) - z|| / ||f(z)||`, and a solve has converged when the largest row
   residual is `<= tol`. Non-convergence is recorded in `SolverStats.converged` (the caller decides how to report it);
-* the implicit backward accumulates parameter gradients with `torch.autograd.backward` on one rebuilt application of
-  `f` (like the reversible engine), so every parameter's gradient hook fires once per backward: DDP's default mode
-  works;
+* every parameter's gradient hook fires once per backward (DDP's default mode, ZeRO): the implicit backward
+  accumulates parameter gradients with one `torch.autograd.backward` on one rebuilt application of `f`, which also
+  carries the Jacobian penalty's gradient when the penalty is asked of `deq_fixed_point`; a phantom unroll whose `f`
+  calls the reversible engine collects every step's parameter gradients in a `DeferredGradients` and delivers their
+  sum once (the engine would otherwise deliver once per step);
 * the Jacobian regulariser is Hutchinson's estimate `E_eps ||eps^T J_f||^2 / n` of the squared Frobenius norm per
   element (Bai et al., 2021), differentiable with `create_graph=True`.
 
@@ -28,12 +30,12 @@ Nothing here knows about Transformers: `f(z, *inputs)` is any function whose out
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
-from .reversible import AutocastState
+from .reversible import AutocastState, DeferredGradients, _graph_leaves
 
 SUPPORTED_SOLVERS = ("fixed_point", "anderson")
 SUPPORTED_BACKWARDS = ("implicit", "phantom")
@@ -70,6 +72,8 @@ class DEQStats:
     backward: SolverStats | None = None
     phantom_steps: int = 0
     jacobian_loss: float | None = None
+    # The differentiable Jacobian penalty (`deq_fixed_point(jacobian_samples=...)`); not part of `to_dict`.
+    jacobian_penalty: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def converged(self) -> bool:
@@ -85,7 +89,8 @@ class DEQStats:
         return self.forward.residual
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = asdict(replace(self, jacobian_penalty=None))  # asdict would deep-copy a tensor with a graph
+        del out["jacobian_penalty"]
         out["converged"] = self.converged
         return out
 
@@ -273,44 +278,98 @@ class SolverOptions:
 
 
 class _ImplicitFixedPoint(torch.autograd.Function):
-    """Forward: solve `z* = f(z*, *inputs)` without a graph. Backward: solve the adjoint fixed point, then
-    back-propagate `u` through one rebuilt application of `f` (parameter gradients accumulate into `.grad`)."""
+    """Forward: solve `z* = f(z*, *inputs)` without a graph (and, if asked, evaluate the Jacobian penalty at `z*`).
+    Backward: solve the adjoint fixed point, then back-propagate `u` -- and the penalty's gradient -- through one
+    rebuilt application of `f` with a single `torch.autograd.backward`, so each parameter receives its gradient once.
+    """
 
     @staticmethod
-    def forward(ctx, f, z0, options, stats_box, on_backward, anchor, *inputs):  # type: ignore[override]
+    def forward(ctx, f, z0, options, stats_box, on_backward, penalty, anchor, *inputs):  # type: ignore[override]
         z_star, fstats = solve(lambda z: f(z, *inputs), z0, **options.forward_kwargs())
-        stats_box.append(DEQStats(fstats, backward_mode="implicit"))
-        ctx.f, ctx.options, ctx.stats_box, ctx.on_backward = f, options, stats_box, on_backward
+        stats = DEQStats(fstats, backward_mode="implicit")
+        stats_box.append(stats)
+        ctx.f, ctx.options, ctx.stats_box, ctx.on_backward, ctx.penalty = f, options, stats_box, on_backward, penalty
         ctx.autocast = AutocastState.capture(z0.device.type)
         ctx.save_for_backward(z_star, *inputs)
-        return z_star
+        # Gradients that do not reach an output arrive as None: the backward skips the adjoint or the penalty.
+        ctx.set_materialize_grads(False)
+        if penalty is None:
+            value = z_star.new_zeros(())
+            ctx.mark_non_differentiable(value)
+            return z_star, value
+        # The penalty's value now; its graph is rebuilt in backward on the same application of f as the adjoint's.
+        with torch.enable_grad():
+            z = z_star.detach().requires_grad_(True)
+            fz = penalty.f(z, *(x.detach() for x in inputs))
+            ctx.eps = _draw_probes(fz, penalty.samples, penalty.generator)
+            value = _hutchinson(fz, z, ctx.eps, create_graph=False).detach()
+        stats.jacobian_loss = float(value)
+        return z_star, value
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad, grad_penalty):  # type: ignore[override]
         z_star, *inputs = ctx.saved_tensors
         leaves = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
-        grad = grad.contiguous()
-        # f is rebuilt under the forward's autocast state; the vector-Jacobian products run outside it, as plain
-        # autograd's backward does.
+        penalty = ctx.penalty if grad_penalty is not None else None
+        roots, root_grads, bstats = [], [], None
+        # f is rebuilt under the forward's autocast state (with the penalty's twice-differentiable f when the penalty
+        # needs a gradient); the vector-Jacobian products run outside it, as plain autograd's backward does.
         with torch.enable_grad(), torch.autocast(ctx.autocast.device_type, enabled=False):
             z = z_star.detach().requires_grad_(True)
             with ctx.autocast.context():
-                fz = ctx.f(z, *leaves)
+                fz = (penalty.f if penalty is not None else ctx.f)(z, *leaves)
+            if grad is not None:
+                grad = grad.contiguous()
 
-            def adjoint(u: torch.Tensor) -> torch.Tensor:
-                (vjp,) = torch.autograd.grad(fz, z, u.to(fz.dtype), retain_graph=True)
-                return vjp + grad
+                def adjoint(u: torch.Tensor) -> torch.Tensor:
+                    (vjp,) = torch.autograd.grad(fz, z, u.to(fz.dtype), retain_graph=True)
+                    return vjp + grad
 
-            u, bstats = _solve_adjoint(adjoint, grad, ctx.options)
-            # One pass through the single application of f: parameters and inputs get (df/d.)^T u.
-            torch.autograd.backward([fz], [u.to(fz.dtype)])
+                u, bstats = _solve_adjoint(adjoint, grad, ctx.options)
+                roots.append(fz)
+                root_grads.append(u.to(fz.dtype))  # parameters and inputs get (df/d.)^T u
+            if penalty is not None:
+                roots.append(_hutchinson(fz, z, ctx.eps, create_graph=True))
+                root_grads.append(grad_penalty)
+            if roots:
+                # One pass for both terms: a parameter's accumulation hook fires once (DDP's default mode, ZeRO).
+                torch.autograd.backward(roots, root_grads)
         stats = ctx.stats_box[-1]
         stats.backward = bstats
-        if ctx.on_backward is not None:
+        if ctx.on_backward is not None and bstats is not None:
             ctx.on_backward(stats)
-        ctx.f = ctx.stats_box = ctx.on_backward = None
+        ctx.f = ctx.stats_box = ctx.on_backward = ctx.penalty = ctx.eps = None
         grads = tuple(leaf.grad if leaf.requires_grad else None for leaf in leaves)
-        return (None, None, None, None, None, None, *grads)
+        return (None, None, None, None, None, None, None, *grads)
+
+
+class _DeferredJacobianPenalty(torch.autograd.Function):
+    """The Jacobian penalty of a phantom unroll whose engine calls defer their parameter gradients: its parameter
+    gradients join them in `deferred`, to be delivered once with theirs. `after` (the unroll's gated start) makes
+    autograd differentiate the penalty before the gate delivers."""
+
+    @staticmethod
+    def forward(ctx, penalty, z, deferred, after, *inputs):  # type: ignore[override]
+        leaves = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
+        # The create_graph graph is kept until backward, as the penalty computed outside a Function would keep it.
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            fz = penalty.f(z, *leaves)
+            total = _hutchinson(fz, z, _draw_probes(fz, penalty.samples, penalty.generator), create_graph=True)
+        ctx.total, ctx.leaves, ctx.deferred, ctx.own = total, leaves, deferred, {id(z), *map(id, leaves)}
+        return total.detach()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        leaves = [leaf for leaf in ctx.leaves if leaf.requires_grad]
+        params = [leaf for leaf in _graph_leaves(ctx.total) if id(leaf) not in ctx.own]
+        grads = torch.autograd.grad(ctx.total, [*leaves, *params], grad, allow_unused=True)
+        for p, g in zip(params, grads[len(leaves) :]):
+            ctx.deferred.add(p, g)
+        by_leaf = dict(zip(map(id, leaves), grads[: len(leaves)]))
+        input_grads = tuple(by_leaf.get(id(leaf)) for leaf in ctx.leaves)
+        ctx.total = ctx.leaves = ctx.deferred = ctx.own = None
+        return (None, None, None, None, *input_grads)
 
 
 def _solve_adjoint(adjoint: Callable[[torch.Tensor], torch.Tensor], grad: torch.Tensor, options: SolverOptions):
@@ -335,6 +394,15 @@ def _solve_adjoint(adjoint: Callable[[torch.Tensor], torch.Tensor], grad: torch.
     return u.to(in_dtype), stats
 
 
+@dataclass(frozen=True)
+class _Penalty:
+    """The Jacobian penalty asked of one DEQ call: Hutchinson samples, the (twice-differentiable) f, the generator."""
+
+    samples: int
+    f: Callable[..., torch.Tensor]
+    generator: torch.Generator | None
+
+
 def deq_fixed_point(
     f: Callable[..., torch.Tensor],
     z0: torch.Tensor,
@@ -350,6 +418,10 @@ def deq_fixed_point(
     backward_max_iter: int | None = None,
     backward_tol: float | None = None,
     on_backward: Callable[[DEQStats], None] | None = None,
+    jacobian_samples: int = 0,
+    jacobian_f: Callable[..., torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    deferred_gradients: DeferredGradients | None = None,
 ) -> tuple[torch.Tensor, DEQStats]:
     """The fixed point `z* = f(z*, *inputs)`, differentiable with respect to `inputs` and `f`'s parameters.
 
@@ -364,6 +436,16 @@ def deq_fixed_point(
             `phantom_steps` damped steps from the detached fixed point).
         backward_max_iter / backward_tol: adjoint solve limits (default: the forward's).
         on_backward: called with the stats once the implicit backward has run (e.g. to warn on non-convergence).
+        jacobian_samples: if positive, also compute the Jacobian penalty (`jacobian_regularizer` with this many
+            samples, drawn from `generator`) at the returned point, as the differentiable `stats.jacobian_penalty`
+            (its value in `stats.jacobian_loss`). With the implicit backward it shares the backward's rebuilt
+            application of `f`, and each parameter receives the gradient of both terms at once.
+        jacobian_f: the function the penalty differentiates twice (default `f`), e.g. `f` with a double-differentiable
+            attention kernel; it must compute the same values as `f`. The implicit backward rebuilds `f` with it when
+            the penalty needs a gradient.
+        deferred_gradients: for a phantom unroll whose `f` calls the reversible engine with these
+            `deferred_gradients` (`reversible.run_reversible_stack`): the unroll's start passes through its gate, so
+            every parameter's gradient -- summed over the steps and the penalty -- is delivered once.
 
     Returns `(z, stats)`; `stats.backward` is filled in by the implicit backward when it runs.
     """
@@ -371,26 +453,48 @@ def deq_fixed_point(
         raise ValueError(f"`backward` must be one of {SUPPORTED_BACKWARDS}, got {backward!r}.")
     if isinstance(phantom_steps, bool) or not isinstance(phantom_steps, int) or phantom_steps < 1:
         raise ValueError(f"`phantom_steps` must be a positive integer, got {phantom_steps!r}.")
+    if isinstance(jacobian_samples, bool) or not isinstance(jacobian_samples, int) or jacobian_samples < 0:
+        raise ValueError(f"`jacobian_samples` must be a non-negative integer, got {jacobian_samples!r}.")
     options = SolverOptions(solver, max_iter, tol, damping, anderson_memory, backward_max_iter, backward_tol)
+    penalty = _Penalty(jacobian_samples, jacobian_f or f, generator) if jacobian_samples else None
     inputs = tuple(inputs)
     needs_grad = torch.is_grad_enabled() and (
         z0.requires_grad or any(x.requires_grad for x in inputs) or _closure_has_grad_params(f)
     )
     if not needs_grad:
         z, fstats = solve(lambda z: f(z, *inputs), z0, **options.forward_kwargs())
-        return z, DEQStats(fstats, backward_mode="none")
+        return z, _with_penalty(DEQStats(fstats, backward_mode="none"), penalty, z, inputs)
     if backward == "implicit":
         box: list[DEQStats] = []
         # A leaf that requires grad keeps the Function on the graph when only f's parameters need gradients.
         anchor = torch.empty(0, device=z0.device, requires_grad=True)
-        z = _ImplicitFixedPoint.apply(f, z0.detach(), options, box, on_backward, anchor, *inputs)
-        return z, box[-1]
+        z, value = _ImplicitFixedPoint.apply(f, z0.detach(), options, box, on_backward, penalty, anchor, *inputs)
+        stats = box[-1]
+        if penalty is not None:
+            stats.jacobian_penalty = value
+        return z, stats
     z_star, fstats = solve(lambda z: f(z, *inputs), z0, **options.forward_kwargs())
     z = z_star.detach()
+    if deferred_gradients is not None:
+        (z,) = deferred_gradients.entry(z)
+    start = z
     for _ in range(phantom_steps):
         fz = f(z, *inputs)
         z = fz if damping == 1.0 else torch.lerp(z, fz, damping)
-    return z, DEQStats(fstats, backward_mode="phantom", phantom_steps=phantom_steps)
+    stats = DEQStats(fstats, backward_mode="phantom", phantom_steps=phantom_steps)
+    if penalty is not None and deferred_gradients is not None:
+        stats.jacobian_penalty = _DeferredJacobianPenalty.apply(penalty, z.detach(), deferred_gradients, start, *inputs)
+        stats.jacobian_loss = float(stats.jacobian_penalty.detach())
+        return z, stats
+    return z, _with_penalty(stats, penalty, z, inputs)
+
+
+def _with_penalty(stats: DEQStats, penalty: _Penalty | None, z: torch.Tensor, inputs: Sequence[torch.Tensor]):
+    """`stats` with the Jacobian penalty at `z` computed by ordinary autograd (when asked for)."""
+    if penalty is not None:
+        stats.jacobian_penalty = jacobian_regularizer(penalty.f, z, inputs, penalty.samples, penalty.generator)
+        stats.jacobian_loss = float(stats.jacobian_penalty.detach())
+    return stats
 
 
 def _closure_has_grad_params(f: Callable[..., torch.Tensor]) -> bool:
@@ -399,6 +503,22 @@ def _closure_has_grad_params(f: Callable[..., torch.Tensor]) -> bool:
     if isinstance(module, torch.nn.Module):
         return any(p.requires_grad for p in module.parameters())
     return True
+
+
+def _draw_probes(fz: torch.Tensor, num_samples: int, generator: torch.Generator | None) -> list[torch.Tensor]:
+    """The Hutchinson probe vectors `eps ~ N(0, I)`, shaped like `f`'s output."""
+    return [
+        torch.randn(fz.shape, dtype=fz.dtype, device=fz.device, generator=generator) for _ in range(num_samples)
+    ]
+
+
+def _hutchinson(fz: torch.Tensor, z: torch.Tensor, probes: Sequence[torch.Tensor], create_graph: bool) -> torch.Tensor:
+    """`mean_eps ||eps^T J_f(z)||^2 / numel(z)` for `fz = f(z)` (graph kept: the probes' products share it)."""
+    total = fz.new_zeros(())
+    for eps in probes:
+        (vjp,) = torch.autograd.grad(fz, z, eps, create_graph=create_graph, retain_graph=True)
+        total = total + vjp.pow(2).sum()
+    return total / (len(probes) * z.numel())
 
 
 def jacobian_regularizer(
@@ -412,16 +532,13 @@ def jacobian_regularizer(
 
     `E_eps ||eps^T J||^2 = ||J||_F^2` for `eps ~ N(0, I)`. Penalising it keeps `f` contractive around its fixed point,
     which keeps the forward and adjoint solves short (Bai et al., "Stabilizing Equilibrium Models by Jacobian
-    Regularization", 2021). Costs one application of `f` and one double-backward per sample.
+    Regularization", 2021). Costs one application of `f` and one double-backward per sample. Inside a DEQ layer pass
+    `jacobian_samples` to `deq_fixed_point` instead: its gradient then reaches each parameter together with the
+    layer's own (once per backward, as DDP's default mode requires).
     """
     z = z.detach().requires_grad_(True)
     fz = f(z, *inputs)
-    total = fz.new_zeros(())
-    for _ in range(num_samples):
-        eps = torch.randn(fz.shape, dtype=fz.dtype, device=fz.device, generator=generator)
-        (vjp,) = torch.autograd.grad(fz, z, eps, create_graph=True, retain_graph=True)
-        total = total + vjp.pow(2).sum()
-    return total / (num_samples * z.numel())
+    return _hutchinson(fz, z, _draw_probes(fz, num_samples, generator), create_graph=True)
 
 
 __all__ = [

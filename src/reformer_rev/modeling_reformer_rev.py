@@ -239,8 +239,17 @@ class RevFormerBlock(nn.Module):
         scale = config.branch_scale
         self.branch_multiplier = 1.0 / math.sqrt(config.num_hidden_layers) if scale == "inv_sqrt_depth" else 1.0
         if scale == "learnable_gate":
-            self.attn_gate = nn.Parameter(torch.zeros(()))
-            self.mlp_gate = nn.Parameter(torch.zeros(()))
+            # Shape (1,), not a 0-dim scalar: FSDP2 `fully_shard` and DeepSpeed ZeRO refuse 0-dim parameters.
+            self.attn_gate = nn.Parameter(torch.zeros(1))
+            self.mlp_gate = nn.Parameter(torch.zeros(1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # State dicts saved while the gates were 0-dim (before they became 1-D) still load.
+        for name in ("attn_gate", "mlp_gate"):
+            value = state_dict.get(prefix + name)
+            if value is not None and value.dim() == 0:
+                state_dict[prefix + name] = value.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def scale_branch(self, out: torch.Tensor, gate: str) -> torch.Tensor:
         """Apply the configured branch scaling to the output of `f` (`gate="attn_gate"`) or `g` (`"mlp_gate"`)."""

@@ -30,7 +30,9 @@ Correctness rules this module follows (docs/design.md §2, §8):
   however many times the recompute uses it (chunked feed-forward, weight-tied blocks). The recompute computes
   gradients with `torch.autograd.grad` into local accumulators and hands each parameter its total with one
   `torch.autograd.backward` on the parameter itself, so its accumulation hook fires once: what DDP's default mode,
-  `static_graph` and ZeRO expect. FSDP2-sharded blocks keep in-place accumulation (`distributed.py`).
+  `static_graph` and ZeRO expect. Several engine calls of one forward that apply the same parameters (a stack run
+  block by block, a DEQ phantom unroll) share a `DeferredGradients`, which delivers once for all of them.
+  FSDP2-sharded blocks keep in-place accumulation (`distributed.py`).
 
 The coupling rule is pluggable (`couplings.py`: additive, momentum, leapfrog), and so is the stream arithmetic:
 floating point, or int64 fixed point for bit-exact reversal at any depth (`fixed_point_bits`). A drift guard keeps
@@ -208,32 +210,13 @@ def _graph_leaves(out: torch.Tensor) -> list[torch.Tensor]:
     return leaves
 
 
-class _GradientSink:
-    """Parameter gradients of one recomputing backward, handed to each parameter once.
+class _PendingGradients:
+    """Parameter gradients summed per leaf tensor, handed to the leaves with one `torch.autograd.backward`: each
+    leaf's `AccumulateGrad` node (and so its accumulation hooks) runs once per delivery, whatever the number of
+    contributions."""
 
-    The recompute may use a parameter many times: once per chunk of `g`, once per application of a weight-tied
-    block. Accumulating each use into `.grad` would fire the parameter's accumulation hook each time, which DDP's
-    default mode rejects ("mark a variable ready only once") and which makes DDP/ZeRO reduce a partial gradient.
-    Instead gradients are summed here and each parameter receives its total with one `torch.autograd.backward` on
-    the parameter itself (its `AccumulateGrad` node runs once, hooks included) as soon as no lower block uses it, so
-    at most one block's worth of gradients is held at a time and DDP can overlap communication with the backward.
-
-    `in_place=True` keeps accumulation into `.grad` on every use: FSDP2 reduce-scatters from its own backward hooks
-    around each recompute call (`distributed.py`) and owns the unsharded gradient buffers.
-    """
-
-    def __init__(self, blocks: Sequence[ReversibleBlockProtocol], in_place: bool) -> None:
-        self.in_place = in_place
+    def __init__(self) -> None:
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.release_at: dict[int, list[int]] = {}
-        if in_place:
-            return
-        lowest: dict[int, int] = {}
-        for i, block in enumerate(blocks):
-            for p in block.parameters():  # type: ignore[attr-defined]
-                lowest.setdefault(id(p), i)  # forward order: the first use is the lowest block
-        for key, i in lowest.items():
-            self.release_at.setdefault(i, []).append(key)
 
     def add(self, leaf: torch.Tensor, grad: torch.Tensor | None) -> None:
         if grad is None:
@@ -244,13 +227,122 @@ class _GradientSink:
         else:
             self.pending[key] = (leaf, grad)
 
-    def release(self, block_index: int | None = None) -> None:
-        """Deliver the gradients of the parameters whose lowest use is `block_index` (all pending ones if None)."""
-        keys = list(self.pending) if block_index is None else self.release_at.get(block_index, ())
+    def deliver(self, keys: Sequence[int] | None = None) -> None:
+        """Hand over the pending gradients of `keys` (leaf ids; all pending ones if None)."""
+        keys = list(self.pending) if keys is None else keys
         items = [self.pending.pop(k) for k in keys if k in self.pending]
         if items:
             leaves, grads = zip(*items)
             torch.autograd.backward(list(leaves), list(grads))
+
+
+class DeferredGradients(_PendingGradients):
+    """Parameter gradients of *several* engine calls of one forward, delivered to each parameter once.
+
+    Each engine call hands every parameter its gradient once (`_GradientSink`), but a computation that calls the
+    engine several times with the same blocks -- a weight-tied stack run block by block to return every hidden state,
+    the unrolled steps of a DEQ phantom gradient -- would deliver a shared parameter once per call, which DDP's
+    default mode rejects ("mark a variable ready only once") and which makes DDP and ZeRO reduce partial gradients.
+    Engine calls given `deferred_gradients=` put their parameter gradients here instead, and the total is delivered
+    when the backward reaches the tensors passed through `entry()`: pass the chain's first inputs through it (every
+    later call's input is computed from an earlier call's output), so autograd differentiates every call before it.
+
+    FSDP2-sharded blocks keep their in-place accumulation (`distributed.py`); their gradients never come here.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.owners: dict[int, Any] = {}
+
+    @classmethod
+    def for_blocks(cls, blocks: Sequence[Any]) -> DeferredGradients | None:
+        """A new store for engine calls over `blocks`, or None when they are FSDP2-sharded: FSDP2 accumulates in place
+        from its own hooks around every call, and a deferred delivery would reach its parameters after they reshard."""
+        return None if any(_is_fsdp_sharded(b) for b in blocks) else cls()
+
+    def register(self, blocks: Sequence[Any]) -> None:
+        """Remember which block owns each parameter, to deliver it inside the block's release scope (ZeRO-3)."""
+        for block in blocks:
+            for p in block.parameters():
+                self.owners.setdefault(id(p), block)
+
+    def entry(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The chain's inputs, unchanged in value; their backward delivers the gradients collected by then."""
+        if not torch.is_grad_enabled():
+            return tensors
+        # A leaf that requires grad keeps the gate on the graph when the inputs do not (a detached fixed point).
+        anchor = torch.empty(0, device=tensors[0].device, requires_grad=True)
+        return _DeliverDeferred.apply(self, anchor, *tensors)
+
+    def deliver(self, keys: Sequence[int] | None = None) -> None:
+        by_owner: dict[int, list[int]] = {}
+        for key in self.pending if keys is None else keys:
+            by_owner.setdefault(id(self.owners.get(key)), []).append(key)
+        for group in by_owner.values():
+            owner = self.owners.get(group[0])
+            with _release_scope(owner) if owner is not None else nullcontext():
+                super().deliver(group)
+
+
+class _DeliverDeferred(torch.autograd.Function):
+    """Identity on the chain's inputs; its backward, which autograd runs after every node that consumes them, hands
+    each parameter its deferred total."""
+
+    @staticmethod
+    def forward(ctx, deferred, anchor, *tensors):  # type: ignore[override]
+        ctx.deferred = deferred
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        ctx.deferred.deliver()
+        ctx.deferred = None
+        return (None, None, *grads)
+
+
+class _GradientSink:
+    """Parameter gradients of one recomputing backward, handed to each parameter once.
+
+    The recompute may use a parameter many times: once per chunk of `g`, once per application of a weight-tied
+    block. Accumulating each use into `.grad` would fire the parameter's accumulation hook each time, which DDP's
+    default mode rejects ("mark a variable ready only once") and which makes DDP/ZeRO reduce a partial gradient.
+    Instead gradients are summed here and each parameter receives its total with one `torch.autograd.backward` on
+    the parameter itself (its `AccumulateGrad` node runs once, hooks included) as soon as no lower block uses it, so
+    at most one block's worth of gradients is held at a time and DDP can overlap communication with the backward.
+    With `deferred` (several engine calls sharing parameters) the sums go there and are delivered after the last call.
+
+    `in_place=True` keeps accumulation into `.grad` on every use: FSDP2 reduce-scatters from its own backward hooks
+    around each recompute call (`distributed.py`) and owns the unsharded gradient buffers.
+    """
+
+    def __init__(
+        self, blocks: Sequence[ReversibleBlockProtocol], in_place: bool, deferred: DeferredGradients | None = None
+    ) -> None:
+        self.in_place = in_place
+        self.deferred = deferred is not None and not in_place
+        self.store = deferred if self.deferred else _PendingGradients()
+        self.release_at: dict[int, list[int]] = {}
+        if in_place:
+            return
+        if self.deferred:
+            deferred.register(blocks)
+            return
+        lowest: dict[int, int] = {}
+        for i, block in enumerate(blocks):
+            for p in block.parameters():  # type: ignore[attr-defined]
+                lowest.setdefault(id(p), i)  # forward order: the first use is the lowest block
+        for key, i in lowest.items():
+            self.release_at.setdefault(i, []).append(key)
+
+    def add(self, leaf: torch.Tensor, grad: torch.Tensor | None) -> None:
+        self.store.add(leaf, grad)
+
+    def release(self, block_index: int | None = None) -> None:
+        """Deliver the gradients of the parameters whose lowest use is `block_index` (all pending ones if None);
+        deferred gradients wait for `DeferredGradients.entry`'s backward."""
+        if self.deferred:
+            return
+        self.store.deliver(None if block_index is None else self.release_at.get(block_index, ()))
 
 
 def _branch_backward(
@@ -460,7 +552,7 @@ def _release_scope(block: Any):
 class _ReversibleStackFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor, x1, x2, blocks, static_kwargs, options, diff_names, *diff_values):  # type: ignore[override]
-        coupling, bits, checkpoint_every, report, monitor = options
+        coupling, bits, checkpoint_every, report, monitor, deferred = options
         kwargs = {**static_kwargs, **dict(zip(diff_names, diff_values))}
         devices = _cuda_devices((x1, x2))
         ar = _stream_arith(bits, x1.dtype)
@@ -473,7 +565,7 @@ class _ReversibleStackFunction(torch.autograd.Function):
         ctx.records = records
         ctx.static_kwargs = static_kwargs
         ctx.diff_names = diff_names
-        ctx.coupling, ctx.arith, ctx.run = coupling, ar, run
+        ctx.coupling, ctx.arith, ctx.run, ctx.deferred = coupling, ar, run, deferred
         ctx.autocast = AutocastState.capture(x1.device.type)
         ctx.input_dtypes = (x1.dtype, x2.dtype)
         ctx.save_for_backward(s1, s2, *diff_values)
@@ -497,7 +589,7 @@ class _ReversibleStackFunction(torch.autograd.Function):
         coupling, ar, run = ctx.coupling, ctx.arith, ctx.run
         ctx.arith = None
         report = run.report
-        sink = _GradientSink(ctx.blocks, in_place=any(_is_fsdp_sharded(b) for b in ctx.blocks))
+        sink = _GradientSink(ctx.blocks, any(_is_fsdp_sharded(b) for b in ctx.blocks), ctx.deferred)
         # Autocast is off here (and re-entered only around each recompute): backward may even be called inside an
         # unrelated autocast region.
         with torch.enable_grad(), torch.autocast(ctx.autocast.device_type, enabled=False):
@@ -524,7 +616,7 @@ class _ReversibleStackFunction(torch.autograd.Function):
             report.blocks.sort(key=lambda b: b.index)
             report.checkpoints.sort(key=lambda b: b.index)
         # Free the references held by the context early (the graph may outlive this call).
-        ctx.blocks = ctx.records = ctx.static_kwargs = ctx.run = ctx.arith = ctx.probe = None
+        ctx.blocks = ctx.records = ctx.static_kwargs = ctx.run = ctx.arith = ctx.probe = ctx.deferred = None
         diff_grads = tuple(
             None if local_grads.get(id(leaf)) is None else local_grads[id(leaf)].to(leaf.dtype) for leaf in leaves
         )
@@ -556,6 +648,7 @@ def run_reversible_stack(
     checkpoint_every: int = 0,
     drift_report: DriftReport | None = None,
     drift_monitor: DriftMonitor | None | bool = None,
+    deferred_gradients: DeferredGradients | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply `blocks` to the streams `(x1, x2)`.
 
@@ -577,6 +670,9 @@ def run_reversible_stack(
             `drift_report.per_block`, at every block (debug: the forward then keeps every block's inputs).
         drift_monitor: the cheap always-on reconstruction check (`DriftMonitor`); `None` uses
             `default_drift_monitor`, `False` disables it.
+        deferred_gradients: a `DeferredGradients` shared by several calls of one forward that apply the same
+            parameters: the parameter gradients of this call's backward are added to it, and delivered once for all
+            calls by its `entry()` gate, instead of at this call's end.
     """
     static_kwargs = dict(static_kwargs or {})
     diff_kwargs = dict(diff_kwargs or {})
@@ -606,7 +702,7 @@ def run_reversible_stack(
         return x1, x2
     names = tuple(diff_kwargs)
     monitor = default_drift_monitor if drift_monitor is None or drift_monitor is True else (drift_monitor or None)
-    options = (coupling, fixed_point_bits, checkpoint_every, drift_report, monitor)
+    options = (coupling, fixed_point_bits, checkpoint_every, drift_report, monitor, deferred_gradients)
     # A leaf that requires grad keeps the stack on the graph when only block parameters need gradients (frozen
     # embedding, PEFT adapters): a Function whose inputs all lack requires_grad returns outputs without a grad_fn.
     anchor = torch.empty(0, device=x1.device, requires_grad=True)
@@ -624,6 +720,7 @@ __all__ = [
     "Coupling",
     "DriftReport",
     "DriftMonitor",
+    "DeferredGradients",
     "default_drift_monitor",
     "resolve_fixed_point_bits",
     "make_coupling",

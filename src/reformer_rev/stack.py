@@ -27,8 +27,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.utils import logging
 
 from .couplings import Coupling, DriftReport, make_coupling
-from .deq import DEQStats, deq_fixed_point, jacobian_regularizer
-from .reversible import run_reversible_stack
+from .deq import DEQStats, deq_fixed_point
+from .reversible import DeferredGradients, run_reversible_stack
 
 if TYPE_CHECKING:
     from .configuration_reformer_rev import RevFormerConfig
@@ -209,6 +209,24 @@ class RevFormerStack(nn.ModuleList):
         self.last_drift_report: DriftReport | None = None
         self.deq_nonconverged = 0
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the backward recomputes this stack's blocks: always with the reversible engine, and in DEQ mode
+        (the implicit backward rebuilds the block group); not for the plain-autograd twin.
+
+        transformers reads this flag through `PreTrainedModel.is_activation_checkpointing` (`is_gradient_checkpointing`
+        in older 5.x, e.g. 5.15), and `Trainer` then gives DDP `find_unused_parameters=False` by default -- the setting a
+        recomputing backward needs (docs/distributed.md; `True` makes DDP refuse the engine's gradients). Requests to
+        turn activation checkpointing on or off stay logged no-ops (`_set_gradient_checkpointing`).
+        """
+        return bool(self.config.reversible) or self.config.depth_mode == "deq"
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        # Generic code that flips every module's `gradient_checkpointing` flag changes nothing: what the stack
+        # recomputes is fixed by the config (`reversible`, `depth_mode`), as `_set_gradient_checkpointing` says.
+        pass
+
     @classmethod
     def build(cls, config: RevFormerConfig, block_class: type[nn.Module], depth_field: str) -> RevFormerStack:
         """`num_unique_layers` distinct blocks (weight tying in depth), else one per layer of `depth_field`."""
@@ -290,9 +308,19 @@ class RevFormerStack(nn.ModuleList):
 
     def _stack(self, hidden, norm, options, depth, static_kwargs, diff_kwargs, caches, output_hidden_states):
         coupling = options.coupling
+        blocks = self.applied_blocks(depth)
+        streams = coupling.init_streams(hidden)
+        engine_kwargs = options.engine_kwargs(self.last_drift_report)
+        deferred = None
+        if output_hidden_states and len(blocks) > 1 and options.reversible and self._needs_grad(hidden):
+            # Block by block, a weight-tied block's parameters would receive their gradient once per application (and
+            # parameters closed over by f/g once per block): the calls defer them, delivered once after the last.
+            deferred = DeferredGradients.for_blocks(blocks)
+        if deferred is not None:
+            streams = deferred.entry(*streams)
+            engine_kwargs["deferred_gradients"] = deferred
         x1, x2, states = self._run(
-            self.applied_blocks(depth), *coupling.init_streams(hidden), static_kwargs, diff_kwargs,
-            options.engine_kwargs(self.last_drift_report), caches, per_block=output_hidden_states,
+            blocks, *streams, static_kwargs, diff_kwargs, engine_kwargs, caches, per_block=output_hidden_states
         )
         last = norm(coupling.merge_streams(x1, x2))
         all_hidden = None
@@ -327,8 +355,15 @@ class RevFormerStack(nn.ModuleList):
         seed = int(torch.randint(0, 2**62, (1,))) if any(b.training for b in group) else None
         devices = sorted({hidden.device.index} if hidden.is_cuda and hidden.device.index is not None else set())
 
+        phantom = options.deq_backward == "phantom"
+        # The phantom unroll applies the group once per step: through the engine, the steps (and the Jacobian
+        # penalty) defer their parameter gradients so that each parameter receives their sum once (deq.py).
+        deferred = DeferredGradients.for_blocks(group) if phantom and options.reversible else None
+
         def f(h, a, b, *diff_values, reversible=False, commit=False):
             engine_kwargs = {**options.engine_kwargs(None), "reversible": reversible}
+            if reversible:
+                engine_kwargs["deferred_gradients"] = deferred
             with _seeded_rng(seed, devices):
                 y1, y2, _ = self._run(
                     group, h[..., :width], h[..., width:], static_kwargs, dict(zip(names, diff_values)),
@@ -336,12 +371,17 @@ class RevFormerStack(nn.ModuleList):
                 )
             return torch.cat([a + (y1 - h[..., :width]), b + (y2 - h[..., width:])], dim=-1)
 
+        def f_twice_differentiable(h, *xs):
+            # The Jacobian penalty's double backward: the fused SDPA kernels have none, the math kernel does.
+            with sdpa_kernel([SDPBackend.MATH]):
+                return f(h, *xs)
+
         def report(stats: DEQStats) -> None:
             if not stats.converged:
                 self._warn_deq(stats)
 
         inputs = (x1, x2, *diff_kwargs.values())
-        phantom = options.deq_backward == "phantom"
+        with_penalty = options.deq_jacobian_reg > 0 and self.training and torch.is_grad_enabled()
         h, stats = deq_fixed_point(
             (lambda h, *xs: f(h, *xs, reversible=options.reversible)) if phantom else f,
             torch.cat([x1, x2], dim=-1),
@@ -353,15 +393,14 @@ class RevFormerStack(nn.ModuleList):
             backward=options.deq_backward,
             phantom_steps=options.deq_phantom_steps,
             on_backward=report,
+            jacobian_samples=1 if with_penalty else 0,
+            jacobian_f=f_twice_differentiable,
+            deferred_gradients=deferred,
         )
         if not stats.forward.converged:
             self._warn_deq(stats)
-        jacobian_loss = None
-        if options.deq_jacobian_reg > 0 and self.training and torch.is_grad_enabled():
-            # Double backward: the fused SDPA kernels have none, the math kernel does.
-            with sdpa_kernel([SDPBackend.MATH]):
-                jacobian_loss = jacobian_regularizer(f, h.detach(), inputs)
-            stats.jacobian_loss = float(jacobian_loss.detach())
+        # The differentiable penalty travels in the model output; the stats (often kept for logging) keep only its value.
+        jacobian_loss, stats.jacobian_penalty = stats.jacobian_penalty, None
         recorder = static_kwargs["attentions"]
         if caches or recorder is not None:
             # One more application at the fixed point stores its keys/values (causal: later tokens do not change
@@ -373,6 +412,9 @@ class RevFormerStack(nn.ModuleList):
         out = norm(coupling.merge_streams(h[..., :width], h[..., width:]))
         all_hidden = (hidden, out) if output_hidden_states else None
         return StackOutput(out, all_hidden, deq_stats=stats, jacobian_loss=jacobian_loss)
+
+    def _needs_grad(self, hidden: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     def _warn_deq(self, stats: DEQStats) -> None:
         """Log a non-converged DEQ solve (the 1st, 2nd, 4th, 8th ... time, so training logs stay readable)."""

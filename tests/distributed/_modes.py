@@ -82,6 +82,10 @@ MODES = {
         Mode("deq_implicit", "lm", dict(**DEQ, chunk_size_feed_forward=4)),
         Mode("deq_phantom", "lm", dict(**DEQ, deq_backward="phantom", deq_phantom_steps=3, chunk_size_feed_forward=4)),
         Mode("deq_jacobian_reg", "lm", dict(**DEQ, deq_jacobian_reg=0.1)),
+        Mode("deq_phantom_jacobian_reg", "lm", dict(**DEQ, deq_backward="phantom", deq_phantom_steps=3, deq_jacobian_reg=0.1)),
+        # Every hidden state asked for: the stack runs block by block (one engine call per application).
+        Mode("weight_tied_hidden_states", "lm", dict(num_hidden_layers=5, num_unique_layers=2, chunk_size_feed_forward=4,
+                                                     output_hidden_states=True, **DROPOUT)),
         Mode("seq2seq", "seq2seq", dict(chunk_size_feed_forward=4, tie_word_embeddings=True, **DROPOUT)),
     )
 }

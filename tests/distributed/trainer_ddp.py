@@ -1,7 +1,8 @@
 """`transformers.Trainer` on the reversible LM under 2-process DDP (gloo, CPU) with `ddp_find_unused_parameters=False`.
 
-The Trainer's default for a `PreTrainedModel` is `find_unused_parameters=True`, which breaks on the recomputing
-backward (docs/design.md §2); with False it must train normally. Records the loss curve, whether the model really was
+`find_unused_parameters=True` breaks on the recomputing backward (docs/design.md §2); with False it must train
+normally. (The Trainer's own default is now False for the recomputing stack, `tests/test_distributed.py::
+test_trainer_ddp_defaults_match_one_process`; passing it explicitly, as recipes do, must keep working.) Records the loss curve, whether the model really was
 wrapped in DDP across 2 processes, and the largest parameter difference between ranks.
 Run: `torchrun --nproc_per_node 2 trainer_ddp.py OUT.json`.
 """

@@ -1,7 +1,8 @@
 """Model modes under `transformers.Trainer` with 2-process DDP (gloo, CPU), vs one process on the batches it used.
 
-For each mode and each `ddp_find_unused_parameters` setting (`None`: the Trainer's default, which is `True` for a
-`PreTrainedModel`; `False`), a Trainer trains `STEPS` SGD steps with gradient accumulation. A forward pre-hook
+For each mode and each `ddp_find_unused_parameters` setting (`None`: the Trainer's default, `not
+model.is_activation_checkpointing`, i.e. `False` for a recomputing stack and `True` for the plain-autograd twin;
+`False`), a Trainer trains `STEPS` SGD steps with gradient accumulation. A forward pre-hook
 records every micro-batch each rank saw; rank 0 then replays the global batches (all ranks' micro-batches of each
 step) in one process and compares the parameters. The weight-tied and seq2seq modes run without dropout here, as
 the Trainer's per-rank random streams are not replayed; `chunked_ffn_dropout` is checked for identical ranks only.
@@ -21,7 +22,7 @@ from _modes import MODES, max_rel_err
 from transformers import Trainer, TrainingArguments
 
 STEPS, ACCUM, PER_DEVICE, LR = 2, 2, 2, 0.1
-DEFAULT_MODES = ("stack_chunked_ffn", "chunked_ffn_dropout", "weight_tied", "deq_implicit", "seq2seq")
+DEFAULT_MODES = ("plain_autograd_twin", "stack_chunked_ffn", "chunked_ffn_dropout", "weight_tied", "deq_implicit", "seq2seq")
 DETERMINISTIC = ("weight_tied", "seq2seq")
 
 
@@ -96,7 +97,7 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     modes = sys.argv[1:-1] or list(DEFAULT_MODES)
     results = {}
-    # The Trainer's default (find_unused_parameters=True) last: a failed backward leaves its DDP instance unusable.
+    # The Trainer's default last: were it to fail, a failed backward would leave its DDP instance unusable.
     for find_unused in (False, None):
         for mode in modes:
             key = f"{mode}/{'default' if find_unused is None else 'find_unused_false'}"
