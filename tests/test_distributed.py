@@ -121,6 +121,9 @@ def test_train_lm_script_under_two_process_ddp(tmp_path):
     assert results["num_processes"] == 2 and results["train"]["steps"] == 6
     assert results["train"]["tokens"] == 6 * 2 * 2 * 2 * 64
     assert results["validation"]["loss"] < results["eval_history"][0]["loss"] + 1.0
+    # the drift monitor's worst value, reduced over both ranks (fp32 float streams: rounding only)
+    drift = results["train"]["reversal_drift"]
+    assert drift["probes"] >= 1 and 0 <= drift["worst_rel_err"] < 1e-4
     assert [p.name for p in (out / "checkpoints").iterdir()] and (out / "checkpoints" / "step_6" / "rng_state_1.safetensors").is_file()
     from transformers import AutoModelForCausalLM
 

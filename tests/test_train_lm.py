@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import cut_bundled_corpus
 from reformer_rev.training.checkpointing import CheckpointError, list_checkpoints
+from reformer_rev.training.loop import TrainLog
 from reformer_rev.training.tokenization import (
     build_byte_tokenizer,
     is_byte_tokenizer,
@@ -179,6 +180,12 @@ def test_short_run_saves_everything(corpus_files, tmp_path):
     results = train_lm.main(tiny_args(corpus_files, out, "--checkpointing_steps", "4", "--checkpoints_total_limit", "2"))
     saved = json.loads((out / "results.json").read_text())
     assert saved["train"]["steps"] == 12 and saved["num_processes"] == 1
+    # The drift monitor in every line of the per-step log, the worst value in the results: fp32 float streams drift
+    # by rounding only.
+    log = TrainLog.read(out)
+    assert all(r["drift_probes"] >= 1 and 0 <= r["drift_worst_rel_err"] < 1e-4 for r in log)
+    drift = saved["train"]["reversal_drift"]
+    assert drift["worst_rel_err"] == max(r["drift_worst_rel_err"] for r in log) and drift["exceeded_threshold"] is False
     for split in ("validation", "test"):
         m = saved[split]
         assert m["bpb"] == pytest.approx(m["loss"] / math.log(2), rel=1e-9)  # byte tokenizer
@@ -203,6 +210,17 @@ def test_short_run_saves_everything(corpus_files, tmp_path):
     assert f"{saved['unigram_bpb']['validation']:.6g}" in card.text  # the baseline is reported next to the model
     ids = tok("In the beginning", return_tensors="pt")["input_ids"]
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, ids.shape[1] + 4)
+
+
+def test_bf16_run_logs_exact_reversal(corpus_files, tmp_path):
+    """Under bf16 autocast the streams are exact fixed point by default: the monitor reads 0.0 at every probe."""
+    out = tmp_path / "bf16"
+    results = train_lm.main(tiny_args(corpus_files, out, "--mixed_precision", "bf16", "--max_train_steps", "4",
+                                      "--eval_steps", "0", "--sample_tokens", "0"))
+    assert results["mixed_precision"] == "bf16"
+    drift = results["train"]["reversal_drift"]
+    assert drift["probes"] == 4 and drift["worst_rel_err"] == 0.0 and drift["last_rel_err"] == 0.0
+    assert [r["drift_worst_rel_err"] for r in TrainLog.read(out)] == [0.0] * 4
 
 
 def test_resume_continues_with_the_same_data_order(corpus_files, tmp_path):

@@ -96,6 +96,11 @@ def test_train_resume_and_eval_end_to_end(tmp_path, fresh_accelerate_state):
     log = TrainLog.read(straight)
     evals = json.loads((straight / "train_summary.json").read_text())["evals"]
     assert [r["step"] for r in log] == list(range(1, 9)) and all(math.isfinite(r["loss"]) for r in log)
+    # The engine's drift monitor in every log line and its worst value in the summary (fp32 float streams: probed,
+    # small, not exact).
+    drift = summary["reversal_drift"]
+    assert drift["probes"] >= 1 and log[0]["drift_probes"] >= 1
+    assert drift["worst_rel_err"] == max(r["drift_worst_rel_err"] for r in log) and 0 <= drift["worst_rel_err"] < 1e-3
     assert [r["step"] for r in evals] == [4, 8] and all(0 <= r["val_bleu"] <= 100 for r in evals)
     assert evals[-1]["val_loss"] < math.log(320)  # learnt something beyond a uniform guess over the vocabulary
     for name in ("best", "final"):

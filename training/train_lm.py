@@ -2,12 +2,15 @@
 """Train a reversible causal language model on long sequences with 🤗 Accelerate.
 
 Modelled on `transformers`' `run_clm_no_trainer.py` (same argument names, same order of work), for
-`RevFormerForCausalLM`:
+`RevFormerForCausalLM` -- or, with `--model_name_or_path`, for a pretrained `LlamaForCausalLM`, `Qwen2ForCausalLM`,
+`MistralForCausalLM` or `GPT2LMHeadModel` (a local folder or a Hub id) fine-tuned reversibly through
+`reformer_rev.make_reversible` (`--no_reversible`: ordinary fine-tuning); its final save is a plain checkpoint of
+its own class, loadable with stock `transformers`:
 
 * data through `datasets`: a hub dataset (`--dataset_name`), local text/json files (`--train_file`), or by default
   the bundled long-document corpus (whole books of the public-domain KJV and WEB Bibles, split by book);
-* a byte-level tokenizer (256 bytes + 4 specials) by default, `--tokenizer_name`, or a BPE trained on the training
-  split (`--tokenizer_type bpe`); saved with the model as a `PreTrainedTokenizerFast`;
+* a byte-level tokenizer (256 bytes + 4 specials) by default, `--tokenizer_name`, the tokenizer saved with
+  `--model_name_or_path`, or a BPE trained on the training split (`--tokenizer_type bpe`); saved with the model;
 * documents concatenated and cut into `--block_size` blocks (up to 65,536 tokens and more) with `datasets.map`;
 * one process, multi-process DDP or FSDP through `accelerate launch` (configs in `training/configs/`), mixed
   precision, gradient accumulation, warmup + cosine schedule, clipping, NaN/inf steps stopped or skipped;
@@ -37,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from datasets import DatasetDict, load_dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -68,11 +71,17 @@ from reformer_rev.training.loop import (
     block_fingerprints,
     stop_on_signals,
 )
-from reformer_rev.training.models import build_model
+from reformer_rev.training.models import (
+    build_model,
+    checkpoint_model_type,
+    is_plain_transformers_model,
+    trains_reversibly,
+)
 from reformer_rev.training.reporting import generate_sample, plot_loss_curve
 from reformer_rev.training.state import TrainingState
 from reformer_rev.training.tokenization import (
     build_byte_tokenizer,
+    is_byte_tokenizer,
     token_byte_counts,
     token_byte_lengths,
     train_bpe_tokenizer,
@@ -130,11 +139,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--overwrite_cache", action="store_true")
 
     tok = p.add_argument_group("tokenizer")
-    tok.add_argument("--tokenizer_type", choices=("byte", "bpe"), default="byte")
-    tok.add_argument("--tokenizer_name", type=str, default=None, help="A pretrained tokenizer (overrides --tokenizer_type).")
+    tok.add_argument(
+        "--tokenizer_type", choices=("byte", "bpe"), default=None,
+        help="A new tokenizer: 'byte' (the default when there is no other) or a BPE trained on the training split. "
+        "Used with --model_name_or_path only when the checkpoint has no tokenizer.",
+    )
+    tok.add_argument("--tokenizer_name", type=str, default=None, help="A pretrained tokenizer (overrides the others).")
     tok.add_argument("--bpe_vocab_size", type=int, default=4096)
 
-    p.add_argument("--model_name_or_path", type=str, default=None, help="Start from a checkpoint instead of scratch.")
+    p.add_argument(
+        "--model_name_or_path", type=str, default=None,
+        help="Start from a checkpoint (local folder or Hub id) instead of scratch: a reformer_rev model, or a "
+        "pretrained Llama/Qwen2/Mistral/GPT-2 causal LM, which trains through `reformer_rev.make_reversible` "
+        "(--no_reversible: as it is) and is saved as a plain checkpoint of its class. Its tokenizer is used if it "
+        "has one; without one, pass --tokenizer_name (or --tokenizer_type for a model trained with one of ours).",
+    )
     p.add_argument("--config_name", type=str, default=None, help="A config to start from (vocabulary from the tokenizer).")
     add_model_arguments(p, MODEL_FIELDS)
     add_training_arguments(
@@ -275,12 +294,40 @@ def check_text_splits(raw: DatasetDict, args: argparse.Namespace) -> None:
             )
 
 
+def checkpoint_tokenizer(path: str) -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved with the checkpoint `path` (local folder or Hub id), or None if it has none."""
+    if Path(path).is_dir():
+        has_files = any(Path(path, name).is_file() for name in ("tokenizer_config.json", "tokenizer.json"))
+        return AutoTokenizer.from_pretrained(path) if has_files else None
+    try:  # a Hub repository: only the download can tell whether it has tokenizer files
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        logger.warning(f"No tokenizer loaded from {path!r}: {type(err).__name__}: {str(err)[:200]}")
+        return None
+
+
 def get_tokenizer(args: argparse.Namespace, raw: DatasetDict, accelerator: Accelerator) -> PreTrainedTokenizerBase:
+    """`--tokenizer_name`; else the tokenizer saved with `--model_name_or_path`; else a new one (`--tokenizer_type`).
+
+    A pretrained Llama/GPT-2/... checkpoint without a tokenizer is refused unless `--tokenizer_type` or
+    `--tokenizer_name` says which one it was trained with: its embedding rows mean that tokenizer's ids, and a
+    default guessed here would fine-tune it on a vocabulary it never saw.
+    """
     if args.tokenizer_name is not None:
         return AutoTokenizer.from_pretrained(args.tokenizer_name)
-    if args.model_name_or_path is not None and Path(args.model_name_or_path, "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(args.model_name_or_path)
-    if args.tokenizer_type == "byte":
+    if args.model_name_or_path is not None:
+        tokenizer = checkpoint_tokenizer(args.model_name_or_path)
+        if tokenizer is not None:
+            return tokenizer
+        if args.tokenizer_type is None and checkpoint_model_type(args.model_name_or_path) != "reformer_rev":
+            raise ValueError(
+                f"`--model_name_or_path` {args.model_name_or_path!r} has no tokenizer (no tokenizer_config.json or "
+                "tokenizer.json): pass the one it was trained with as `--tokenizer_name` (a folder or Hub id), or "
+                "`--tokenizer_type byte`/`bpe` if it was trained with this project's tokenizer."
+            )
+        logger.warning(f"{args.model_name_or_path} has no tokenizer: using a new {args.tokenizer_type or 'byte'} "
+                       "tokenizer.")
+    if args.tokenizer_type in (None, "byte"):
         return build_byte_tokenizer()
     # BPE: learnt once on the main process, read back by the others (identical vocabularies on every rank).
     path = Path(args.output_dir) / "bpe_tokenizer"
@@ -523,7 +570,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
     # Stepped by hand once per optimizer step (not via `prepare`, which would step it once per process).
     lr_scheduler = make_scheduler(optimizer, args.lr_scheduler_type, args.num_warmup_steps, requested_steps)
     checkpoints = CheckpointManager(
-        accelerator, args.output_dir, model, optimizer, lr_scheduler, args.checkpoints_total_limit
+        accelerator, args.output_dir, model, optimizer, lr_scheduler, args.checkpoints_total_limit,
+        required=bool(args.checkpointing_steps or args.resume_from_checkpoint),
     )
     if accelerator.is_main_process:
         checkpoints.remove_interrupted_saves()
@@ -625,15 +673,26 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
         accelerator.log({f"final/{s}_{k}": v for s, m in final.items() for k, v in m.items()}, step=state.completed_steps)
     unwrapped = accelerator.unwrap_model(model)
     sample = None
-    if args.sample_tokens and accelerator.is_main_process:
+    # Sharded parameters (ZeRO-3, FSDP) are gathered by collectives inside every forward: all processes generate then.
+    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    if args.sample_tokens and (accelerator.is_main_process or sharded):
         sample = generate_sample(unwrapped, tokenizer, SAMPLE_PROMPT, args.sample_tokens, seed=args.seed)
         accelerator.print(f"sample ({args.sample_tokens} tokens after {SAMPLE_PROMPT!r}):\n{sample}\n")
     steps_log = TrainLog.read(args.output_dir) if accelerator.is_main_process else []
     applied = [r for r in steps_log if not r["skipped_nonfinite"]]
+    drift = loop.drift.summary(steps_log, accelerator)  # a collective: every process
     results = {
-        "model": {k: getattr(unwrapped.config, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "reversible")},
+        "model": {
+            **{k: getattr(unwrapped.config, k, None) for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
+                                                               "num_attention_heads", "intermediate_size")},
+            "architecture": type(unwrapped).__name__,
+            "reversible": trains_reversibly(unwrapped),
+        },
+        # A pretrained Llama/GPT-2/... fine-tuned here: the model card describes a plain `transformers` checkpoint.
+        "base_model": args.model_name_or_path if is_plain_transformers_model(unwrapped) else None,
         "num_parameters": num_parameters,
-        "tokenizer": "byte" if args.tokenizer_name is None and args.tokenizer_type == "byte" else (args.tokenizer_name or "bpe"),
+        "tokenizer": "byte" if is_byte_tokenizer(tokenizer) else (
+            args.tokenizer_name or (args.model_name_or_path if args.tokenizer_type is None else "bpe")),
         "block_size": args.block_size,
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
@@ -649,6 +708,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
             "final_lr": applied[-1]["lr"] if applied else None,
             "final_lr_fraction_of_peak": applied[-1]["lr"] / args.learning_rate if applied else None,
             "budget_fits": [vars(f) for f in fitter.fits],
+            "reversal_drift": drift,
         },
         "validation": final["validation"],
         "test": final.get("test"),
@@ -665,7 +725,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
             f"trained {state.completed_steps} steps, {state.tokens_seen:,} tokens in {state.train_time_s:.0f} s "
             f"({results['train']['tokens_per_second']:.0f} tokens/s); total {results['total_time_s']:.0f} s"
             + (f" of a {args.time_budget_minutes:g}-minute budget" if budget.bounded else "")
-            + f"; last learning rate {results['train']['final_lr_fraction_of_peak']:.1%} of the peak; saved to "
+            + f"; last learning rate {results['train']['final_lr_fraction_of_peak']:.1%} of the peak; "
+            + f"worst reversal drift {drift['worst_rel_err']} ({drift['probes']} probes); saved to "
             f"{args.output_dir} ({RESULTS_NAME}, {LOSS_CURVE_NAME})"
         )
         if push_checkpoint is not None:
@@ -722,8 +783,10 @@ def save_outputs(args: argparse.Namespace, accelerator: Accelerator, model: torc
         unwrapped.save_pretrained(folder, state_dict=state_dict, save_function=accelerator.save)
         tokenizer.save_pretrained(folder)
         final_point = {"step": results["train"]["steps"], "loss": results["validation"]["loss"]}
+        what = results["model"]["architecture"] if results["base_model"] else "LM"
+        how = "reversible" if results["model"]["reversible"] else "non-reversible"
         plot_loss_curve(folder / LOSS_CURVE_NAME, steps_log, [*results["eval_history"], final_point],
-                        f"{results['num_parameters'] / 1e6:.2f}M-parameter reversible LM, blocks of {args.block_size}",
+                        f"{results['num_parameters'] / 1e6:.2f}M-parameter {how} {what}, blocks of {args.block_size}",
                         scale=1 / LN2 if byte_level else 1.0, unit="bits per byte" if byte_level else "loss (nats/token)")
         results["total_time_s"] = budget.elapsed()
         atomic_write_json(folder / RESULTS_NAME, results)

@@ -246,7 +246,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     requested_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     lr_scheduler = make_scheduler(optimizer, args.lr_scheduler_type, args.num_warmup_steps, requested_steps)
-    checkpoints = CheckpointManager(accelerator, out_dir, model, optimizer, lr_scheduler, args.checkpoints_total_limit)
+    checkpoints = CheckpointManager(accelerator, out_dir, model, optimizer, lr_scheduler, args.checkpoints_total_limit,
+                                    required=bool(args.checkpointing_steps or args.resume_from_checkpoint))
     if accelerator.is_main_process:
         checkpoints.remove_interrupted_saves()
     state = TrainingState(max_train_steps=requested_steps, requested_steps=requested_steps,
@@ -333,6 +334,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
                                f"the loss and {sizes['bleu_pairs']} for BLEU.")
         evaluate_now(state.completed_steps, **sizes)
     save_model(out_dir / "final", model, tokenizer, accelerator)
+    steps_log = TrainLog.read(out_dir) if accelerator.is_main_process else []
+    drift = loop.drift.summary(steps_log, accelerator)  # a collective: every process
     summary = {"event": "end", "stop_reason": loop.stop_reason or "max_steps", "step": state.completed_steps,
                "max_train_steps": state.max_train_steps, "requested_steps": requested_steps, "parameters": n_params,
                "minutes": round(budget.elapsed() / 60, 2), "best_step": state.extra["best_step"],
@@ -340,11 +343,11 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
                "budget_fits": [vars(f) for f in fitter.fits], "train_pairs": len(train_examples),
                "val_pairs": len(val_examples), "vocab_size": len(tokenizer),
                "tokens_per_second": state.tokens_seen / max(state.train_time_s, 1e-9),
-               "args": vars(args)}
+               "reversal_drift": drift, "args": vars(args)}
     if accelerator.is_main_process:
         atomic_write_json(out_dir / SUMMARY_NAME, {**summary, "evals": state.eval_history})
         evals = [{"step": e["step"], "loss": e["val_loss"]} for e in state.eval_history]
-        plot_loss_curve(out_dir / LOSS_CURVE_NAME, TrainLog.read(out_dir), evals,
+        plot_loss_curve(out_dir / LOSS_CURVE_NAME, steps_log, evals,
                         f"{n_params / 1e6:.1f}M-parameter reversible encoder-decoder")
         accelerator.print(json.dumps(summary))
     return summary

@@ -1,7 +1,9 @@
 """Model cards for `reformer_rev` checkpoints, filled from a run's results file — never with invented numbers.
 
 `write_model_card(output_dir, results, task)` renders `model_cards/{lm,translation}_card_template.md` with
-`huggingface_hub.ModelCard` and writes `output_dir/README.md`. The YAML metadata carries `license`,
+`huggingface_hub.ModelCard` and writes `output_dir/README.md`. A checkpoint of a stock `transformers` class (a
+pretrained Llama/GPT-2/... fine-tuned reversibly by `training/train_lm.py --model_name_or_path`) gets
+`model_cards/lm_finetuned_card_template.md`: a plain model, loaded without `reformer_rev` or remote code. The YAML metadata carries `license`,
 `library_name: transformers`, `tags` (incl. `custom_code` and `reversible`), `language`, `datasets` (Hub dataset ids
 only), `metrics`, `pipeline_tag` and a `model-index` built from the measured evaluation results; the body describes the
 architecture (read from the checkpoint's `config.json` and weights), data, hyperparameters, measured memory figures,
@@ -24,6 +26,7 @@ The results dict is what the training scripts write as JSON. Recognised keys (al
       "hyperparameters": {...} | "args": {...},     # the run's arguments (`dataset_name`, `train_file`, `*_lang`...)
       "memory": {"peak_activation_mb": ...},        # measured memory figures
       "training" | "train": {"steps": ..., "tokens_per_second": ..., "train_time_s": ...},
+      "base_model": "org/name" | "/local/dir",     # the checkpoint a plain transformers model was fine-tuned from
       "notes": "free text"
     }
 
@@ -54,6 +57,8 @@ REPO_ID_PLACEHOLDER = "<your-namespace>/<model-name>"
 
 _PIPELINE_TAG = {"causal-lm": "text-generation", "translation": "translation"}
 _TEMPLATE_NAME = {"causal-lm": "lm_card_template.md", "translation": "translation_card_template.md"}
+# Checkpoints of stock transformers classes (no `reformer_rev` model type): pretrained models fine-tuned reversibly.
+_PLAIN_TEMPLATE_NAME = "lm_finetuned_card_template.md"
 _SPLIT_ALIASES = {"eval": "validation", "val": "validation", "valid": "validation", "validation": "validation",
                   "dev": "validation", "test": "test", "train": "train"}
 # metric key (lower case) -> (metric type for the Hub, display name)
@@ -271,7 +276,12 @@ def build_model_card(
     if not config_path.exists():
         raise ValueError(f"{output_dir} has no config.json: save the model with `save_pretrained` first.")
     config = json.loads(config_path.read_text())
-    template_path = Path(template_path) if template_path else default_template_dir() / _TEMPLATE_NAME[task]
+    plain = config.get("model_type") != "reformer_rev"
+    if plain and task != "causal-lm":
+        raise ValueError(f"{output_dir} holds a {config.get('model_type')!r} checkpoint: only causal LMs of stock "
+                         "transformers classes have a card here (task='causal-lm').")
+    default_name = _PLAIN_TEMPLATE_NAME if plain else _TEMPLATE_NAME[task]
+    template_path = Path(template_path) if template_path else default_template_dir() / default_name
     if not template_path.exists():
         raise FileNotFoundError(f"Model card template not found: {template_path} (pass `template_path=`).")
 
@@ -298,12 +308,19 @@ def build_model_card(
         for metric_type, value in values.items()
     ]
     metric_types = sorted({m for values in metrics.values() for m in values})
+    base_model = results.get("base_model") if isinstance(results.get("base_model"), str) else None
+    if plain:  # loads with stock transformers: no remote code
+        tags = ["reformer_rev", "reversible-fine-tuning", str(config.get("model_type")), pipeline_tag]
+    else:
+        tags = ["reformer_rev", "reversible", "custom_code", pipeline_tag]
     card_data = ModelCardData(
         model_name=model_name,
         license=results.get("license", "apache-2.0"),
         library_name="transformers",
         pipeline_tag=pipeline_tag,
-        tags=["reformer_rev", "reversible", "custom_code", pipeline_tag],
+        tags=tags,
+        # The Hub's `base_model` field takes repository ids only; a local starting point is named in the text.
+        base_model=base_model if base_model and not Path(base_model).exists() else None,
         language=language,
         # Only Hub dataset ids belong here; a local corpus is described in the card's text instead.
         datasets=[dataset["id"]] if dataset.get("id") else None,
@@ -328,7 +345,10 @@ def build_model_card(
         repo_id=repo_id or REPO_ID_PLACEHOLDER,
         auto_class=auto_class,
         architecture_table=_architecture(config, count_parameters(output_dir), task),
-        reversible=bool(config.get("reversible", True)),
+        architecture=(config.get("architectures") or [config.get("model_type")])[0],
+        base_model=base_model,
+        # A plain checkpoint does not record how it was trained: the run's results do.
+        reversible=bool((results.get("model") or {}).get("reversible", True) if plain else config.get("reversible", True)),
         dataset_name=dataset.get("name"),
         dataset_id=dataset.get("id"),
         dataset_config=dataset.get("config"),

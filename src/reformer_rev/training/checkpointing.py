@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
@@ -266,6 +267,11 @@ class CheckpointManager:
 
     `extra_writer(folder)` (main process) adds script-specific files to each checkpoint, e.g. its tokenizer; they are
     covered by the manifest like the rest.
+
+    Under DeepSpeed there are no checkpoints: the state is read and restored through `torch.distributed.checkpoint`,
+    which does not know DeepSpeed's ZeRO optimizer (measured: `TypeError` at the first save). `required=True` (the run
+    asks for periodic checkpoints or a resume) then fails at once, before any training, instead of at the first save;
+    the end-of-run `save_unless_saved` is skipped with a warning.
     """
 
     def __init__(
@@ -277,8 +283,16 @@ class CheckpointManager:
         scheduler: Any,
         total_limit: int | None = None,
         extra_writer: Callable[[Path], None] | None = None,
+        required: bool = False,
     ) -> None:
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+        self.supported = getattr(accelerator, "distributed_type", None) != DistributedType.DEEPSPEED
+        if required and not self.supported:
+            raise ValueError(
+                "Checkpoints (`--checkpointing_steps`, `--resume_from_checkpoint`) are not supported under DeepSpeed: "
+                "they go through torch.distributed.checkpoint, which cannot read DeepSpeed's ZeRO optimizer. Train "
+                "without them, or use DDP or FSDP2 (training/configs/ddp.yaml, fsdp.yaml) for a resumable run."
+            )
         self.root = Path(output_dir) / CHECKPOINTS_DIR
         self.total_limit, self.extra_writer = total_limit, extra_writer
         self.last_save_seconds: float | None = None
@@ -295,6 +309,10 @@ class CheckpointManager:
     def save_unless_saved(self, state: TrainingState, last_step_skipped: bool) -> Path | None:
         """At the end of a run (or a stop): save its state unless the newest checkpoint already is this step, or the
         last step was skipped as non-finite (the newest checkpoint then stays the last good state)."""
+        if not self.supported:
+            logger.warning("No end-of-run checkpoint under DeepSpeed (see `CheckpointManager`): the training state "
+                           "is not saved; the final model is.")
+            return None
         newest = self.newest()
         if last_step_skipped or (newest is not None and newest.name == f"{CHECKPOINT_PREFIX}{state.completed_steps}"):
             return newest

@@ -20,10 +20,15 @@ import datasets
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    DistributedType,
+    InitProcessGroupKwargs,
+)
 
 from ..configuration_reformer_rev import RevFormerConfig
-from ..distributed import register_fsdp_reversible_methods
+from ..distributed import register_deepspeed_zero3_scopes, register_fsdp_reversible_methods
 from .budget import SCHEDULES
 
 
@@ -180,13 +185,18 @@ def make_accelerator(args: argparse.Namespace, **kwargs: Any) -> Accelerator:
     """The `Accelerator` of a run. DDP must not look for unused parameters: the recomputing backward accumulates
     gradients from inside a custom autograd Function, which `find_unused_parameters=True` misreads (docs/design.md §2).
     """
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available():
+        # DeepSpeed without GPUs initialises gloo itself; Accelerate would find no backend and record a single
+        # process while DeepSpeed reduces over all of them (docs/distributed.md).
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         cpu=args.cpu,
         # Data order depends only on (seed, epoch): a resumed run sees the very same batches.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        kwargs_handlers=handlers,
         **kwargs,
     )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
@@ -199,7 +209,11 @@ def make_accelerator(args: argparse.Namespace, **kwargs: Any) -> Accelerator:
 
 
 def prepare_distributed_model(model: torch.nn.Module, accelerator: Accelerator) -> None:
-    """After `accelerator.prepare`: route the reversible blocks' f/g through FSDP2's hooks (docs/distributed.md)."""
+    """After `accelerator.prepare`, what the reversible blocks need from the distributed wrapper (docs/distributed.md):
+    under FSDP2 their f/g run through FSDP's hooks; under DeepSpeed their gradients are delivered while ZeRO-3 has
+    their parameters gathered (a no-op for ZeRO-1/2). Both training scripts call it; DDP needs nothing."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        register_deepspeed_zero3_scopes(model)
     patched = register_fsdp_reversible_methods(model)
     if accelerator.distributed_type == DistributedType.FSDP and patched == 0:
         raise ValueError(

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from .. import reversible
+from ..reversible import DriftMonitor
 from ..safe_io import atomic_write_text
 from .budget import StepFitter, refit_scheduler
 from .state import TrainingState
@@ -37,6 +39,9 @@ from .state import TrainingState
 logger = logging.getLogger(__name__)
 
 TRAIN_LOG_NAME = "train_log.jsonl"
+# The drift monitor's fields of each log line: monitoring, not training state (a resumed process probes its own first
+# steps, so they differ from an uninterrupted run's while losses and weights are identical).
+DRIFT_LOG_FIELDS = ("drift_last_rel_err", "drift_worst_rel_err", "drift_probes")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -91,6 +96,40 @@ class TrainLog:
     def read(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
         path = Path(output_dir) / TRAIN_LOG_NAME
         return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+class DriftLog:
+    """The engine's reconstruction-drift monitor (`reversible.default_drift_monitor`) as seen by one training run.
+
+    The monitor probes some backward passes of every reversible stack (the first few calls, then one in `every`) and
+    keeps the last and the worst relative error between a stack's input and its reconstruction. It is process-global,
+    so the run starts it afresh (an earlier run in the same process must not leak into this one's figures, and the
+    first steps of every run are probed). `fields()` goes into each line of `train_log.jsonl`; `summary()` into the
+    results. Exact fixed-point streams give 0.0; `None` means no probe has run yet (e.g. a non-reversible model).
+    """
+
+    def __init__(self, monitor: DriftMonitor | None = None) -> None:
+        # Looked up now, not at import: the engine reads the module attribute at every call.
+        self.monitor = monitor = monitor or reversible.default_drift_monitor
+        monitor.calls, monitor.probes, monitor.last, monitor.worst = 0, 0, None, 0.0
+
+    def fields(self) -> dict[str, Any]:
+        s = self.monitor.state_dict()
+        return dict(zip(DRIFT_LOG_FIELDS, (s["last"], s["worst"] if s["probes"] else None, s["probes"])))
+
+    def summary(self, steps_log: list[dict[str, Any]], accelerator: Any = None) -> dict[str, Any]:
+        """The worst drift over the whole run: this process's probes, the other processes' (one all-reduce, so every
+        process must call it) and, after a resume, the steps before it as `steps_log` recorded them."""
+        s = self.monitor.state_dict()
+        # float64: the value is compared with the logged one; -1 stands for "no probe on this process".
+        here = torch.tensor(s["worst"] if s["probes"] else -1.0, dtype=torch.float64)
+        if accelerator is not None and accelerator.num_processes > 1:
+            here = accelerator.reduce(here.to(accelerator.device), "max").cpu()
+        logged = [r["drift_worst_rel_err"] for r in steps_log if r.get("drift_worst_rel_err") is not None]
+        worst = max([*logged, *([here.item()] if here >= 0 else [])], default=None)
+        return {"worst_rel_err": worst, "last_rel_err": s["last"], "probes": s["probes"],
+                "threshold": self.monitor.threshold,
+                "exceeded_threshold": None if worst is None else worst > self.monitor.threshold}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -235,6 +274,7 @@ class TrainingLoop:
         self.fitter, self.stop, self.last_checkpoint = fitter, stop or StopFlag(), last_checkpoint
         self.fingerprint = fingerprint
         self.stop_reason: str | None = None
+        self.drift = DriftLog()
 
     def _agree(self, step_seconds: float) -> tuple[int | None, bool, bool]:
         """What every process must decide together after a step, in one collective: a refitted run length (the
@@ -276,7 +316,8 @@ class TrainingLoop:
                 loss_value, grad_norm, lr, skipped, error = self.guard.step(state, where, self.last_checkpoint)
                 state.completed_steps += 1
                 self.log.write({"step": state.completed_steps, "epoch": epoch, "loss": loss_value, "lr": lr,
-                                "grad_norm": grad_norm, "skipped_nonfinite": skipped, "samples": samples})
+                                "grad_norm": grad_norm, "skipped_nonfinite": skipped, **self.drift.fields(),
+                                "samples": samples})
                 samples = []
                 if error is not None:
                     raise NonFiniteLossError(error)
