@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from _common import tiny_config, write_result
+from _common import finish, tiny_config, write_result
 
 from reformer_rev import RevFormerForCausalLM
 from reformer_rev.distributed import shard_reversible_model
@@ -41,7 +41,7 @@ def main() -> None:
             model(ids, labels=ids).loss.backward()
             results[f"chunk_size_feed_forward={chunk},reshard_after_forward={reshard}"] = dict(counts)
     write_result(results)
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from _common import describe, write_result
+from _common import describe, finish, write_result
 from _modes import MODES, Mode, local_slice, max_rel_err, reference_loss, seed_for, train_reference
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
@@ -103,7 +103,7 @@ def main() -> None:
         if dist.get_rank() == 0:
             print(mode, "bf16", results[f"{mode}/bf16_mixed_precision"], flush=True)
     write_result({"world_size": dist.get_world_size(), "steps": STEPS, "rows": ROWS, "cases": results})
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import copy
 
 import torch
 import torch.distributed as dist
-from _common import rel_err, tiny_config, write_result
+from _common import finish, rel_err, tiny_config, write_result
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from reformer_rev import RevFormerForCausalLM
@@ -79,7 +79,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     result = {"world_size": world, "runs": [run(name, rank, world) for name in ("sgd", "adamw")]}
     write_result(result)
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":
