@@ -226,7 +226,7 @@ class Harness:
                 # The causal LM's base call has no other input: give it an attention mask of the base batch.
                 other = {} if kind == "seq2seq" else {"attention_mask": torch.ones(shape, dtype=torch.long)}
                 self.add_forward(kind, name, f"{name} batch differs from the other inputs", ERROR,
-                                 {**with_(ids((BATCH + 1, shape[1]))), **other})
+                                 {**with_(ids((BATCH + 1, shape[1]))), **other}, names=tuple(other))
 
     def mask_cases(self, kind: str) -> None:
         names = ["attention_mask"] + (["decoder_attention_mask"] if kind == "seq2seq" else [])

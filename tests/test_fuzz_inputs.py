@@ -68,3 +68,10 @@ def test_run_writes_counts_that_add_up(tmp_path):
     # Valid inputs are accepted: whatever else the model refuses, it must not refuse these.
     assert summary["refused"] == 0, [c for c in saved["cases"] if c["category"] == "refused"][:3]
     assert summary["valid"] > 0
+    # The property the harness exists for: every bad input gets a clear error or a correct result. No opaque error;
+    # the only silent cases are generate's documented precedence of `max_new_tokens` over `max_length` (transformers
+    # logs a warning and generates `max_new_tokens`).
+    opaque = [c for c in saved["cases"] if c["category"] == "opaque"]
+    assert not opaque, opaque[:3]
+    silent = {(c["target"], c["description"]) for c in saved["cases"] if c["category"] == "silent"}
+    assert silent <= {("causal.generate", "max_length=2"), ("seq2seq.generate", "max_length=2")}, silent
