@@ -159,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_training_arguments(
         p, per_device_train_batch_size=None, per_device_eval_batch_size=None, learning_rate=3e-3, adam_beta2=0.99,
         batch_size_help=f"Blocks per process and micro-batch; default: {TOKENS_PER_BATCH} tokens // --block_size.",
-        max_train_steps=300, num_warmup_steps=20, time_budget_minutes=9.0,
+        max_train_steps=1200, num_warmup_steps=60, time_budget_minutes=9.0,
     )
 
     ev = p.add_argument_group("evaluation and logging")
