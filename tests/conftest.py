@@ -46,6 +46,17 @@ def make_pair(
     return rev, twin
 
 
+def model_with_random_gates() -> RevFormerForCausalLM:
+    """A tiny causal LM with learnable branch gates drawn away from their zero init (so loaded values matter)."""
+    torch.manual_seed(0)
+    model = RevFormerForCausalLM(tiny_config(branch_scale="learnable_gate"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("_gate"):
+                param.uniform_(0.5, 1.5)
+    return model
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 

@@ -10,7 +10,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from conftest import make_pair, max_grad_rel_err, rel_err, tiny_config
+from conftest import make_pair, max_grad_rel_err, model_with_random_gates, rel_err, tiny_config
 from reformer_rev import RevFormerConfig, RevFormerForCausalLM
 from reformer_rev.couplings import DriftReport, ExactArith, InfoBuffer, make_coupling
 from reformer_rev.model_inputs import rotary_tables
@@ -313,12 +313,7 @@ def test_learnable_gates_are_one_dimensional_and_old_scalar_state_dicts_load(pad
     """FSDP2 and DeepSpeed refuse 0-dim parameters, so the gates are shape (1,); a state dict saved when they were 0-dim
     scalars still loads (`RevFormerBlock._load_from_state_dict`) and gives the same outputs."""
     ids, mask, labels = padded_batch
-    torch.manual_seed(0)
-    model = RevFormerForCausalLM(tiny_config(branch_scale="learnable_gate")).double()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("_gate"):
-                p.uniform_(0.5, 1.5)  # not the zero init: the loaded values must matter
+    model = model_with_random_gates().double()
     gates = {n: p for n, p in model.named_parameters() if n.endswith("_gate")}
     assert len(gates) == 6 and all(p.shape == (1,) for p in gates.values())
     old = {k: (v.reshape(()) if k.endswith("_gate") else v).clone() for k, v in model.state_dict().items()}

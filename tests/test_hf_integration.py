@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from conftest import tiny_config
+from conftest import model_with_random_gates, tiny_config
 from reformer_rev import RevFormerConfig, RevFormerForCausalLM, RevFormerModel
 
 
@@ -54,12 +54,7 @@ def test_from_pretrained_loads_old_zero_dim_branch_gates(tmp_path):
     writes the (1,) shape."""
     from safetensors.torch import load_file, save_file
 
-    torch.manual_seed(0)
-    model = RevFormerForCausalLM(tiny_config(branch_scale="learnable_gate")).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("_gate"):
-                param.uniform_(0.5, 1.5)  # not the zero init: the loaded values must matter
+    model = model_with_random_gates().eval()
     model.save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     state = load_file(weights)
