@@ -44,8 +44,7 @@ from typing import Any
 
 import torch
 
-EVAL_DIR = Path(__file__).resolve().parent
-REPO = EVAL_DIR.parent
+REPO = Path(__file__).resolve().parents[1]
 
 from eval._bench_common import environment, fmt, least_squares, markdown_table
 from eval.pretrain_small import cosine_lr, english_books, spanish_verses, token_blocks

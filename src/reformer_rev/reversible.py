@@ -48,7 +48,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from torch import nn
 
 from .couplings import (
     AdditiveCoupling,
