@@ -72,6 +72,10 @@ class ReversibleBlockProtocol(Protocol):
 
     def g(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor: ...
 
+    # Optional: `branch_parameters() -> (params of f, params of g)`. A block that tells which parameters each branch
+    # uses gets each branch's parameter gradients delivered (and freed) as soon as that branch is back-propagated,
+    # instead of holding the `g` gradients until `f` is done too (`_GradientSink`).
+
 
 # --------------------------------------------------------------------------------------------------------------
 # RNG and autocast capture
@@ -186,10 +190,50 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _accumulate(grads: dict[int, torch.Tensor | None], leaf: torch.Tensor, g: torch.Tensor) -> None:
-    g = g.to(_accumulation_dtype(g.dtype))
-    acc = grads[id(leaf)]
-    grads[id(leaf)] = g if acc is None else acc + g
+class _GradSums:
+    """Gradient sums per leaf tensor (keyed by `id`), in at least float32 when `upcast`.
+
+    The first contribution is kept as it comes: a gradient straight from autograd may alias a tensor still in use (an
+    `AddBackward` passes its incoming gradient through), so it is never written to. The second allocates the sum and
+    every later one is added into it in place, so a leaf summed over many chunks holds two gradient-sized tensors at a
+    time, not three."""
+
+    def __init__(self, upcast: bool = False) -> None:
+        self.upcast = upcast
+        self.leaves: dict[int, torch.Tensor] = {}
+        self.sums: dict[int, torch.Tensor] = {}
+        self._owned: set[int] = set()
+
+    def __contains__(self, leaf: torch.Tensor) -> bool:
+        return id(leaf) in self.leaves
+
+    def track(self, leaf: torch.Tensor) -> None:
+        self.leaves[id(leaf)] = leaf
+
+    def add(self, leaf: torch.Tensor, grad: torch.Tensor) -> None:
+        if self.upcast:
+            grad = grad.to(_accumulation_dtype(grad.dtype))
+        key = id(leaf)
+        self.leaves[key] = leaf
+        acc = self.sums.get(key)
+        if acc is None:
+            self.sums[key] = grad
+        elif key in self._owned:
+            acc.add_(grad)
+        else:
+            self.sums[key] = acc + grad
+            self._owned.add(key)
+
+    def get(self, leaf: torch.Tensor) -> torch.Tensor | None:
+        return self.sums.get(id(leaf))
+
+    def pop(self, key: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        self._owned.discard(key)
+        grad = self.sums.pop(key, None)
+        return None if grad is None else (self.leaves[key], grad)
+
+    def keys(self) -> list[int]:
+        return list(self.sums)
 
 
 def _graph_leaves(out: torch.Tensor) -> list[torch.Tensor]:
@@ -215,21 +259,16 @@ class _PendingGradients:
     contributions."""
 
     def __init__(self) -> None:
-        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pending = _GradSums()
 
     def add(self, leaf: torch.Tensor, grad: torch.Tensor | None) -> None:
-        if grad is None:
-            return
-        key = id(leaf)
-        if key in self.pending:
-            self.pending[key] = (leaf, self.pending[key][1] + grad)
-        else:
-            self.pending[key] = (leaf, grad)
+        if grad is not None:
+            self.pending.add(leaf, grad)
 
     def deliver(self, keys: Sequence[int] | None = None) -> None:
         """Hand over the pending gradients of `keys` (leaf ids; all pending ones if None)."""
-        keys = list(self.pending) if keys is None else keys
-        items = [self.pending.pop(k) for k in keys if k in self.pending]
+        keys = self.pending.keys() if keys is None else keys
+        items = [item for item in map(self.pending.pop, keys) if item is not None]
         if items:
             leaves, grads = zip(*items)
             torch.autograd.backward(list(leaves), list(grads))
@@ -275,7 +314,7 @@ class DeferredGradients(_PendingGradients):
 
     def deliver(self, keys: Sequence[int] | None = None) -> None:
         by_owner: dict[int, list[int]] = {}
-        for key in self.pending if keys is None else keys:
+        for key in self.pending.keys() if keys is None else keys:
             by_owner.setdefault(id(self.owners.get(key)), []).append(key)
         for group in by_owner.values():
             owner = self.owners.get(group[0])
@@ -320,28 +359,34 @@ class _GradientSink:
         self.in_place = in_place
         self.deferred = deferred is not None and not in_place
         self.store = deferred if self.deferred else _PendingGradients()
-        self.release_at: dict[int, list[int]] = {}
+        self.release_at: dict[tuple[int, int], list[int]] = {}
         if in_place:
             return
         if self.deferred:
             deferred.register(blocks)
             return
-        lowest: dict[int, int] = {}
+        # Forward order is (block 0, f), (block 0, g), (block 1, f), ...: the first use is the lowest. A block that
+        # names each branch's parameters (`branch_parameters`) lets a parameter of `g` go as soon as `g` is done.
+        lowest: dict[int, tuple[int, int]] = {}
         for i, block in enumerate(blocks):
+            split = getattr(block, "branch_parameters", None)
+            for j, params in enumerate(split() if split is not None else ()):
+                for p in params:
+                    lowest.setdefault(id(p), (i, j))
             for p in block.parameters():  # type: ignore[attr-defined]
-                lowest.setdefault(id(p), i)  # forward order: the first use is the lowest block
-        for key, i in lowest.items():
-            self.release_at.setdefault(i, []).append(key)
+                lowest.setdefault(id(p), (i, 0))
+        for key, at in lowest.items():
+            self.release_at.setdefault(at, []).append(key)
 
     def add(self, leaf: torch.Tensor, grad: torch.Tensor | None) -> None:
         self.store.add(leaf, grad)
 
-    def release(self, block_index: int | None = None) -> None:
-        """Deliver the gradients of the parameters whose lowest use is `block_index` (all pending ones if None);
-        deferred gradients wait for `DeferredGradients.entry`'s backward."""
+    def release(self, at: tuple[int, int] | None = None) -> None:
+        """Deliver the gradients of the parameters whose lowest use is `at` = (block index, branch index), all pending
+        ones if None; deferred gradients wait for `DeferredGradients.entry`'s backward."""
         if self.deferred:
             return
-        self.store.deliver(None if block_index is None else self.release_at.get(block_index, ()))
+        self.store.deliver(None if at is None else self.release_at.get(at, ()))
 
 
 def _branch_backward(
@@ -352,7 +397,7 @@ def _branch_backward(
     coef: float,
     kwargs: dict[str, Any],
     sink: _GradientSink,
-    local_grads: dict[int, torch.Tensor | None],
+    local_grads: _GradSums,
     autocast: AutocastState,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Recompute `out = coef * fn(x)` (under the forward's autocast state) and back-propagate `grad_out` through it
@@ -374,8 +419,8 @@ def _branch_backward(
             torch.autograd.backward(o, grad_out[:, s].to(o.dtype))
             g_x = x_c.grad
             for leaf in kwargs.values():
-                if isinstance(leaf, torch.Tensor) and id(leaf) in local_grads and leaf.grad is not None:
-                    _accumulate(local_grads, leaf, leaf.grad)
+                if isinstance(leaf, torch.Tensor) and leaf in local_grads and leaf.grad is not None:
+                    local_grads.add(leaf, leaf.grad)
                     leaf.grad = None
         else:
             if others is None:  # every chunk's graph has the same leaves but its input
@@ -385,8 +430,8 @@ def _branch_backward(
             for leaf, g in zip(others, g_others):
                 if g is None:
                     continue
-                if id(leaf) in local_grads:
-                    _accumulate(local_grads, leaf, g)
+                if leaf in local_grads:
+                    local_grads.add(leaf, g)
                 else:
                     sink.add(leaf, g)
         outs.append(o.detach())
@@ -439,8 +484,9 @@ def block_backward(
     coupling: Coupling,
     arith: Any,
     sink: _GradientSink,
-    local_grads: dict[int, torch.Tensor | None],
+    local_grads: _GradSums,
     autocast: AutocastState,
+    on_branch_done: Callable[[int], None] | None = None,
 ) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
     """Reconstruct `(x1, x2)` from `(y1, y2)` and turn `(dL/dy1, dL/dy2)` into `(dL/dx1, dL/dx2)`.
 
@@ -450,13 +496,17 @@ def block_backward(
     """
     coupling = coupling or _ADDITIVE
     ar = arith or _FLOAT
-    for (fn, chunk), rng in reversed(list(zip(_branches(block), (record.rng_f, record.rng_g)))):
+    branches = list(zip(_branches(block), (record.rng_f, record.rng_g)))
+    for j in reversed(range(len(branches))):
+        (fn, chunk), rng = branches[j]
         xin = coupling.inverse_input(ar, y1, y2)
         with _maybe_fork(rng):
             out, g_in = _branch_backward(
                 fn, ar.view(xin), coupling.grad_out(dy1, dy2), chunk, coupling.coef, kwargs, sink, local_grads,
                 autocast,
             )
+        if on_branch_done is not None:
+            on_branch_done(j)  # hand over (and free) the parameter gradients this branch was the last to need
         with torch.no_grad():
             y1, y2 = coupling.inverse_combine(ar, y1, y2, xin, ar.quant(out))
             dy1, dy2 = coupling.grad_inputs(dy1, dy2, g_in)
@@ -575,7 +625,10 @@ class _ReversibleStackFunction(torch.autograd.Function):
         y1, y2, *diff_values = ctx.saved_tensors
         leaves = [v.detach().requires_grad_(v.requires_grad) for v in diff_values]
         # Gradients of the differentiable kwargs (e.g. an encoder output), summed over all blocks in >= float32.
-        local_grads: dict[int, torch.Tensor | None] = {id(leaf): None for leaf in leaves if leaf.requires_grad}
+        local_grads = _GradSums(upcast=True)
+        for leaf in leaves:
+            if leaf.requires_grad:
+                local_grads.track(leaf)
         kwargs = {**ctx.static_kwargs, **dict(zip(ctx.diff_names, leaves))}
         # The stream gradients are summed over every block: in at least float32, or a bf16 model's gradients
         # would lose precision with depth (each sub-step adds a rounding error of the half-precision sum).
@@ -594,11 +647,14 @@ class _ReversibleStackFunction(torch.autograd.Function):
         with torch.enable_grad(), torch.autocast(ctx.autocast.device_type, enabled=False):
             for i in reversed(range(len(ctx.blocks))):
                 block, record = ctx.blocks[i], ctx.records[i]
+
+                def release(j: int, i: int = i, block: Any = block) -> None:
+                    with _release_scope(block):
+                        sink.release((i, j))
+
                 y1, y2, dy1, dy2 = block_backward(
-                    block, y1, y2, dy1, dy2, kwargs, record, coupling, ar, sink, local_grads, ctx.autocast
+                    block, y1, y2, dy1, dy2, kwargs, record, coupling, ar, sink, local_grads, ctx.autocast, release
                 )
-                with _release_scope(block):
-                    sink.release(i)
                 if i == 0 and ctx.probe is not None:
                     # Before a stream checkpoint replaces it: the error the gradients below have inherited.
                     _probe_drift(ar, (y1, y2), *ctx.probe)
@@ -617,7 +673,7 @@ class _ReversibleStackFunction(torch.autograd.Function):
         # Free the references held by the context early (the graph may outlive this call).
         ctx.blocks = ctx.records = ctx.static_kwargs = ctx.run = ctx.arith = ctx.probe = ctx.deferred = None
         diff_grads = tuple(
-            None if local_grads.get(id(leaf)) is None else local_grads[id(leaf)].to(leaf.dtype) for leaf in leaves
+            None if local_grads.get(leaf) is None else local_grads.get(leaf).to(leaf.dtype) for leaf in leaves
         )
         dx1 = dy1.to(ctx.input_dtypes[0]) if ctx.needs_input_grad[1] else None
         dx2 = dy2.to(ctx.input_dtypes[1]) if ctx.needs_input_grad[2] else None
