@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # A CPU build of torch: on machines that carry the local 2.13.0 CPU wheel this installs in seconds; elsewhere pip
-# picks the platform default (a CUDA build on Linux). GPU users: `make setup TORCH_SPEC="torch>=2.4"`.
+# picks the platform default, the newest release (a CUDA build of several GB on Linux x86_64: it runs on the CPU too).
+# GPU users: `make setup TORCH_SPEC="torch>=2.4"`.
 TORCH_SPEC ?= $(if $(wildcard /opt/wheels/torch-2.13.0*),torch==2.13.0,torch>=2.4)
 PYTEST_ARGS ?=
 # A second environment with the lowest releases pyproject.toml admits (transformers, accelerate, peft, lm_eval).
@@ -14,27 +15,41 @@ LOWEST_CONSTRAINTS := .ci/lowest-constraints.txt
 LOWEST_TESTS ?= tests/test_supported_versions.py tests/test_hf_integration.py tests/test_seq2seq.py \
 	tests/test_trainer.py tests/test_clients_generation.py tests/test_clients_trainer.py tests/test_clients_peft.py \
 	tests/test_clients_lm_eval.py
+# A third environment with the newest torch release the package index has (whatever TORCH_SPEC picks for .venv): the
+# FSDP2 routing of the recompute follows a private part of torch (`reformer_rev.distributed`), so the distributed
+# tests and the tests of that private state run there too. The floor in the requirements file makes pip fail loudly
+# where a constraint caps torch below it, instead of quietly testing an older release. Re-create the environment
+# (`rm -r .venv-newest-torch`) to pick up a release newer than the one it holds.
+NEWEST_TORCH_VENV ?= .venv-newest-torch
+NEWEST_TORCH_REQUIREMENTS := .ci/requirements-newest-torch.txt
+NEWEST_TORCH_TESTS ?= tests/test_distributed.py
 
-.PHONY: setup setup-lowest train test test-fast test-lowest clean
+.PHONY: setup setup-lowest setup-newest-torch train test test-fast test-lowest test-newest-torch clean
 
-# $(call make_venv,DIR,PIP_OPTIONS): a virtual environment in DIR with torch and an editable install of `.[dev]`.
+# $(call make_venv,DIR,TORCH,PIP_OPTIONS): a virtual environment in DIR with torch (TORCH: pip arguments) and an
+# editable install of `.[dev]`.
 define make_venv
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install -q --upgrade pip
-	$(1)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(1)/bin/python -m pip install -q $(2) -e ".[dev]"
+	$(1)/bin/python -m pip install -q $(2)
+	$(1)/bin/python -m pip install -q $(3) -e ".[dev]"
 	touch $(1)/.installed
 endef
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	$(call make_venv,$(VENV),)
+	$(call make_venv,$(VENV),"$(TORCH_SPEC)",)
 
 setup-lowest: $(LOWEST_VENV)/.installed
 
 $(LOWEST_VENV)/.installed: pyproject.toml $(LOWEST_CONSTRAINTS)
-	$(call make_venv,$(LOWEST_VENV),-c $(LOWEST_CONSTRAINTS))
+	$(call make_venv,$(LOWEST_VENV),"$(TORCH_SPEC)",-c $(LOWEST_CONSTRAINTS))
+
+setup-newest-torch: $(NEWEST_TORCH_VENV)/.installed
+
+$(NEWEST_TORCH_VENV)/.installed: pyproject.toml $(NEWEST_TORCH_REQUIREMENTS)
+	$(call make_venv,$(NEWEST_TORCH_VENV),-r $(NEWEST_TORCH_REQUIREMENTS),)
 
 # Main job: train the reversible LM on the bundled corpus (CPU, minutes).
 train: setup
@@ -48,9 +63,14 @@ test: setup
 test-lowest: setup-lowest
 	$(LOWEST_VENV)/bin/python -m pytest -n 2 --timeout 900 $(LOWEST_TESTS) $(PYTEST_ARGS)
 
+# The distributed tests (FSDP2, DDP, Trainer, DeepSpeed where installed) with the newest torch release (CI runs it).
+test-newest-torch: setup-newest-torch
+	$(NEWEST_TORCH_VENV)/bin/python -c "import torch; print('torch', torch.__version__)"
+	$(NEWEST_TORCH_VENV)/bin/python -m pytest -n 2 --timeout 900 $(NEWEST_TORCH_TESTS) $(PYTEST_ARGS)
+
 # Everything but the slow (multi-process / training-run) tests.
 test-fast: setup
 	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(LOWEST_VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(LOWEST_VENV) $(NEWEST_TORCH_VENV) build *.egg-info src/*.egg-info .pytest_cache

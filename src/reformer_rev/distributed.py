@@ -14,7 +14,10 @@ each parameter its gradient after the block's recompute, when ZeRO-3 has partiti
 `forward`, but the engine calls each block's `f` and `g`, never `forward`, in the forward pass and again in the
 recompute. `shard_reversible_model` shards every reversible block and the root and routes `f`/`g` through FSDP's
 hooks; `register_fsdp_reversible_methods` does only the routing, for models that Accelerate (or a user) already
-sharded. The routing needs one private piece of FSDP2, so it is pinned to the torch releases it was tested on.
+sharded. The routing needs one private piece of FSDP2 (its per-module training state): there is no version pin, but
+`check_fsdp2_support` verifies that piece is there and raises if a torch release changed it, and
+`tests/test_distributed.py` checks on every torch CI runs (the local release and the newest one, `make
+test-newest-torch`) that the private step is still needed and still gives one-process gradients.
 
 Only torch is imported at module level (DeepSpeed lazily, by the function that needs it).
 """
@@ -29,9 +32,6 @@ from torch import nn
 
 # `fully_shard`, `FSDPModule` and `register_fsdp_forward_method` are public in `torch.distributed.fsdp` from 2.6.
 FSDP2_MIN_TORCH = (2, 6)
-# The recompute routing resets FSDP2's private per-module training state (see `_leave_pre_backward`): verified on
-# these releases (first included, last excluded) by tests/distributed/fsdp_modes.py.
-FSDP2_TESTED_TORCH = ((2, 13), (2, 14))
 
 _PATCHED = "_reformer_rev_fsdp_routed"
 
@@ -41,40 +41,46 @@ def _torch_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def _fmt(version: tuple[int, int]) -> str:
-    return ".".join(map(str, version))
+def check_fsdp2_support(allow_untested_torch: bool | None = None) -> None:
+    """Raise a clear `RuntimeError` where the FSDP2 routing of the recompute cannot work on the installed torch.
 
+    Below `FSDP2_MIN_TORCH` FSDP2 is not public. From there on no release is refused by its number: what is checked is
+    the private piece of FSDP2 that the routing resets (`_leave_pre_backward`), i.e. the `TrainingState` enum with its
+    `IDLE` and `PRE_BACKWARD` members and `FSDPModule._get_fsdp_state()` whose state keeps `_training_state`. A release
+    that renames or removes them raises here, before any training, instead of training with wrong gradients. Verified
+    on torch 2.13 and 2.15 by the parity tests (`tests/test_distributed.py`), which CI runs on the newest release too.
 
-def check_fsdp2_support(allow_untested_torch: bool = False) -> None:
-    """Raise a clear error where the FSDP2 routing cannot work or was not verified on the installed torch.
-
-    Below `FSDP2_MIN_TORCH` FSDP2 is not public: `RuntimeError`. Outside `FSDP2_TESTED_TORCH`: `RuntimeError`, or a
-    warning with `allow_untested_torch=True` (the private state the routing resets is still checked for presence).
+    `allow_untested_torch` is accepted for compatibility and ignored (there is no version pin to lift any more).
     """
-    version = _torch_version()
-    if version < FSDP2_MIN_TORCH:
+    if allow_untested_torch is not None:
+        warnings.warn(
+            "`allow_untested_torch` is deprecated and has no effect: FSDP2 support no longer pins torch releases "
+            "(the private FSDP2 state it relies on is checked instead).",
+            FutureWarning,
+            stacklevel=3,
+        )
+    if _torch_version() < FSDP2_MIN_TORCH:
         raise RuntimeError(
-            f"FSDP2 support for reversible models needs torch>={_fmt(FSDP2_MIN_TORCH)} "
+            f"FSDP2 support for reversible models needs torch>={'.'.join(map(str, FSDP2_MIN_TORCH))} "
             f"(`torch.distributed.fsdp.fully_shard`); torch {torch.__version__} is installed. Use DDP, or upgrade torch."
         )
-    low, high = FSDP2_TESTED_TORCH
-    if not low <= version < high:
-        message = (
-            f"Routing reversible blocks through FSDP2 resets a private part of FSDP2 (its per-module TrainingState) "
-            f"and was verified on torch>={_fmt(low)},<{_fmt(high)}; torch {torch.__version__} is installed."
-        )
-        if not allow_untested_torch:
-            raise RuntimeError(
-                message + " Pass `allow_untested_torch=True` to try anyway, and compare a few steps with one process "
-                "(tests/distributed/fsdp_modes.py does this)."
-            )
-        warnings.warn(message, stacklevel=3)
+    changed = f"FSDP2's private per-module training state changed in torch {torch.__version__}"
     try:
+        from torch.distributed.fsdp import FSDPModule
         from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
     except ImportError as err:
-        raise RuntimeError(f"This torch ({torch.__version__}) has no FSDP2 TrainingState to route the recompute.") from err
-    if not all(hasattr(TrainingState, name) for name in ("IDLE", "PRE_BACKWARD")):
-        raise RuntimeError(f"FSDP2's TrainingState changed in torch {torch.__version__}: the recompute cannot be routed.")
+        raise RuntimeError(
+            f"{changed} (no `torch.distributed.fsdp._fully_shard._fsdp_common.TrainingState`): the recompute of the "
+            "reversible blocks cannot be routed through FSDP2. Use DDP or DeepSpeed, or a torch release that the "
+            "reformer_rev release you use was tested with, and report it."
+        ) from err
+    missing = [name for name in ("IDLE", "PRE_BACKWARD") if not hasattr(TrainingState, name)]
+    if missing or not callable(getattr(FSDPModule, "_get_fsdp_state", None)):
+        what = f"`TrainingState` has no {', '.join(missing)}" if missing else "`FSDPModule` has no `_get_fsdp_state`"
+        raise RuntimeError(
+            f"{changed} ({what}): the recompute of the reversible blocks cannot be routed through FSDP2. Use DDP or "
+            "DeepSpeed, or a torch release that the reformer_rev release you use was tested with, and report it."
+        )
 
 
 def is_reversible_block(module: nn.Module) -> bool:
@@ -100,11 +106,17 @@ def _leave_pre_backward(module: nn.Module) -> None:
     from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
 
     state = module._get_fsdp_state()
-    if state._training_state == TrainingState.PRE_BACKWARD:
+    training_state = getattr(state, "_training_state", None)
+    if not isinstance(training_state, TrainingState):
+        raise RuntimeError(
+            f"FSDP2's private per-module training state changed in torch {torch.__version__} (the FSDP state of "
+            f"{type(module).__name__} has no `_training_state`): the recompute cannot be routed through FSDP2."
+        )
+    if training_state == TrainingState.PRE_BACKWARD:
         state._training_state = TrainingState.IDLE
 
 
-def register_fsdp_reversible_methods(model: nn.Module, allow_untested_torch: bool = False) -> int:
+def register_fsdp_reversible_methods(model: nn.Module, allow_untested_torch: bool | None = None) -> int:
     """Route `f`/`g` of every FSDP2-sharded reversible block of `model` through FSDP2's hooks, recompute included.
 
     For a model that is already sharded (by Accelerate's FSDP2 plugin with `fsdp_transformer_layer_cls_to_wrap` set
@@ -137,7 +149,7 @@ def register_fsdp_reversible_methods(model: nn.Module, allow_untested_torch: boo
 
 
 def shard_reversible_model(
-    model: nn.Module, mesh: Any = None, *, allow_untested_torch: bool = False, **fully_shard_kwargs: Any
+    model: nn.Module, mesh: Any = None, *, allow_untested_torch: bool | None = None, **fully_shard_kwargs: Any
 ) -> nn.Module:
     """Shard a reversible model with FSDP2: `fully_shard` on every reversible block, then on the root.
 
@@ -150,7 +162,7 @@ def shard_reversible_model(
     Args:
         model: a model whose reversible blocks expose `f`, `g` and `g_chunk_size` (every RevFormer model).
         mesh: the `DeviceMesh` to shard over (default: all processes of the default group).
-        allow_untested_torch: run on a torch release outside `FSDP2_TESTED_TORCH` with a warning instead of an error.
+        allow_untested_torch: deprecated, ignored (FSDP2 support no longer pins torch releases).
         **fully_shard_kwargs: passed to every `fully_shard` call (`reshard_after_forward`, `mp_policy`,
             `offload_policy`, ...).
 
@@ -172,7 +184,7 @@ def shard_reversible_model(
     for block in blocks:
         fully_shard(block, mesh=mesh, **fully_shard_kwargs)
     fully_shard(model, mesh=mesh, **fully_shard_kwargs)
-    register_fsdp_reversible_methods(model, allow_untested_torch=allow_untested_torch)
+    register_fsdp_reversible_methods(model)
     return model
 
 
@@ -200,7 +212,6 @@ def register_deepspeed_zero3_scopes(model: nn.Module) -> int:
 
 __all__ = [
     "FSDP2_MIN_TORCH",
-    "FSDP2_TESTED_TORCH",
     "check_fsdp2_support",
     "is_reversible_block",
     "reversible_blocks",

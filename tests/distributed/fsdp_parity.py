@@ -1,7 +1,9 @@
 """FSDP2 `fully_shard` over every `RevFormerBlock` (+ the root), 2 processes on CPU/gloo, vs one process.
 
 Each rank trains on its half of one global batch; after one optimizer step the full (gathered) parameters must equal
-those of a single-process step on the whole batch. Run: `torchrun --nproc_per_node 2 fsdp_parity.py OUT.json`.
+those of a single-process step on the whole batch. Also recorded: how often the routing reset FSDP2's private training
+state (`reformer_rev.distributed._leave_pre_backward`), and the same SGD step with that reset disabled, which tells
+whether the installed torch still needs it. Run: `torchrun --nproc_per_node 2 fsdp_parity.py OUT.json`.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import torch.distributed as dist
 from _common import finish, rel_err, tiny_config, write_result
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from reformer_rev import RevFormerForCausalLM
+from reformer_rev import RevFormerForCausalLM, distributed
 from reformer_rev.modeling_reformer_rev import RevFormerBlock
 from reformer_rev.distributed import register_fsdp_reversible_methods
 
 
-def run(optimizer_name: str, rank: int, world: int) -> dict:
+def run(optimizer_name: str, rank: int, world: int, private_reset: bool = True) -> dict:
     torch.manual_seed(0)
     reference = RevFormerForCausalLM(tiny_config())
     model = copy.deepcopy(reference)
@@ -39,8 +41,19 @@ def run(optimizer_name: str, rank: int, world: int) -> dict:
     batch = torch.randint(3, 64, (4 * world, 48), generator=g)
     local = batch.chunk(world)[rank]
 
-    loss = model(local, labels=local).loss
-    loss.backward()
+    leave_pre_backward, resets = distributed._leave_pre_backward, []
+
+    def counting(module):
+        resets.append(module._get_fsdp_state()._training_state.name)
+        if private_reset:
+            leave_pre_backward(module)
+
+    distributed._leave_pre_backward = counting
+    try:
+        loss = model(local, labels=local).loss
+        loss.backward()
+    finally:
+        distributed._leave_pre_backward = leave_pre_backward
     opt.step()
     ref_loss = reference(batch, labels=batch).loss
     ref_loss.backward()
@@ -62,6 +75,9 @@ def run(optimizer_name: str, rank: int, world: int) -> dict:
     dist.all_reduce(mean_loss)
     return {
         "optimizer": optimizer_name,
+        "private_reset": private_reset,
+        "calls_in_pre_backward": resets.count("PRE_BACKWARD"),
+        "calls": len(resets),
         "param_rel_err": worst_param,
         "update_rel_err": worst_update,
         "worst_update_param": worst_name,
@@ -77,7 +93,11 @@ def run(optimizer_name: str, rank: int, world: int) -> dict:
 def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    result = {"world_size": world, "runs": [run(name, rank, world) for name in ("sgd", "adamw")]}
+    result = {
+        "world_size": world,
+        "runs": [run(name, rank, world) for name in ("sgd", "adamw")],
+        "without_private_reset": run("sgd", rank, world, private_reset=False),
+    }
     write_result(result)
     finish()
 
