@@ -46,6 +46,7 @@ from .model_inputs import (
     keep_positions,
     output_cache,
     pop_cache_argument,
+    pop_varlen_kwargs,
     prepare_stack_inputs,
     resolve_output_flags,
     resolve_use_cache,
@@ -171,7 +172,10 @@ class RevFormerAttention(nn.Module):
         is_causal: bool = False,
         cache: CacheSlot | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`attention_kwargs`: extra arguments of the attention function (flash attention's varlen boundaries of a
+        packed batch, `model_inputs.attention_mask_for`)."""
         input_shape = hidden_states.shape[:-1]
         query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
         if self.is_cross_attention and cache is not None and cache.get_seq_length() > 0:
@@ -201,6 +205,7 @@ class RevFormerAttention(nn.Module):
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
             is_causal=is_causal,
+            **(attention_kwargs or {}),
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
@@ -269,6 +274,7 @@ class RevFormerBlock(nn.Module):
         is_causal: bool = False,
         cache: CacheSlot | None = None,
         attentions: Any = None,
+        attention_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         out, weights = self.self_attn(
@@ -277,6 +283,7 @@ class RevFormerBlock(nn.Module):
             attention_mask=attention_mask,
             is_causal=is_causal,
             cache=cache,
+            attention_kwargs=attention_kwargs,
         )
         if attentions is not None:
             attentions.record("self", weights)
@@ -474,21 +481,26 @@ class RevFormerModel(RevFormerPreTrainedModel):
             `num_unique_layers` distinct blocks); defaults to `config.num_hidden_layers`. Ignored in DEQ mode.
         """
         cache = pop_cache_argument(past_key_values, kwargs)
+        varlen = pop_varlen_kwargs(kwargs)
         check_unused_kwargs(kwargs, type(self).__name__)
         output_attentions, output_hidden_states = resolve_output_flags(
             self.config, output_attentions, output_hidden_states
         )
-        inputs_embeds = embed_inputs(self.embed_tokens, input_ids, inputs_embeds)
+        inputs_embeds = embed_inputs(self.embed_tokens, input_ids, inputs_embeds, training=self.training)
+        # Positions that restart mark packed documents only in a call that continues no cached sequence.
+        packing = cache is None
         if not resolve_use_cache(self.config, use_cache):
             cache = None
         elif cache is None:
             cache = DynamicCache(config=self.config)
         past_length = cache.get_seq_length() if cache is not None else 0
-        static, _ = prepare_stack_inputs(self.config, inputs_embeds, attention_mask, position_ids, past_length)
+        inputs = prepare_stack_inputs(
+            self.config, inputs_embeds, attention_mask, position_ids, past_length, varlen=varlen, packing=packing
+        )
         out = self.layers(
             inputs_embeds,
             self.norm,
-            static,
+            inputs.static,
             caches={"cache": cache},
             depth=num_hidden_layers,
             output_hidden_states=output_hidden_states,
@@ -570,6 +582,7 @@ class RevFormerForCausalLM(RevFormerPreTrainedModel, GenerationMixin):
         num_hidden_layers: number of block applications for this call (weight-tied depth chosen at run time).
         """
         cache = pop_cache_argument(past_key_values, kwargs)
+        varlen = pop_varlen_kwargs(kwargs)
         check_unused_kwargs(kwargs, type(self).__name__)
         outputs = self.model(
             input_ids=input_ids,
@@ -582,6 +595,7 @@ class RevFormerForCausalLM(RevFormerPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             num_hidden_layers=num_hidden_layers,
             return_dict=True,
+            **varlen,
         )
         hidden = outputs.last_hidden_state
         loss = logits = None
@@ -644,6 +658,7 @@ class RevFormerForSequenceClassification(RevFormerPreTrainedModel):
             (`num_labels == 1`) / multi-label classification (`(batch, num_labels)`), as `config.problem_type` says.
         """
         cache = pop_cache_argument(past_key_values, kwargs)
+        varlen = pop_varlen_kwargs(kwargs)
         check_unused_kwargs(kwargs, type(self).__name__)
         outputs = self.model(
             input_ids=input_ids,
@@ -656,6 +671,7 @@ class RevFormerForSequenceClassification(RevFormerPreTrainedModel):
             output_hidden_states=output_hidden_states,
             num_hidden_layers=num_hidden_layers,
             return_dict=True,
+            **varlen,
         )
         logits = self.score(outputs.last_hidden_state)
         batch_size = logits.shape[0]
