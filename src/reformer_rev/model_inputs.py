@@ -659,13 +659,15 @@ def prepare_stack_inputs(
     """
     batch, seq_len = inputs_embeds.shape[:2]
     total = past_length + seq_len
-    if total > config.max_position_embeddings:
+    varlen = varlen or {}
+    # The limit is on positions: a packed row may be longer than `max_position_embeddings` as long as each of its
+    # documents is not (given positions are checked by `resolve_position_ids`, derived ones below).
+    if total > config.max_position_embeddings and position_ids is None and not (packing and varlen):
         raise ValueError(
             f"Sequence length {total} (cached {past_length} + new {seq_len}) exceeds "
             f"`max_position_embeddings`={config.max_position_embeddings}."
         )
     padding_mask = check_padding_mask(attention_mask, (batch, total), mask_name)
-    varlen = varlen or {}
     if position_ids is not None:
         position_ids = resolve_position_ids(
             position_ids, padding_mask, past_length, batch, seq_len, inputs_embeds.device,
@@ -674,6 +676,11 @@ def prepare_stack_inputs(
     documents = None
     if packing and (position_ids is not None or varlen):
         documents, position_ids = find_documents(position_ids, padding_mask, varlen, batch, seq_len)
+        if int(position_ids.max()) >= config.max_position_embeddings:
+            raise ValueError(
+                f"A packed document is longer than `max_position_embeddings`={config.max_position_embeddings} "
+                f"(position {int(position_ids.max())})."
+            )
     elif varlen:
         raise ValueError(
             f"{sorted(varlen)} describe a packed training batch; they cannot be combined with a generation cache."
