@@ -68,11 +68,14 @@ def check_token_ids(input_ids: Any, vocab_size: int, name: str = "input_ids") ->
     return input_ids
 
 
-def check_labels(labels: Any, vocab_size: int, shape: tuple[int, ...] | None, name: str = "labels") -> torch.Tensor:
-    """Target ids of `shape` (any `(batch, length)` when None) in `[0, vocab_size)` or `-100` (ignored), as int64."""
+def check_labels(
+    labels: Any, vocab_size: int, shape: tuple[int, ...] | None, name: str = "labels", kind: str = "token ids"
+) -> torch.Tensor:
+    """Target ids of `shape` (any `(batch, length)` when None) in `[0, vocab_size)` or `-100` (ignored), as int64.
+    `kind` names what the ids are in errors (token ids, class ids)."""
     _check_tensor(labels, name)
     if not _is_integer(labels):
-        raise TypeError(f"`{name}` must be an integer tensor of token ids (or -100), got dtype {labels.dtype}.")
+        raise TypeError(f"`{name}` must be an integer tensor of {kind} (or -100), got dtype {labels.dtype}.")
     if shape is None and labels.dim() != 2:
         raise ValueError(f"`{name}` must have shape (batch, length), got {tuple(labels.shape)}.")
     if shape is not None and tuple(labels.shape) != tuple(shape):
@@ -81,7 +84,7 @@ def check_labels(labels: Any, vocab_size: int, shape: tuple[int, ...] | None, na
     bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))]
     if bad.numel():
         raise ValueError(
-            f"`{name}` contains {int(bad[0])}: targets must be token ids in [0, {vocab_size}) or {IGNORE_INDEX} "
+            f"`{name}` contains {int(bad[0])}: targets must be {kind} in [0, {vocab_size}) or {IGNORE_INDEX} "
             "(ignored)."
         )
     return labels
@@ -101,6 +104,19 @@ def check_class_labels(labels: Any, num_labels: int, batch: int, name: str = "la
         if bad.numel():
             raise ValueError(f"`{name}` contains class {int(bad[0])}, outside [0, num_labels={num_labels}).")
     return labels
+
+
+def check_span_positions(positions: Any, batch: int, name: str) -> torch.Tensor:
+    """Question-answering span ends: `(batch,)` integer token indices (int64). Indices outside the sequence are left
+    to transformers' loss, which ignores them (an answer cut off by truncation)."""
+    _check_tensor(positions, name)
+    if not _is_integer(positions):
+        raise TypeError(f"`{name}` must be an integer tensor of token indices, got dtype {positions.dtype}.")
+    if positions.dim() > 1:
+        positions = positions.squeeze(-1)
+    if positions.dim() != 1 or positions.shape[0] != batch:
+        raise ValueError(f"`{name}` must have shape (batch={batch},), got {tuple(positions.shape)}.")
+    return positions.long()
 
 
 def check_padding_mask(mask: Any, shape: tuple[int, int], name: str = "attention_mask") -> torch.Tensor | None:

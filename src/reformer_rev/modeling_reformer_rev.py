@@ -27,7 +27,9 @@ from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
+    QuestionAnsweringModelOutput,
     SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -41,6 +43,7 @@ from .model_inputs import (
     check_class_labels,
     check_generate_inputs,
     check_labels,
+    check_span_positions,
     check_unused_kwargs,
     embed_inputs,
     keep_positions,
@@ -354,6 +357,22 @@ class RevFormerSequenceClassifierOutputWithPast(SequenceClassifierOutputWithPast
     jacobian_loss: torch.FloatTensor | None = None
 
 
+@dataclass
+class RevFormerTokenClassifierOutput(TokenClassifierOutput):
+    """`TokenClassifierOutput` plus, in DEQ mode, the solver statistics and the Jacobian regulariser."""
+
+    deq_stats: DEQStats | None = None
+    jacobian_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class RevFormerQuestionAnsweringModelOutput(QuestionAnsweringModelOutput):
+    """`QuestionAnsweringModelOutput` plus, in DEQ mode, the solver statistics and the Jacobian regulariser."""
+
+    deq_stats: DEQStats | None = None
+    jacobian_loss: torch.FloatTensor | None = None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------------------
@@ -618,25 +637,60 @@ class RevFormerForCausalLM(RevFormerPreTrainedModel, GenerationMixin):
         )
 
 
-class RevFormerForSequenceClassification(RevFormerPreTrainedModel):
-    """Adapted from `transformers.modeling_layers.GenericForSequenceClassification` (Llama's classifier): the score of
-    the last non-padding token of each row (padding = `config.pad_token_id`, left or right)."""
+class RevFormerHeadModel(RevFormerPreTrainedModel):
+    """The backbone (`self.model`) and the forward plumbing shared by the task heads (sequence and token
+    classification, question answering): the cache argument under either name, the varlen arguments of a packed
+    batch, refused unknown keyword arguments, and the DEQ Jacobian regulariser added to the task loss.
 
-    # The loss is a per-batch mean: `Trainer` then scales it for gradient accumulation itself.
+    A head's loss is a per-batch mean: `Trainer` then scales it for gradient accumulation itself.
+    """
+
     accepts_loss_kwargs = False
 
     def __init__(self, config: RevFormerConfig) -> None:
         super().__init__(config)
-        self.num_labels = config.num_labels
         self.model = RevFormerModel(config)
-        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
-        self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
+
+    def run_backbone(self, past_key_values: Cache | None, kwargs: dict[str, Any], **arguments: Any):
+        """`self.model(**arguments)` with the cache and varlen arguments taken out of the head's `**kwargs` (any
+        other keyword argument is refused by name)."""
+        cache = pop_cache_argument(past_key_values, kwargs)
+        varlen = pop_varlen_kwargs(kwargs)
+        check_unused_kwargs(kwargs, type(self).__name__)
+        return self.model(past_key_values=cache, return_dict=True, **arguments, **varlen)
+
+    def task_loss(self, loss: torch.Tensor | None, outputs: Any) -> torch.Tensor | None:
+        """The head's loss plus, in DEQ mode, the weighted Jacobian regulariser of the backbone."""
+        if loss is not None and outputs.jacobian_loss is not None:
+            loss = loss + self.config.deq_jacobian_reg * outputs.jacobian_loss
+        return loss
+
+    @staticmethod
+    def extra_outputs(outputs: Any) -> dict[str, Any]:
+        """What every head returns from the backbone besides its own logits and loss."""
+        return {
+            "hidden_states": outputs.hidden_states,
+            "attentions": outputs.attentions,
+            "deq_stats": outputs.deq_stats,
+            "jacobian_loss": outputs.jacobian_loss,
+        }
+
+
+class RevFormerForSequenceClassification(RevFormerHeadModel):
+    """Adapted from `transformers.modeling_layers.GenericForSequenceClassification` (Llama's classifier): the score of
+    the last non-padding token of each row (padding = `config.pad_token_id`, left or right)."""
+
+    def __init__(self, config: RevFormerConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
 
     @can_return_tuple
     def forward(
@@ -657,21 +711,10 @@ class RevFormerForSequenceClassification(RevFormerPreTrainedModel):
         labels: `(batch,)` class ids in `[0, num_labels)` (cross-entropy), or floats for regression
             (`num_labels == 1`) / multi-label classification (`(batch, num_labels)`), as `config.problem_type` says.
         """
-        cache = pop_cache_argument(past_key_values, kwargs)
-        varlen = pop_varlen_kwargs(kwargs)
-        check_unused_kwargs(kwargs, type(self).__name__)
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            num_hidden_layers=num_hidden_layers,
-            return_dict=True,
-            **varlen,
+        outputs = self.run_backbone(
+            past_key_values, kwargs, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, num_hidden_layers=num_hidden_layers,
         )
         logits = self.score(outputs.last_hidden_state)
         batch_size = logits.shape[0]
@@ -696,16 +739,115 @@ class RevFormerForSequenceClassification(RevFormerPreTrainedModel):
         if labels is not None:
             labels = check_class_labels(labels, self.num_labels, batch_size)
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
-            if outputs.jacobian_loss is not None:
-                loss = loss + self.config.deq_jacobian_reg * outputs.jacobian_loss
         return RevFormerSequenceClassifierOutputWithPast(
-            loss=loss,
+            loss=self.task_loss(loss, outputs),
             logits=pooled_logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            deq_stats=outputs.deq_stats,
-            jacobian_loss=outputs.jacobian_loss,
+            **self.extra_outputs(outputs),
             **{CACHE_FIELD: output_cache(outputs)},
+        )
+
+
+class RevFormerForTokenClassification(RevFormerHeadModel):
+    """Adapted from `transformers.modeling_layers.GenericForTokenClassification` (Llama's token classifier): a label
+    score for every position (dropout `config.classifier_dropout`, else `hidden_dropout`, then a linear layer).
+
+    The backbone is causal, as Llama's: a position's score sees that token and the ones before it.
+    """
+
+    def __init__(self, config: RevFormerConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(config.hidden_dropout if dropout is None else dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        num_hidden_layers: int | None = None,
+        **kwargs: Any,
+    ) -> RevFormerTokenClassifierOutput:
+        """
+        labels: `(batch, sequence)` class ids in `[0, num_labels)`; `-100` is ignored (padding, sub-word pieces).
+        """
+        outputs = self.run_backbone(
+            past_key_values, kwargs, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, num_hidden_layers=num_hidden_layers,
+        )
+        hidden = outputs.last_hidden_state
+        logits = self.score(self.dropout(hidden))
+        loss = None
+        if labels is not None:
+            labels = check_labels(labels, self.num_labels, hidden.shape[:2], kind="class ids")
+            loss = self.loss_function(logits, labels, self.config)
+        return RevFormerTokenClassifierOutput(
+            loss=self.task_loss(loss, outputs), logits=logits, **self.extra_outputs(outputs)
+        )
+
+
+class RevFormerForQuestionAnswering(RevFormerHeadModel):
+    """Adapted from `transformers.modeling_layers.GenericForQuestionAnswering` (Llama's extractive QA head): start
+    and end logits of the answer span at every position (`qa_outputs`, a linear layer to 2 scores).
+
+    The backbone is causal, as Llama's: put the question before the context so every context token can see it.
+    """
+
+    def __init__(self, config: RevFormerConfig) -> None:
+        super().__init__(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        start_positions: torch.LongTensor | None = None,
+        end_positions: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        num_hidden_layers: int | None = None,
+        **kwargs: Any,
+    ) -> RevFormerQuestionAnsweringModelOutput:
+        """
+        start_positions, end_positions: `(batch,)` token indices of the answer span (both or neither); positions
+            outside the sequence are ignored by the loss, as in transformers.
+        """
+        outputs = self.run_backbone(
+            past_key_values, kwargs, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, num_hidden_layers=num_hidden_layers,
+        )
+        logits = self.qa_outputs(outputs.last_hidden_state)
+        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+        loss = None
+        if (start_positions is None) != (end_positions is None):
+            raise ValueError("Pass both `start_positions` and `end_positions` (the answer span), or neither.")
+        if start_positions is not None:
+            batch = start_logits.shape[0]
+            start_positions = check_span_positions(start_positions, batch, "start_positions")
+            end_positions = check_span_positions(end_positions, batch, "end_positions")
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions)
+        return RevFormerQuestionAnsweringModelOutput(
+            loss=self.task_loss(loss, outputs),
+            start_logits=start_logits,
+            end_logits=end_logits,
+            **self.extra_outputs(outputs),
         )
 
 
@@ -714,4 +856,11 @@ class RevFormerForSequenceClassification(RevFormerPreTrainedModel):
 # here, when its module is imported (package or remote code, PEFT-wrapped or not), makes the Trainer shift.
 MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(RevFormerConfig.model_type, RevFormerForCausalLM.__name__)
 
-__all__ = ["RevFormerPreTrainedModel", "RevFormerModel", "RevFormerForCausalLM", "RevFormerForSequenceClassification"]
+__all__ = [
+    "RevFormerPreTrainedModel",
+    "RevFormerModel",
+    "RevFormerForCausalLM",
+    "RevFormerForSequenceClassification",
+    "RevFormerForTokenClassification",
+    "RevFormerForQuestionAnswering",
+]
