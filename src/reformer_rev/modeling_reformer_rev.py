@@ -35,7 +35,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import can_return_tuple, logging
 
-from .configuration_reformer_rev import RevFormerConfig, resolve_chunk_size
+from .configuration_reformer_rev import MODEL_TYPE, SEQ2SEQ_MODEL_TYPE, RevFormerConfig, resolve_chunk_size
 from .deq import DEQStats
 from .losses import causal_lm_loss
 from .model_inputs import (
@@ -322,14 +322,15 @@ class BranchGateToOneDim(ConversionOps):
 
 # Registered for the model type, so every class of it (causal LM, classifier, backbone, encoder-decoder) gets it; also
 # runs when the modeling file is imported as remote code, so `overwrite=True` (the second import re-registers).
-register_checkpoint_conversion_mapping(
-    RevFormerConfig.model_type,
-    [
-        WeightConverter(source_patterns=name, target_patterns=name, operations=[BranchGateToOneDim()])
-        for name in ("attn_gate", "mlp_gate")
-    ],
-    overwrite=True,
-)
+for _model_type in (MODEL_TYPE, SEQ2SEQ_MODEL_TYPE):  # the loader looks conversions up by the instance's model_type
+    register_checkpoint_conversion_mapping(
+        _model_type,
+        [
+            WeightConverter(source_patterns=name, target_patterns=name, operations=[BranchGateToOneDim()])
+            for name in ("attn_gate", "mlp_gate")
+        ],
+        overwrite=True,
+    )
 
 
 @dataclass
