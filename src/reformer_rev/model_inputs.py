@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import GenerationConfig
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
     and_masks,
@@ -557,6 +557,7 @@ def _boolean_mask(
     device: torch.device,
     q_documents: torch.Tensor | None = None,
     kv_documents: torch.Tensor | None = None,
+    kv_capacity: int | None = None,
 ) -> tuple[torch.Tensor | None, bool]:
     """`(mask, is_causal)` with a boolean `(batch or 1, 1, q, kv)` mask (True = attend), or no mask at all.
 
@@ -565,21 +566,29 @@ def _boolean_mask(
     query rows that would see no key at all (left padding) are un-masked, since SDPA may return NaN for them and the
     NaN would leak into real positions through the gradient. Those rows are padding and ignored by the loss. A packed
     batch (`q_documents`/`kv_documents`: the document of every query/key) gets a block-diagonal mask: no attention
-    across documents.
+    across documents. With a static cache (`kv_capacity` > `kv_len`) the keys fill all its slots: those past the
+    `kv_len` real ones are masked.
     """
     packed = q_documents is not None
-    if padding_mask is None and not materialize and not packed:
+    capacity = kv_len if kv_capacity is None else kv_capacity
+    static = capacity > kv_len
+    if padding_mask is None and not materialize and not packed and not static:
         if not causal or q_len == 1:
             return None, False
         if q_len == kv_len:
             return None, True
-    if padding_mask is None and not causal and not packed:
+    if padding_mask is None and not causal and not packed and not static:
         return None, False
-    allowed = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device)
+    allowed = torch.ones(1, 1, q_len, capacity, dtype=torch.bool, device=device)
     if causal:
         allowed = allowed.tril(kv_len - q_len)
+    elif static:
+        allowed[..., kv_len:] = False
     if padding_mask is not None:
-        allowed = allowed & padding_mask[:, None, None, :].to(device)
+        padding = padding_mask.to(device)
+        if static:
+            padding = torch.cat([padding, padding.new_zeros(padding.shape[0], capacity - kv_len)], dim=-1)
+        allowed = allowed & padding[:, None, None, :]
     if packed:
         allowed = allowed & (q_documents[:, None, :, None] == kv_documents[:, None, None, :]).to(device)
     return allowed | ~allowed.any(dim=-1, keepdim=True), False
@@ -596,6 +605,7 @@ def attention_mask_for(
     device: torch.device,
     q_documents: torch.Tensor | None = None,
     kv_documents: torch.Tensor | None = None,
+    kv_capacity: int | None = None,
 ) -> tuple[Any, bool, dict[str, Any]]:
     """The mask argument of the attention function for `implementation`, its `is_causal` flag, and the extra keyword
     arguments the attention function needs (the varlen boundaries of a packed batch under flash attention).
@@ -605,15 +615,21 @@ def attention_mask_for(
     `BlockMask`) gets that builder's mask; flash attention, which takes no mask, gets the 2D padding mask or, for a
     packed batch, `cu_seq_lens_q/k` and `max_length_q/k` (its varlen kernel keeps the documents apart).
     `q_documents`/`kv_documents` (`(batch, q_len)`/`(batch, kv_len)`, from `find_documents`) mark a packed batch.
+    `kv_capacity`: the length of a static cache's keys (`static_cache_capacity`), None for a dynamic cache.
     """
     if kv_documents is None:
         kv_documents = q_documents
     builder = ALL_MASK_ATTENTION_FUNCTIONS.get(implementation) if implementation not in ("sdpa", "eager") else None
+    if builder is not None and kv_capacity is not None:
+        raise ValueError(
+            f"A static cache needs the 'sdpa' or 'eager' attention here, not {implementation!r}: generate with the "
+            "default dynamic cache, or switch with `model.set_attn_implementation('sdpa')`."
+        )
     if builder is None:
         eager = implementation == "eager"
         mask, is_causal = _boolean_mask(
             padding_mask, q_len, kv_len, causal, materialize=eager, device=device, q_documents=q_documents,
-            kv_documents=kv_documents,
+            kv_documents=kv_documents, kv_capacity=kv_capacity,
         )
         if eager and mask is not None:
             mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
@@ -665,16 +681,23 @@ def prepare_stack_inputs(
     mask_name: str = "attention_mask",
     varlen: dict[str, Any] | None = None,
     packing: bool = True,
+    kv_capacity: int | None = None,
 ) -> StackInputs:
     """The arguments every block of a stack reads (rotary tables, the self-attention mask), from the embeddings,
     the 2D padding mask, the positions and the varlen arguments of a packed batch, after checking them.
 
     `packing=False` (the caller passed a generation cache) reads positions as positions only: a decoding step
     continues its cached sequence, and generate()'s positions of a padded prompt do not mark documents.
+    `kv_capacity`: the length of a static cache's keys (None: dynamic cache or none).
     Shared by the causal LM, the encoder and the decoder: the only input preparation of the package.
     """
     batch, seq_len = inputs_embeds.shape[:2]
     total = past_length + seq_len
+    if kv_capacity is not None and total > kv_capacity:
+        raise ValueError(
+            f"The static cache holds {kv_capacity} positions; cached {past_length} + new {seq_len} = {total} do not "
+            "fit. Create it with a larger `max_cache_len`."
+        )
     varlen = varlen or {}
     # The limit is on positions: a packed row may be longer than `max_position_embeddings` as long as each of its
     # documents is not (given positions are checked by `resolve_position_ids`, derived ones below).
@@ -707,7 +730,7 @@ def prepare_stack_inputs(
         )
     mask, is_causal, attention_kwargs = attention_mask_for(
         config._attn_implementation, padding_mask, batch, seq_len, total, causal, inputs_embeds.dtype,
-        inputs_embeds.device, q_documents=documents,
+        inputs_embeds.device, q_documents=documents, kv_capacity=kv_capacity,
     )
     static = {
         "position_embeddings": rotary_tables(position_ids, config.head_dim, config.rope_theta, torch.float32),
@@ -775,6 +798,42 @@ def pop_cache_argument(past_key_values: Cache | None, kwargs: dict[str, Any]) ->
             f"The generation cache must be a transformers `Cache` (e.g. DynamicCache), got {type(cache).__name__}."
         )
     return cache
+
+
+SUPPORTED_CACHES = (
+    "DynamicCache (the default), StaticCache (`cache_implementation='static'`, 'offloaded_static', or the deprecated "
+    "'sliding_window', which builds a StaticCache of full-attention layers for this model), and an EncoderDecoderCache "
+    "of those for the encoder-decoder"
+)
+
+
+def static_cache_capacity(cache: Cache | None, name: str = "cache") -> int | None:
+    """The number of positions a static cache holds (its keys and values always have that length, the slots past the
+    cached tokens being zeros that the mask must hide), or None for a dynamic cache.
+
+    Every layer must be a full-attention `DynamicLayer` or `StaticLayer`: this model attends to its whole history, so a
+    sliding-window or otherwise truncating layer would silently drop keys. Anything else is refused by name.
+    """
+    if cache is None:
+        return None
+    layers = getattr(cache, "layers", None)
+    kinds = {type(layer) for layer in layers or ()}
+    if layers is None or not kinds <= {DynamicLayer, StaticLayer}:
+        found = ", ".join(sorted(k.__name__ for k in kinds - {DynamicLayer, StaticLayer})) or "no"
+        raise ValueError(
+            f"`{name}` is a {type(cache).__name__} with {found} layers, which this model cannot use: it attends to the "
+            f"whole history of every layer. Supported caches: {SUPPORTED_CACHES}."
+        )
+    if kinds == {StaticLayer}:
+        return int(layers[0].max_cache_len)
+    if StaticLayer in kinds:
+        raise ValueError(f"`{name}` mixes static and dynamic layers. Supported caches: {SUPPORTED_CACHES}.")
+    return None
+
+
+def cached_length(cache: Cache | None) -> int:
+    """Tokens already in `cache` (a static cache counts them in a tensor)."""
+    return int(cache.get_seq_length()) if cache is not None else 0
 
 
 def output_cache(output: Any) -> Cache | None:

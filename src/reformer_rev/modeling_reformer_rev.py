@@ -40,6 +40,7 @@ from .deq import DEQStats
 from .losses import causal_lm_loss
 from .model_inputs import (
     CACHE_FIELD,
+    cached_length,
     check_class_labels,
     check_generate_inputs,
     check_labels,
@@ -51,6 +52,7 @@ from .model_inputs import (
     pop_cache_argument,
     pop_varlen_kwargs,
     prepare_stack_inputs,
+    static_cache_capacity,
     resolve_output_flags,
     resolve_use_cache,
     wants_logits,
@@ -395,6 +397,12 @@ class RevFormerPreTrainedModel(PreTrainedModel):
     # this entry `AutoModel.from_pretrained(..., trust_remote_code=True)` fails on a head-model checkpoint.
     _remote_base_model = "modeling_reformer_rev.RevFormerModel"
 
+    def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """`generate()` hands a compileable (static) cache a 4D mask it builds itself, through this hook when the model
+        defines it. The model builds its own masks (no NaN rows, static-cache slots hidden, `model_inputs.py`) from
+        the 2D padding mask, so that is what it keeps."""
+        return attention_mask
+
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Any = None, **kwargs):
         """Activation checkpointing changes nothing here, by design.
 
@@ -513,9 +521,9 @@ class RevFormerModel(RevFormerPreTrainedModel):
             cache = None
         elif cache is None:
             cache = DynamicCache(config=self.config)
-        past_length = cache.get_seq_length() if cache is not None else 0
         inputs = prepare_stack_inputs(
-            self.config, inputs_embeds, attention_mask, position_ids, past_length, varlen=varlen, packing=packing
+            self.config, inputs_embeds, attention_mask, position_ids, cached_length(cache), varlen=varlen,
+            packing=packing, kv_capacity=static_cache_capacity(cache),
         )
         out = self.layers(
             inputs_embeds,

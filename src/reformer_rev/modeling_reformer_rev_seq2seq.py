@@ -34,6 +34,7 @@ from .losses import chunked_cross_entropy
 from .model_inputs import (
     CACHE_FIELD,
     as_encoder_output,
+    cached_length,
     attention_mask_for,
     check_encoder_hidden_states,
     check_finite,
@@ -52,6 +53,7 @@ from .model_inputs import (
     resolve_output_flags,
     resolve_position_ids,
     resolve_use_cache,
+    static_cache_capacity,
     wants_logits,
 )
 from .modeling_reformer_rev import RevFormerAttention, RevFormerBlock, RevFormerPreTrainedModel, RevFormerRMSNorm
@@ -214,10 +216,10 @@ class RevFormerDecoder(nn.Module):
         check_encoder_hidden_states(encoder_hidden_states, batch, self.config.hidden_size)
         self_cache = past_key_values.self_attention_cache if past_key_values is not None else None
         cross_cache = past_key_values.cross_attention_cache if past_key_values is not None else None
-        past_length = self_cache.get_seq_length() if self_cache is not None else 0
+        static_cache_capacity(cross_cache, "cache")  # refuses a cache layer this model cannot use
         inputs = prepare_stack_inputs(
-            self.config, inputs_embeds, attention_mask, position_ids, past_length, mask_name="decoder_attention_mask",
-            packing=packing,
+            self.config, inputs_embeds, attention_mask, position_ids, cached_length(self_cache),
+            mask_name="decoder_attention_mask", packing=packing, kv_capacity=static_cache_capacity(self_cache),
         )
         static = inputs.static
         src_len = encoder_hidden_states.shape[1]
