@@ -47,6 +47,17 @@ def _check_tensor(value: Any, name: str) -> None:
         )
 
 
+def checking_values() -> bool:
+    """Whether checks that read tensor values run: in eager mode, not while `torch.compile` traces the model.
+
+    Such a check (an out-of-range id, a mask of 2, a NaN embedding) needs the values on the host: under `torch.compile`
+    it would split the graph at every call (a graph break per check) or fail with `fullgraph=True`. Compiled code gets
+    the shape and dtype checks only, as transformers' models skip their data-dependent checks while compiling
+    (docs/training.md, "torch.compile").
+    """
+    return not torch.compiler.is_compiling()
+
+
 def _is_integer(t: torch.Tensor) -> bool:
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
@@ -61,6 +72,8 @@ def check_token_ids(input_ids: Any, vocab_size: int, name: str = "input_ids") ->
     if input_ids.numel() == 0:
         raise ValueError(f"`{name}` is empty (shape {tuple(input_ids.shape)}); pass at least one token.")
     input_ids = input_ids.long()
+    if not checking_values():
+        return input_ids
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
@@ -81,6 +94,8 @@ def check_labels(
     if shape is not None and tuple(labels.shape) != tuple(shape):
         raise ValueError(f"`{name}` must have shape {tuple(shape)}, got {tuple(labels.shape)}.")
     labels = labels.long()
+    if not checking_values():
+        return labels
     bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))]
     if bad.numel():
         raise ValueError(
@@ -132,6 +147,8 @@ def check_padding_mask(mask: Any, shape: tuple[int, int], name: str = "attention
         raise TypeError(f"`{name}` must be a real (bool, integer or float) tensor, got dtype {mask.dtype}.")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"`{name}` must have shape (batch={shape[0]}, length={shape[1]}), got {tuple(mask.shape)}.")
+    if not checking_values():  # compiled: the mask is used as given (a mask of ones costs speed, not correctness)
+        return mask != 0
     if mask.dtype != torch.bool:
         if not bool(((mask == 0) | (mask == 1)).all()):
             bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
@@ -209,7 +226,7 @@ def check_finite(tensor: torch.Tensor, name: str, training: bool) -> None:
     argument: one such step would turn every weight NaN through the optimizer, like the non-finite loss the training
     scripts stop at. In eval mode the values pass through unchecked, as in transformers' models (a NaN input gives NaN
     outputs for the rows it reaches; docs/reliability.md), so inference pays no device sync for the check."""
-    if training and not bool(torch.isfinite(tensor).all()):
+    if training and checking_values() and not bool(torch.isfinite(tensor).all()):
         bad = tensor[~torch.isfinite(tensor)].flatten()[0].item()
         raise ValueError(
             f"`{name}` contains non-finite values (e.g. {bad}) in training mode; a step on them would make every "
@@ -353,7 +370,7 @@ def resolve_position_ids(
         raise ValueError(
             f"`{name}` must have shape (batch={batch} or 1, sequence={seq_len}), got {tuple(position_ids.shape)}."
         )
-    if position_ids.numel() and (int(position_ids.min()) < 0 or int(position_ids.max()) >= max_positions):
+    if checking_values() and (int(position_ids.min()) < 0 or int(position_ids.max()) >= max_positions):
         raise ValueError(
             f"`{name}` must lie in [0, max_position_embeddings={max_positions}), got values in "
             f"[{int(position_ids.min())}, {int(position_ids.max())}]."
