@@ -8,8 +8,8 @@
 Throughput is tokens per second of process CPU time after warm-up (compilation excluded and reported separately),
 candidates interleaved round by round.
 
-    python eval/bench_compile.py                  # prints the table, writes a scratch folder
-    python eval/bench_compile.py --docs           # also writes docs/benchmarks/compile.{md,json}
+    python -m eval.bench_compile                  # prints the table, writes a scratch folder
+    python -m eval.bench_compile --docs           # also writes docs/benchmarks/compile.{md,json}
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import statistics
-import tempfile
+import sys
 import time
-from pathlib import Path
 
 import torch
 
+from eval._bench_common import write_bench_outputs
 from reformer_rev import RevFormerConfig, RevFormerForCausalLM
 
 
@@ -149,17 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         f"`torch.compile(model, fullgraph=True)` training step: {training['fullgraph']}",
         "",
-        "Command: `python eval/bench_compile.py --docs`",
+        f"Command: `python -m eval.bench_compile {' '.join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))}`",
     ]
     table = "\n".join(lines) + "\n"
     print(table)
-    out = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="bench_compile_"))
-    targets = [out] + ([Path(__file__).resolve().parents[1] / "docs" / "benchmarks"] if args.docs else [])
-    for folder in targets:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "compile.json").write_text(json.dumps(result, indent=2) + "\n")
-        (folder / "compile.md").write_text(table)
-        print(f"wrote {folder / 'compile.md'}")
+    write_bench_outputs("compile", result, table, args.output_dir, args.docs)
     return result
 
 

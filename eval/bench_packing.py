@@ -11,8 +11,8 @@ corpus order, so a batch mixes short and long ones as a real data set does. Thre
 Each candidate runs training steps (forward, backward, AdamW) over the same number of real tokens, interleaved round
 by round; tokens/s counts real (non-padding) tokens per second of process CPU time (1 thread).
 
-    python eval/bench_packing.py                  # prints the table, writes a scratch folder
-    python eval/bench_packing.py --docs           # also writes docs/benchmarks/packing.{md,json}
+    python -m eval.bench_packing                  # prints the table, writes a scratch folder
+    python -m eval.bench_packing --docs           # also writes docs/benchmarks/packing.{md,json}
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import shlex
 import statistics
-import tempfile
+import sys
 import time
-from pathlib import Path
 
 import torch
 
+from eval._bench_common import write_bench_outputs
 from reformer_rev import RevFormerConfig, RevFormerForCausalLM
 from reformer_rev.training.corpus import bundled_translation_files
 from reformer_rev.training.packing import collate_packed, collate_padded, pack_documents
@@ -129,17 +130,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"| concatenated (default) | the same {args.block_size} tokens attending across documents | 0 | "
         f"{tps['concatenated']} | {tps['concatenated'] / tps['padded']:.2f} |",
         "",
-        "Command: `python eval/bench_packing.py --docs`",
+        f"Command: `python -m eval.bench_packing {' '.join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))}`",
     ]
     table = "\n".join(lines) + "\n"
     print(table)
-    out = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="bench_packing_"))
-    targets = [out] + ([Path(__file__).resolve().parents[1] / "docs" / "benchmarks"] if args.docs else [])
-    for folder in targets:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "packing.json").write_text(json.dumps(result, indent=2) + "\n")
-        (folder / "packing.md").write_text(table)
-        print(f"wrote {folder / 'packing.md'}")
+    write_bench_outputs("packing", result, table, args.output_dir, args.docs)
     return result
 
 
