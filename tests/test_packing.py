@@ -277,3 +277,19 @@ def test_seq2seq_packing_must_pack_both_sides_alike():
     two_targets = _packed_pair_inputs(sources, [torch.cat(targets[:2]), targets[2]])
     with pytest.raises(ValueError, match=r"as many source as target documents, got \[3\] source and \[2\] target"):
         model(**{**inputs, "labels": two_targets["labels"], "decoder_position_ids": two_targets["decoder_position_ids"]})
+
+
+def test_flash_attention_path_packs_seq2seq_pairs(varlen_implementation):
+    """Encoder (bidirectional), decoder self-attention (causal) and cross-attention (target document k to source
+    document k: different boundaries for queries and keys) all reach the varlen kernel as boundaries."""
+    torch.manual_seed(0)
+    model = RevFormerForConditionalGeneration(seq2seq_config()).eval()
+    inputs = _packed_pair_inputs(*_seq2seq_pairs(2))
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        model.set_attn_implementation(varlen_implementation)
+        calls = _reference_varlen_attention.calls
+        got = model(**inputs).logits
+    config = model.config
+    assert _reference_varlen_attention.calls - calls == config.encoder_layers + 2 * config.decoder_layers
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
