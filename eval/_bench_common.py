@@ -50,6 +50,21 @@ SCRATCH_DIR = REPO_ROOT / "outputs" / "benchmarks"
 DOCS_DIR = REPO_ROOT / "docs" / "benchmarks"
 
 
+def write_bench_outputs(name: str, result: dict, table: str, output_dir: str | None, docs: bool) -> list[Path]:
+    """`{name}.json` and `{name}.md` in `output_dir` (default: a fresh scratch folder), and in docs/benchmarks with
+    `docs`. Returns the folders written."""
+    import tempfile
+
+    out = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix=f"bench_{name}_"))
+    folders = [out] + ([DOCS_DIR] if docs else [])
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (folder / f"{name}.md").write_text(table)
+        print(f"wrote {folder / (name + '.md')}")
+    return folders
+
+
 def results_dir(args: argparse.Namespace) -> Path:
     """`--output_dir` (default: the scratch folder), or the docs folder with `--update_docs`."""
     return DOCS_DIR if getattr(args, "update_docs", False) else args.output_dir

@@ -97,3 +97,19 @@ def test_bench_speed_smoke(tmp_path):
     assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
     assert (tmp_path / "speed_ratio.png").stat().st_size > 0
     assert "tokens/s" in (tmp_path / "speed.md").read_text()
+
+
+def test_bench_packing_smoke(tmp_path):
+    """Packed, padded and concatenated batches hold the same real tokens; only the padded ones carry padding."""
+    from eval import bench_packing
+
+    result = bench_packing.main(["--documents", "24", "--block_size", "128", "--batch_docs", "4", "--hidden_size", "32",
+                                 "--num_hidden_layers", "1", "--rounds", "1", "--output_dir", str(tmp_path)])
+    batches = result["batches"]
+    assert batches["packed"]["padded_tokens"] == batches["concatenated"]["padded_tokens"] == 0
+    assert batches["padded"]["padded_tokens"] > 0
+    assert batches["packed"]["real_tokens"] == batches["concatenated"]["real_tokens"]
+    assert abs(batches["padded"]["real_tokens"] - batches["packed"]["real_tokens"]) < 0.5 * batches["packed"]["real_tokens"]
+    assert all(v > 0 for v in result["tokens_per_second"].values())
+    assert json.loads((tmp_path / "packing.json").read_text())["tokens_per_second"] == result["tokens_per_second"]
+    assert "--documents 24" in (tmp_path / "packing.md").read_text()

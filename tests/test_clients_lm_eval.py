@@ -96,3 +96,21 @@ def test_seq2seq_generate_until(seq2seq):
             out = seq2seq.generate(input_ids=torch.tensor([encode(context)]), max_length=12 + 8, do_sample=False,
                                    use_cache=False)
         assert text == tok.decode(out[0], skip_special_tokens=True).split("\n\n")[0]
+
+
+def test_backend_is_detected_from_the_config(causal, seq2seq, tmp_path):
+    """Without `backend=`, HFLM picks causal or seq2seq by the config's `model_type` (an encoder-decoder config reports
+    `reformer_rev_seq2seq`), for a model object and for a saved checkpoint loaded by path."""
+    seq2seq.save_pretrained(tmp_path / "seq2seq")
+    causal.save_pretrained(tmp_path / "causal")
+    for model, path, backend, cls in (
+        (seq2seq, tmp_path / "seq2seq", "seq2seq", RevFormerForConditionalGeneration),
+        (causal, tmp_path / "causal", "causal", RevFormerForCausalLM),
+    ):
+        expected = harness(model, backend).loglikelihood(requests("loglikelihood", PAIRS))
+        for pretrained in (model, str(path)):
+            lm = lm_eval_hf.HFLM(pretrained=pretrained, tokenizer=byte_tokenizer(), batch_size=2, device="cpu",
+                                 dtype="float64")
+            assert lm.backend == backend and type(lm.model) is cls
+            got = lm.loglikelihood(requests("loglikelihood", PAIRS))
+            assert [g[0] for g in got] == pytest.approx([e[0] for e in expected], rel=1e-9)

@@ -469,3 +469,39 @@ def test_seq2seq_loss_honours_the_trainer_item_count():
         share = model(input_ids=IDS, labels=labels, num_items_in_batch=torch.tensor(2 * 17)).loss
     assert share.item() == pytest.approx(mean.item() / 2, rel=1e-12)
     assert rel_err(share, mean / 2) <= 1e-12
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Non-finite inputs: an error in training mode, passed through in eval mode (as transformers' models do)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _with_nan(shape: tuple[int, ...]) -> torch.Tensor:
+    x = torch.randn(*shape) * 0.02
+    x[0, 1, 3] = float("nan")
+    return x
+
+
+@pytest.mark.parametrize("argument", ["inputs_embeds", "decoder_inputs_embeds", "encoder_outputs"])
+def test_non_finite_inputs_are_an_error_in_training_and_pass_through_in_eval(argument):
+    from transformers.modeling_outputs import BaseModelOutput
+
+    torch.manual_seed(0)
+    if argument == "inputs_embeds":
+        model = RevFormerForCausalLM(tiny_config())
+        kwargs = dict(inputs_embeds=_with_nan((2, 5, 32)), labels=torch.randint(3, 48, (2, 5)))
+    else:
+        model = RevFormerForConditionalGeneration(seq2seq_config())
+        kwargs = dict(labels=torch.randint(3, 48, (2, 4)))
+        if argument == "decoder_inputs_embeds":
+            kwargs.update(input_ids=torch.randint(3, 48, (2, 6)), decoder_inputs_embeds=_with_nan((2, 4, 32)))
+        else:
+            kwargs.update(encoder_outputs=BaseModelOutput(last_hidden_state=_with_nan((2, 6, 32))))
+    model.train()
+    with pytest.raises(ValueError, match=rf"`{argument}` contains non-finite values \(e.g. nan\) in training mode"):
+        model(**kwargs)
+    model.eval()
+    with torch.no_grad():
+        out = model(**kwargs)
+    assert not torch.isfinite(out.logits).all() and not torch.isfinite(out.loss)
+    assert torch.isfinite(out.logits[1]).all()  # rows the NaN does not reach stay finite, as in Llama

@@ -20,7 +20,9 @@ from reformer_rev import (
     RevFormerConfig,
     RevFormerForCausalLM,
     RevFormerForConditionalGeneration,
+    RevFormerForQuestionAnswering,
     RevFormerForSequenceClassification,
+    RevFormerForTokenClassification,
     RevFormerModel,
 )
 
@@ -311,6 +313,8 @@ def _relative_imports(path) -> set[str]:
         (RevFormerModel, tiny_config),
         (RevFormerForCausalLM, tiny_config),
         (RevFormerForSequenceClassification, tiny_config),
+        (RevFormerForTokenClassification, tiny_config),
+        (RevFormerForQuestionAnswering, tiny_config),
         (RevFormerForConditionalGeneration, seq2seq_config),
     ],
 )

@@ -115,6 +115,35 @@ def test_grouping_into_65536_token_blocks():
         train_lm.tokenize_and_group(raw, tok, args, Accelerator(cpu=True))
 
 
+def test_packing_keeps_the_blocks_and_restarts_positions_at_documents():
+    """`--packing`: the train split's blocks are those of the concatenated stream (same tokens, no padding), with
+    positions restarting at every document and every block start; validation blocks are unchanged."""
+    from accelerate import Accelerator
+
+    docs = ["a" * 50, "bcd" * 30, "e" * 45, "f" * 70]
+    raw = DatasetDict({"train": Dataset.from_dict({"text": docs}), "validation": Dataset.from_dict({"text": docs})})
+    args = argparse.Namespace(
+        text_column_name="text", block_size=64, preprocessing_num_workers=None, overwrite_cache=True, packing=True
+    )
+    tok = build_byte_tokenizer()
+    packed = train_lm.tokenize_and_group(raw, tok, args, Accelerator(cpu=True))
+    args.packing = False
+    plain = train_lm.tokenize_and_group(raw, tok, args, Accelerator(cpu=True))
+    assert packed["train"]["input_ids"] == plain["train"]["input_ids"]
+    assert packed["validation"].column_names == ["input_ids"]
+    assert packed["validation"]["input_ids"] == plain["validation"]["input_ids"]
+    lengths = [len(d) + 1 for d in docs]  # each document followed by </s>
+    expected = [p for n in lengths for p in range(n)][: 4 * 64]
+    rows = packed["train"]["position_ids"]
+    assert len(rows) == 4 and all(len(r) == 64 for r in rows)
+    for r, row in enumerate(rows):
+        stream = expected[r * 64 : (r + 1) * 64]
+        assert row == [p - stream[0] if all(q != 0 for q in stream[: i + 1]) else p for i, p in enumerate(stream)]
+    batch = train_lm.collate_blocks([packed["train"][0], packed["train"][1]])
+    assert set(batch) == {"input_ids", "position_ids", "labels"}
+    assert torch.equal(batch["labels"] == -100, batch["position_ids"] == 0)
+
+
 def test_unigram_baseline_is_the_entropy_of_the_evaluated_bytes():
     tok = build_byte_tokenizer()
     counts = token_byte_counts(tok)
@@ -210,6 +239,13 @@ def test_short_run_saves_everything(corpus_files, tmp_path):
     assert f"{saved['unigram_bpb']['validation']:.6g}" in card.text  # the baseline is reported next to the model
     ids = tok("In the beginning", return_tensors="pt")["input_ids"]
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, ids.shape[1] + 4)
+
+
+def test_packed_run_trains(corpus_files, tmp_path):
+    out = tmp_path / "packed"
+    results = train_lm.main(tiny_args(corpus_files, out, "--packing"))
+    assert results["train"]["steps"] == 12 and results["validation"]["loss"] < math.log(260)
+    assert results["eval_history"][-1]["loss"] < results["eval_history"][0]["loss"] + 1e-9
 
 
 def test_bf16_run_logs_exact_reversal(corpus_files, tmp_path):

@@ -51,6 +51,7 @@ from reformer_rev.model_card import write_model_card
 from reformer_rev.safe_io import atomic_write_json, save_model_folder
 from reformer_rev.training.budget import StepFitter, TimeBudget, make_scheduler
 from reformer_rev.training.checkpointing import CheckpointManager, output_dir_lock
+from reformer_rev.training.packing import collate_packed, pack_documents
 from reformer_rev.training.cli import (
     add_checkpoint_arguments,
     add_model_arguments,
@@ -134,6 +135,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--block_size", type=int, default=256,
         help="Tokens per training block (long documents are cut). The main job's 256 trains on 16 blocks drawn from "
         "all over the corpus per step; --block_size 1024 (4 per step) or 65536 (1) trains on long context.",
+    )
+    data.add_argument(
+        "--packing", action="store_true",
+        help="Keep documents apart in the training blocks: the same blocks, with position_ids restarting at every "
+        "document start, so no token attends across a document boundary and the first token of a document is no "
+        "target (reformer_rev.training.packing). Default: blocks cut from the concatenated documents, attending "
+        "across boundaries (run_clm). Validation is measured the same way in both modes.",
     )
     data.add_argument("--preprocessing_num_workers", type=int, default=None)
     data.add_argument("--overwrite_cache", action="store_true")
@@ -359,6 +367,9 @@ def tokenize_and_group(
         total = (len(concatenated) // block_size) * block_size
         return {"input_ids": [concatenated[i : i + block_size] for i in range(0, total, block_size)]}
 
+    def pack(examples: dict[str, list]) -> dict[str, list]:
+        return pack_documents(examples["input_ids"], block_size)
+
     with accelerator.main_process_first():
         tokenized = raw.map(
             tokenize,
@@ -368,14 +379,18 @@ def tokenize_and_group(
             load_from_cache_file=not args.overwrite_cache,
             desc="Tokenizing documents",
         )
-        grouped = tokenized.map(
-            group,
-            batched=True,
-            batch_size=1000,
-            num_proc=args.preprocessing_num_workers,
-            load_from_cache_file=not args.overwrite_cache,
-            desc=f"Grouping into blocks of {block_size}",
-        )
+        grouped = DatasetDict({
+            split: ds.map(
+                pack if split == "train" and getattr(args, "packing", False) else group,
+                batched=True,
+                batch_size=1000,
+                num_proc=args.preprocessing_num_workers,
+                load_from_cache_file=not args.overwrite_cache,
+                desc=f"{'Packing' if split == 'train' and getattr(args, 'packing', False) else 'Grouping'} into "
+                f"blocks of {block_size}",
+            )
+            for split, ds in tokenized.items()
+        })
     for split, ds in grouped.items():
         if ds.num_rows == 0:
             raise ValueError(
@@ -393,7 +408,10 @@ def evenly_spaced(ds: datasets.Dataset, n: int) -> datasets.Dataset:
 
 
 def collate_blocks(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Full blocks need no padding: labels are the inputs (the model shifts them)."""
+    """Full blocks need no padding: labels are the inputs (the model shifts them). Packed blocks (`--packing`) also
+    carry their `position_ids`."""
+    if "position_ids" in examples[0]:
+        return collate_packed(examples)
     ids = torch.tensor([e["input_ids"] for e in examples], dtype=torch.long)
     return {"input_ids": ids, "labels": ids}
 
@@ -617,7 +635,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
         return batches, len(train_dataloader)
 
     def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-        return model(**batch).loss, 1.0, batch["input_ids"].numel()
+        # use_cache=False: a converted transformers model given a cache would not read packed positions as documents.
+        return model(**batch, use_cache=False).loss, 1.0, batch["input_ids"].numel()
 
     def periodic_eval() -> dict[str, float]:
         metrics = evaluate(model, periodic_loader, accelerator, token_bytes)

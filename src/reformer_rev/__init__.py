@@ -7,15 +7,19 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
 )
 
 from .configuration_reformer_rev import RevFormerConfig
 from .conversion import is_reversible, make_reversible, revert_reversible
 from .modeling_reformer_rev import (
     RevFormerForCausalLM,
+    RevFormerForQuestionAnswering,
     RevFormerForSequenceClassification,
+    RevFormerForTokenClassification,
     RevFormerModel,
     RevFormerPreTrainedModel,
 )
@@ -31,12 +35,16 @@ def _register() -> None:
     AutoModelForCausalLM.register(RevFormerConfig, RevFormerForCausalLM, exist_ok=True)
     AutoModelForSeq2SeqLM.register(RevFormerConfig, RevFormerForConditionalGeneration, exist_ok=True)
     AutoModelForSequenceClassification.register(RevFormerConfig, RevFormerForSequenceClassification, exist_ok=True)
+    AutoModelForTokenClassification.register(RevFormerConfig, RevFormerForTokenClassification, exist_ok=True)
+    AutoModelForQuestionAnswering.register(RevFormerConfig, RevFormerForQuestionAnswering, exist_ok=True)
     # `save_pretrained` then writes `auto_map` and copies the modeling files for `trust_remote_code=True` loading.
     RevFormerConfig.register_for_auto_class()
     RevFormerModel.register_for_auto_class("AutoModel")
     RevFormerForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     RevFormerForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
     RevFormerForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+    RevFormerForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
+    RevFormerForQuestionAnswering.register_for_auto_class("AutoModelForQuestionAnswering")
 
 
 _register()
@@ -47,6 +55,8 @@ __all__ = [
     "RevFormerModel",
     "RevFormerForCausalLM",
     "RevFormerForSequenceClassification",
+    "RevFormerForTokenClassification",
+    "RevFormerForQuestionAnswering",
     "RevFormerSeq2SeqModel",
     "RevFormerForConditionalGeneration",
     "run_reversible_stack",

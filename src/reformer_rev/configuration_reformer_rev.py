@@ -13,6 +13,10 @@ from typing import Any
 
 from transformers import PretrainedConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+)
 
 from .couplings import SUPPORTED_COUPLINGS
 from .deq import SUPPORTED_BACKWARDS as SUPPORTED_DEQ_BACKWARDS
@@ -23,6 +27,34 @@ from .stack import SUPPORTED_DEPTH_MODES
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 # Depth-stable scaling of every residual branch (`RevFormerBlock.scale_branch`, docs/depth.md).
 SUPPORTED_BRANCH_SCALES = (None, "none", "inv_sqrt_depth", "learnable_gate")
+
+
+MODEL_TYPE = "reformer_rev"
+# What an encoder-decoder config reports as its `model_type` (config.json and the class keep `MODEL_TYPE`).
+SEQ2SEQ_MODEL_TYPE = "reformer_rev_seq2seq"
+
+
+class _ModelType:
+    """`RevFormerConfig.model_type`: `"reformer_rev"` on the class (Auto registration, `config.json`, the type check
+    of `from_dict`), and on an instance too -- unless it configures the encoder-decoder, which reports
+    `"reformer_rev_seq2seq"`.
+
+    Tools that tell causal from sequence-to-sequence models by the config's `model_type` alone need the two apart:
+    lm-evaluation-harness's `HFLM` picks its backend by looking the instance's `model_type` up in transformers'
+    `MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES`, then `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` (both filled in below).
+    One config class serves both architectures here, so the instance answers by `is_encoder_decoder`.
+    """
+
+    def __get__(self, config: Any, owner: type) -> str:
+        if config is not None and config.__dict__.get("is_encoder_decoder", False):
+            return SEQ2SEQ_MODEL_TYPE
+        return MODEL_TYPE
+
+    def __set__(self, config: Any, value: Any) -> None:
+        # A data descriptor, so that the `model_type` key of a loaded config.json (set as an attribute by
+        # `PretrainedConfig.__init__`) does not shadow it; the value is derived, never stored.
+        if value not in (MODEL_TYPE, SEQ2SEQ_MODEL_TYPE):
+            raise ValueError(f"`model_type` of a {type(config).__name__} is {MODEL_TYPE!r}, got {value!r}.")
 
 
 # `chunk_size_feed_forward=None` / `loss_chunk_size=None` (the defaults): chunks of as many positions as keep one
@@ -284,7 +316,7 @@ class RevFormerConfig(PretrainedConfig):
             point) added to the LM loss during training; 0 disables it.
     """
 
-    model_type = "reformer_rev"
+    model_type = _ModelType()
     # The cache field's name in outputs before and from transformers 5.24: the Trainer leaves both out of predictions.
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
@@ -428,5 +460,11 @@ class RevFormerConfig(PretrainedConfig):
 # default, means "chosen from the sequence length", so this class checks the field with its own rule (FIELD_RULES)
 # instead of the inherited type check.
 RevFormerConfig.__validators__ = {**getattr(PretrainedConfig, "__validators__", {}), "chunk_size_feed_forward": []}
+
+# transformers' static name tables, read by model type (lm-evaluation-harness's backend choice, pipelines' model-class
+# checks). Filled here, when the config is imported, because lm_eval reads them before it loads the model (remote code
+# included). The causal LM's entry is also what makes `Trainer` shift smoothed labels (modeling_reformer_rev.py).
+MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(MODEL_TYPE, "RevFormerForCausalLM")
+MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.setdefault(SEQ2SEQ_MODEL_TYPE, "RevFormerForConditionalGeneration")
 
 __all__ = ["RevFormerConfig"]

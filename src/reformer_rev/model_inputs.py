@@ -9,16 +9,19 @@ This module imports only torch and transformers (remote-code export).
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import GenerationConfig
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
+    and_masks,
     bidirectional_mask_function,
     causal_mask_function,
+    flash_attention_mask,
 )
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPast
 from transformers.utils import logging
@@ -44,6 +47,17 @@ def _check_tensor(value: Any, name: str) -> None:
         )
 
 
+def checking_values() -> bool:
+    """Whether checks that read tensor values run: in eager mode, not while `torch.compile` traces the model.
+
+    Such a check (an out-of-range id, a mask of 2, a NaN embedding) needs the values on the host: under `torch.compile`
+    it would split the graph at every call (a graph break per check) or fail with `fullgraph=True`. Compiled code gets
+    the shape and dtype checks only, as transformers' models skip their data-dependent checks while compiling
+    (docs/training.md, "torch.compile").
+    """
+    return not torch.compiler.is_compiling()
+
+
 def _is_integer(t: torch.Tensor) -> bool:
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
@@ -58,6 +72,8 @@ def check_token_ids(input_ids: Any, vocab_size: int, name: str = "input_ids") ->
     if input_ids.numel() == 0:
         raise ValueError(f"`{name}` is empty (shape {tuple(input_ids.shape)}); pass at least one token.")
     input_ids = input_ids.long()
+    if not checking_values():
+        return input_ids
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
@@ -65,20 +81,25 @@ def check_token_ids(input_ids: Any, vocab_size: int, name: str = "input_ids") ->
     return input_ids
 
 
-def check_labels(labels: Any, vocab_size: int, shape: tuple[int, ...] | None, name: str = "labels") -> torch.Tensor:
-    """Target ids of `shape` (any `(batch, length)` when None) in `[0, vocab_size)` or `-100` (ignored), as int64."""
+def check_labels(
+    labels: Any, vocab_size: int, shape: tuple[int, ...] | None, name: str = "labels", kind: str = "token ids"
+) -> torch.Tensor:
+    """Target ids of `shape` (any `(batch, length)` when None) in `[0, vocab_size)` or `-100` (ignored), as int64.
+    `kind` names what the ids are in errors (token ids, class ids)."""
     _check_tensor(labels, name)
     if not _is_integer(labels):
-        raise TypeError(f"`{name}` must be an integer tensor of token ids (or -100), got dtype {labels.dtype}.")
+        raise TypeError(f"`{name}` must be an integer tensor of {kind} (or -100), got dtype {labels.dtype}.")
     if shape is None and labels.dim() != 2:
         raise ValueError(f"`{name}` must have shape (batch, length), got {tuple(labels.shape)}.")
     if shape is not None and tuple(labels.shape) != tuple(shape):
         raise ValueError(f"`{name}` must have shape {tuple(shape)}, got {tuple(labels.shape)}.")
     labels = labels.long()
+    if not checking_values():
+        return labels
     bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))]
     if bad.numel():
         raise ValueError(
-            f"`{name}` contains {int(bad[0])}: targets must be token ids in [0, {vocab_size}) or {IGNORE_INDEX} "
+            f"`{name}` contains {int(bad[0])}: targets must be {kind} in [0, {vocab_size}) or {IGNORE_INDEX} "
             "(ignored)."
         )
     return labels
@@ -100,6 +121,19 @@ def check_class_labels(labels: Any, num_labels: int, batch: int, name: str = "la
     return labels
 
 
+def check_span_positions(positions: Any, batch: int, name: str) -> torch.Tensor:
+    """Question-answering span ends: `(batch,)` integer token indices (int64). Indices outside the sequence are left
+    to transformers' loss, which ignores them (an answer cut off by truncation)."""
+    _check_tensor(positions, name)
+    if not _is_integer(positions):
+        raise TypeError(f"`{name}` must be an integer tensor of token indices, got dtype {positions.dtype}.")
+    if positions.dim() > 1:
+        positions = positions.squeeze(-1)
+    if positions.dim() != 1 or positions.shape[0] != batch:
+        raise ValueError(f"`{name}` must have shape (batch={batch},), got {tuple(positions.shape)}.")
+    return positions.long()
+
+
 def check_padding_mask(mask: Any, shape: tuple[int, int], name: str = "attention_mask") -> torch.Tensor | None:
     """A `(batch, length)` mask of 1 (attend) / 0 (padding), or None when it masks nothing.
 
@@ -113,6 +147,8 @@ def check_padding_mask(mask: Any, shape: tuple[int, int], name: str = "attention
         raise TypeError(f"`{name}` must be a real (bool, integer or float) tensor, got dtype {mask.dtype}.")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"`{name}` must have shape (batch={shape[0]}, length={shape[1]}), got {tuple(mask.shape)}.")
+    if not checking_values():  # compiled: the mask is used as given (a mask of ones costs speed, not correctness)
+        return mask != 0
     if mask.dtype != torch.bool:
         if not bool(((mask == 0) | (mask == 1)).all()):
             bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
@@ -158,8 +194,11 @@ def embed_inputs(
     inputs_embeds: Any,
     name: str = "input_ids",
     embeds_name: str = "inputs_embeds",
+    training: bool = False,
 ) -> torch.Tensor:
-    """Exactly one of ids / embeddings; returns the embeddings `(batch, sequence, hidden)`."""
+    """Exactly one of ids / embeddings; returns the embeddings `(batch, sequence, hidden)`.
+
+    `training`: the model is in training mode, where non-finite embeddings are an error (`check_finite`)."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError(f"Pass exactly one of `{name}` or `{embeds_name}`.")
     if input_ids is not None:
@@ -178,7 +217,21 @@ def embed_inputs(
             f"`{embeds_name}` must have shape (batch>0, sequence>0, hidden_size={hidden_size}), "
             f"got {tuple(inputs_embeds.shape)}."
         )
+    check_finite(inputs_embeds, embeds_name, training)
     return inputs_embeds
+
+
+def check_finite(tensor: torch.Tensor, name: str, training: bool) -> None:
+    """In training mode, NaN/inf in a floating-point input (`inputs_embeds`, `encoder_outputs`) is an error naming the
+    argument: one such step would turn every weight NaN through the optimizer, like the non-finite loss the training
+    scripts stop at. In eval mode the values pass through unchecked, as in transformers' models (a NaN input gives NaN
+    outputs for the rows it reaches; docs/reliability.md), so inference pays no device sync for the check."""
+    if training and checking_values() and not bool(torch.isfinite(tensor).all()):
+        bad = tensor[~torch.isfinite(tensor)].flatten()[0].item()
+        raise ValueError(
+            f"`{name}` contains non-finite values (e.g. {bad}) in training mode; a step on them would make every "
+            "weight non-finite. Check what produced it (an overflow under fp16, a NaN in the data)."
+        )
 
 
 def _int_at_least(low: int) -> tuple[Any, str]:
@@ -317,7 +370,7 @@ def resolve_position_ids(
         raise ValueError(
             f"`{name}` must have shape (batch={batch} or 1, sequence={seq_len}), got {tuple(position_ids.shape)}."
         )
-    if position_ids.numel() and (int(position_ids.min()) < 0 or int(position_ids.max()) >= max_positions):
+    if checking_values() and (int(position_ids.min()) < 0 or int(position_ids.max()) >= max_positions):
         raise ValueError(
             f"`{name}` must lie in [0, max_position_embeddings={max_positions}), got values in "
             f"[{int(position_ids.min())}, {int(position_ids.max())}]."
@@ -340,28 +393,221 @@ def rotary_tables(
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Packed (padding-free) batches
+# --------------------------------------------------------------------------------------------------------------
+
+# What padding-free collators pass besides `position_ids` (TRL's `padding_free`/`packing`, transformers'
+# `DataCollatorWithFlattening(return_flash_attn_kwargs=True)`): the flash-attention "varlen" arguments. They describe
+# the batch flattened to one stream of tokens: `cu_seq_lens_*` are the document boundaries in it, `max_length_*` the
+# longest document, `seq_idx` the document of each token.
+VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def pop_varlen_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Remove the varlen arguments from a `forward`'s `**kwargs` (those that are not None)."""
+    varlen = {name: kwargs.pop(name) for name in VARLEN_KWARGS if name in kwargs}
+    return {name: value for name, value in varlen.items() if value is not None}
+
+
+def _restarts_from_positions(position_ids: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """`(batch, length)` True where a new document starts (never at column 0): a real token whose position is not one
+    more than the position of the previous real token of its row.
+
+    Without padding this is transformers' rule (`masking_utils.find_packed_sequence_indices`). With padding, pads are
+    skipped, so a row whose positions were counted over its real tokens only (left padding, holes) stays one document.
+    """
+    batch, length = position_ids.shape
+    if real is None:
+        previous = position_ids[:, :-1]
+        restart = position_ids[:, 1:] != previous + 1
+        return torch.cat([restart.new_zeros(batch, 1), restart], dim=1)
+    columns = torch.arange(length, device=position_ids.device).expand(batch, -1)
+    last_real = torch.where(real, columns, -1).cummax(dim=-1).values
+    before = torch.cat([last_real.new_full((batch, 1), -1), last_real[:, :-1]], dim=1)  # last real token before t
+    previous = position_ids.gather(-1, before.clamp(min=0))
+    return real & (before >= 0) & (position_ids != previous + 1)
+
+
+def document_starts(position_ids: Any, batch: int, length: int, max_positions: int, name: str) -> torch.Tensor:
+    """`(batch, length)` True where `position_ids` restart (a packed document starts; never at column 0)."""
+    position_ids = resolve_position_ids(position_ids, None, 0, batch, length, torch.device("cpu"), max_positions, name)
+    return _restarts_from_positions(position_ids.expand(batch, -1), None)
+
+
+def _restarts_from_boundaries(cu_seq_lens: Any, name: str, batch: int, length: int) -> torch.Tensor:
+    """Document starts from flash-attention boundaries over the flattened batch, checked against the batch shape."""
+    _check_tensor(cu_seq_lens, name)
+    total = batch * length
+    if not _is_integer(cu_seq_lens) or cu_seq_lens.dim() != 1 or cu_seq_lens.numel() < 2:
+        raise ValueError(
+            f"`{name}` must be a 1-D integer tensor of document boundaries [0, ..., {total}] over the flattened batch, "
+            f"got dtype {cu_seq_lens.dtype} and shape {tuple(cu_seq_lens.shape)}."
+        )
+    bounds = cu_seq_lens.to(torch.long)
+    if int(bounds[0]) != 0 or int(bounds[-1]) != total or bool((bounds[1:] <= bounds[:-1]).any()):
+        raise ValueError(
+            f"`{name}` must increase strictly from 0 to batch x length = {total} (the flattened batch), got "
+            f"{bounds.tolist()[:8]}{' ...' if bounds.numel() > 8 else ''}."
+        )
+    starts = torch.zeros(total, dtype=torch.bool, device=bounds.device)
+    starts[bounds[:-1]] = True
+    starts = starts.view(batch, length)
+    if not bool(starts[:, 0].all()):
+        raise ValueError(f"`{name}` puts a document across two rows of the batch: every row must start a document.")
+    starts[:, 0] = False
+    return starts
+
+
+def find_documents(
+    position_ids: torch.Tensor | None,
+    padding_mask: torch.Tensor | None,
+    varlen: dict[str, Any],
+    batch: int,
+    length: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The document of every token of a packed batch, `(batch, length)` ids counted from 0 in each row, or None when
+    no row holds more than one document; and the positions (counted from each document's start when only the
+    boundaries were given).
+
+    A packed row is told by `position_ids` that restart (what `DataCollatorWithFlattening` and TRL pass) or by the
+    flash-attention boundaries `cu_seq_lens_q/k`; when both are given they must agree, as must `seq_idx` and
+    `max_length_q/k`. Attention never crosses documents, so each document gives what it gives alone.
+    """
+    real = padding_mask
+    restarts = None if position_ids is None else _restarts_from_positions(position_ids.expand(batch, -1), real)
+    cu = {name: varlen[name] for name in ("cu_seq_lens_q", "cu_seq_lens_k") if name in varlen}
+    for name, bounds in cu.items():
+        from_bounds = _restarts_from_boundaries(bounds, name, batch, length).to(restarts.device if restarts is not None
+                                                                                 else bounds.device)
+        if restarts is None:
+            restarts = from_bounds
+        elif bool(((restarts != from_bounds) if real is None else ((restarts != from_bounds) & real)).any()):
+            raise ValueError(
+                f"`{name}` and `position_ids` disagree on where the packed documents start; pass both as the same "
+                "collator made them (or only one of them)."
+            )
+    if restarts is None:
+        if varlen:
+            raise ValueError(
+                f"{sorted(varlen)} describe a packed batch only together with `position_ids` or `cu_seq_lens_q`/"
+                "`cu_seq_lens_k`."
+            )
+        return None, position_ids
+    if position_ids is None:
+        # Positions restart at every document start (what the collator would have passed as `position_ids`).
+        columns = torch.arange(length, device=restarts.device).expand(batch, -1)
+        starts = torch.where(restarts, columns, 0).cummax(dim=-1).values
+        position_ids = columns - starts
+    documents = restarts.long().cumsum(-1)
+    if "seq_idx" in varlen:
+        seq_idx = varlen["seq_idx"]
+        _check_tensor(seq_idx, "seq_idx")
+        if seq_idx.numel() != batch * length:
+            raise ValueError(f"`seq_idx` must hold one document index per token ({batch} x {length}), got shape "
+                             f"{tuple(seq_idx.shape)}.")
+        seq_idx = seq_idx.reshape(batch, length).to(documents.device)
+        if not torch.equal(seq_idx[:, 1:] != seq_idx[:, :-1], restarts[:, 1:]):
+            raise ValueError("`seq_idx` disagrees with the document starts of `position_ids`/`cu_seq_lens_q`.")
+    longest = _longest_document(restarts)
+    for name in ("max_length_q", "max_length_k"):
+        value = varlen.get(name)
+        value = int(value) if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < longest):
+            raise ValueError(f"`{name}` must be an integer >= the longest packed document ({longest}), got {value!r}.")
+    return (documents if bool(restarts.any()) else None), position_ids
+
+
+def _longest_document(restarts: torch.Tensor) -> int:
+    batch, length = restarts.shape
+    starts = restarts.clone()
+    starts[:, 0] = True
+    flat = torch.nonzero(starts.flatten()).flatten()
+    ends = torch.cat([flat[1:], flat.new_tensor([batch * length])])
+    return int((ends - flat).max())
+
+
+def varlen_boundaries(documents: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`cu_seq_lens` (int32) and the longest document of a packed batch flattened to one stream of tokens, as the
+    flash-attention varlen kernels take them."""
+    batch, length = documents.shape
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    flat = torch.nonzero(starts.flatten()).flatten()
+    bounds = torch.cat([flat, flat.new_tensor([batch * length])])
+    return bounds.to(torch.int32), int(bounds.diff().max())
+
+
+def check_packed_pair(source_documents: torch.Tensor | None, target_documents: torch.Tensor | None) -> None:
+    """A packed encoder-decoder batch packs both sides: every row holds as many source as target documents, and the
+    k-th target document attends to the k-th source document only."""
+    if source_documents is None and target_documents is None:
+        return
+    if source_documents is None or target_documents is None:
+        packed, plain = ("`position_ids`", "`decoder_position_ids`")[:: 1 if target_documents is None else -1]
+        raise ValueError(
+            f"{packed} mark a packed batch (positions restart inside a row) but {plain} do not: pack the sources "
+            "and the targets of the same documents together, with positions restarting at each document."
+        )
+    if not torch.equal(source_documents[:, -1].to(target_documents.device), target_documents[:, -1]):
+        raise ValueError(
+            f"A packed row must hold as many source as target documents, got {(source_documents[:, -1] + 1).tolist()} "
+            f"source and {(target_documents[:, -1] + 1).tolist()} target documents per row."
+        )
+
+
+def same_document_mask_function(q_documents: torch.Tensor, kv_documents: torch.Tensor):
+    """A transformers mask function (flex attention): query and key belong to the same packed document."""
+
+    def inner_mask(batch_idx, head_idx, q_idx, kv_idx):
+        return q_documents[batch_idx, q_idx] == kv_documents[batch_idx, kv_idx]
+
+    return inner_mask
+
+
 def _boolean_mask(
-    padding_mask: torch.Tensor | None, q_len: int, kv_len: int, causal: bool, materialize: bool, device: torch.device
+    padding_mask: torch.Tensor | None,
+    q_len: int,
+    kv_len: int,
+    causal: bool,
+    materialize: bool,
+    device: torch.device,
+    q_documents: torch.Tensor | None = None,
+    kv_documents: torch.Tensor | None = None,
+    kv_capacity: int | None = None,
 ) -> tuple[torch.Tensor | None, bool]:
     """`(mask, is_causal)` with a boolean `(batch or 1, 1, q, kv)` mask (True = attend), or no mask at all.
 
     Without padding, causal self-attention uses `is_causal=True` (about 2x faster on CPU than a boolean mask, and no
     T^2 buffer, docs/design.md §7); a single new query with a cache needs no mask at all. Otherwise a mask is built;
     query rows that would see no key at all (left padding) are un-masked, since SDPA may return NaN for them and the
-    NaN would leak into real positions through the gradient. Those rows are padding and ignored by the loss.
+    NaN would leak into real positions through the gradient. Those rows are padding and ignored by the loss. A packed
+    batch (`q_documents`/`kv_documents`: the document of every query/key) gets a block-diagonal mask: no attention
+    across documents. With a static cache (`kv_capacity` > `kv_len`) the keys fill all its slots: those past the
+    `kv_len` real ones are masked.
     """
-    if padding_mask is None and not materialize:
+    packed = q_documents is not None
+    capacity = kv_len if kv_capacity is None else kv_capacity
+    static = capacity > kv_len
+    if padding_mask is None and not materialize and not packed and not static:
         if not causal or q_len == 1:
             return None, False
         if q_len == kv_len:
             return None, True
-    if padding_mask is None and not causal:
+    if padding_mask is None and not causal and not packed and not static:
         return None, False
-    allowed = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device)
+    allowed = torch.ones(1, 1, q_len, capacity, dtype=torch.bool, device=device)
     if causal:
         allowed = allowed.tril(kv_len - q_len)
+    elif static:
+        allowed[..., kv_len:] = False
     if padding_mask is not None:
-        allowed = allowed & padding_mask[:, None, None, :].to(device)
+        padding = padding_mask.to(device)
+        if static:
+            padding = torch.cat([padding, padding.new_zeros(padding.shape[0], capacity - kv_len)], dim=-1)
+        allowed = allowed & padding[:, None, None, :]
+    if packed:
+        allowed = allowed & (q_documents[:, None, :, None] == kv_documents[:, None, None, :]).to(device)
     return allowed | ~allowed.any(dim=-1, keepdim=True), False
 
 
@@ -374,33 +620,72 @@ def attention_mask_for(
     causal: bool,
     dtype: torch.dtype,
     device: torch.device,
-) -> tuple[Any, bool]:
-    """The mask argument of the attention function for `implementation`, and its `is_causal` flag.
+    q_documents: torch.Tensor | None = None,
+    kv_documents: torch.Tensor | None = None,
+    kv_capacity: int | None = None,
+) -> tuple[Any, bool, dict[str, Any]]:
+    """The mask argument of the attention function for `implementation`, its `is_causal` flag, and the extra keyword
+    arguments the attention function needs (the varlen boundaries of a packed batch under flash attention).
 
     `sdpa` and `eager` get this module's masks (causal fast path, no NaN rows; `eager` an additive float mask like
-    Llama's). Any other implementation with a mask builder in transformers' `ALL_MASK_ATTENTION_FUNCTIONS` (flash:
-    the 2D padding mask; flex: a `BlockMask`) gets that builder's mask.
+    Llama's). Any other implementation with a mask builder in transformers' `ALL_MASK_ATTENTION_FUNCTIONS` (flex: a
+    `BlockMask`) gets that builder's mask; flash attention, which takes no mask, gets the 2D padding mask or, for a
+    packed batch, `cu_seq_lens_q/k` and `max_length_q/k` (its varlen kernel keeps the documents apart).
+    `q_documents`/`kv_documents` (`(batch, q_len)`/`(batch, kv_len)`, from `find_documents`) mark a packed batch.
+    `kv_capacity`: the length of a static cache's keys (`static_cache_capacity`), None for a dynamic cache.
     """
+    if kv_documents is None:
+        kv_documents = q_documents
     builder = ALL_MASK_ATTENTION_FUNCTIONS.get(implementation) if implementation not in ("sdpa", "eager") else None
+    if builder is not None and kv_capacity is not None:
+        raise ValueError(
+            f"A static cache needs the 'sdpa' or 'eager' attention here, not {implementation!r}: generate with the "
+            "default dynamic cache, or switch with `model.set_attn_implementation('sdpa')`."
+        )
     if builder is None:
         eager = implementation == "eager"
-        mask, is_causal = _boolean_mask(padding_mask, q_len, kv_len, causal, materialize=eager, device=device)
+        mask, is_causal = _boolean_mask(
+            padding_mask, q_len, kv_len, causal, materialize=eager, device=device, q_documents=q_documents,
+            kv_documents=kv_documents, kv_capacity=kv_capacity,
+        )
         if eager and mask is not None:
             mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
-        return mask, is_causal
+        return mask, is_causal, {}
+    if q_documents is not None and builder is flash_attention_mask:
+        if padding_mask is not None:
+            raise ValueError(
+                f"A packed batch with padding cannot run with {implementation!r}: pass it padding-free (no "
+                "`attention_mask`, documents told apart by `position_ids` or `cu_seq_lens_q/k`), or use sdpa."
+            )
+        cu_q, max_q = varlen_boundaries(q_documents)
+        cu_k, max_k = varlen_boundaries(kv_documents)
+        varlen = {"cu_seq_lens_q": cu_q, "cu_seq_lens_k": cu_k, "max_length_q": max_q, "max_length_k": max_k}
+        return None, causal, varlen
+    mask_function = causal_mask_function if causal else bidirectional_mask_function
+    if q_documents is not None:
+        mask_function = and_masks(mask_function, same_document_mask_function(q_documents, kv_documents))
     mask = builder(
         batch_size=batch,
         q_length=q_len,
         kv_length=kv_len,
         q_offset=kv_len - q_len,
         kv_offset=0,
-        mask_function=causal_mask_function if causal else bidirectional_mask_function,
+        mask_function=mask_function,
         attention_mask=padding_mask,
-        allow_is_causal_skip=True,
+        allow_is_causal_skip=q_documents is None,
         dtype=dtype,
         device=device,
     )
-    return mask, causal
+    return mask, causal, {}
+
+
+@dataclass
+class StackInputs:
+    """What `prepare_stack_inputs` derives from a model's arguments."""
+
+    static: dict[str, Any]  # the arguments every block reads: rotary tables, the self-attention mask and flags
+    padding_mask: torch.Tensor | None  # the checked `(batch, total length)` padding mask, None when nothing is padded
+    documents: torch.Tensor | None  # `(batch, length)` document ids of a packed batch, None when not packed
 
 
 def prepare_stack_inputs(
@@ -411,33 +696,66 @@ def prepare_stack_inputs(
     past_length: int = 0,
     causal: bool = True,
     mask_name: str = "attention_mask",
-) -> tuple[dict[str, Any], torch.Tensor | None]:
+    varlen: dict[str, Any] | None = None,
+    packing: bool = True,
+    kv_capacity: int | None = None,
+) -> StackInputs:
     """The arguments every block of a stack reads (rotary tables, the self-attention mask), from the embeddings,
-    the 2D padding mask and the positions, after checking them. Also returns the checked padding mask.
+    the 2D padding mask, the positions and the varlen arguments of a packed batch, after checking them.
 
+    `packing=False` (the caller passed a generation cache) reads positions as positions only: a decoding step
+    continues its cached sequence, and generate()'s positions of a padded prompt do not mark documents.
+    `kv_capacity`: the length of a static cache's keys (None: dynamic cache or none).
     Shared by the causal LM, the encoder and the decoder: the only input preparation of the package.
     """
     batch, seq_len = inputs_embeds.shape[:2]
     total = past_length + seq_len
-    if total > config.max_position_embeddings:
+    if kv_capacity is not None and total > kv_capacity:
+        raise ValueError(
+            f"The static cache holds {kv_capacity} positions; cached {past_length} + new {seq_len} = {total} do not "
+            "fit. Create it with a larger `max_cache_len`."
+        )
+    varlen = varlen or {}
+    # The limit is on positions: a packed row may be longer than `max_position_embeddings` as long as each of its
+    # documents is not (given positions are checked by `resolve_position_ids`, derived ones below).
+    if total > config.max_position_embeddings and position_ids is None and not (packing and varlen):
         raise ValueError(
             f"Sequence length {total} (cached {past_length} + new {seq_len}) exceeds "
             f"`max_position_embeddings`={config.max_position_embeddings}."
         )
     padding_mask = check_padding_mask(attention_mask, (batch, total), mask_name)
-    position_ids = resolve_position_ids(
-        position_ids, padding_mask, past_length, batch, seq_len, inputs_embeds.device, config.max_position_embeddings
-    )
-    mask, is_causal = attention_mask_for(
+    if position_ids is not None:
+        position_ids = resolve_position_ids(
+            position_ids, padding_mask, past_length, batch, seq_len, inputs_embeds.device,
+            config.max_position_embeddings,
+        )
+    documents = None
+    if packing and (position_ids is not None or varlen):
+        documents, position_ids = find_documents(position_ids, padding_mask, varlen, batch, seq_len)
+        if int(position_ids.max()) >= config.max_position_embeddings:
+            raise ValueError(
+                f"A packed document is longer than `max_position_embeddings`={config.max_position_embeddings} "
+                f"(position {int(position_ids.max())})."
+            )
+    elif varlen:
+        raise ValueError(
+            f"{sorted(varlen)} describe a packed training batch; they cannot be combined with a generation cache."
+        )
+    if position_ids is None:
+        position_ids = resolve_position_ids(
+            None, padding_mask, past_length, batch, seq_len, inputs_embeds.device, config.max_position_embeddings
+        )
+    mask, is_causal, attention_kwargs = attention_mask_for(
         config._attn_implementation, padding_mask, batch, seq_len, total, causal, inputs_embeds.dtype,
-        inputs_embeds.device,
+        inputs_embeds.device, q_documents=documents, kv_capacity=kv_capacity,
     )
     static = {
         "position_embeddings": rotary_tables(position_ids, config.head_dim, config.rope_theta, torch.float32),
         "attention_mask": mask,
         "is_causal": is_causal,
+        "attention_kwargs": attention_kwargs,
     }
-    return static, padding_mask
+    return StackInputs(static, padding_mask, documents)
 
 
 def resolve_output_flags(
@@ -497,6 +815,42 @@ def pop_cache_argument(past_key_values: Cache | None, kwargs: dict[str, Any]) ->
             f"The generation cache must be a transformers `Cache` (e.g. DynamicCache), got {type(cache).__name__}."
         )
     return cache
+
+
+SUPPORTED_CACHES = (
+    "DynamicCache (the default), StaticCache (`cache_implementation='static'`, 'offloaded_static', or the deprecated "
+    "'sliding_window', which builds a StaticCache of full-attention layers for this model), and an EncoderDecoderCache "
+    "of those for the encoder-decoder"
+)
+
+
+def static_cache_capacity(cache: Cache | None, name: str = "cache") -> int | None:
+    """The number of positions a static cache holds (its keys and values always have that length, the slots past the
+    cached tokens being zeros that the mask must hide), or None for a dynamic cache.
+
+    Every layer must be a full-attention `DynamicLayer` or `StaticLayer`: this model attends to its whole history, so a
+    sliding-window or otherwise truncating layer would silently drop keys. Anything else is refused by name.
+    """
+    if cache is None:
+        return None
+    layers = getattr(cache, "layers", None)
+    kinds = {type(layer) for layer in layers or ()}
+    if layers is None or not kinds <= {DynamicLayer, StaticLayer}:
+        found = ", ".join(sorted(k.__name__ for k in kinds - {DynamicLayer, StaticLayer})) or "no"
+        raise ValueError(
+            f"`{name}` is a {type(cache).__name__} with {found} layers, which this model cannot use: it attends to the "
+            f"whole history of every layer. Supported caches: {SUPPORTED_CACHES}."
+        )
+    if kinds == {StaticLayer}:
+        return int(layers[0].max_cache_len)
+    if StaticLayer in kinds:
+        raise ValueError(f"`{name}` mixes static and dynamic layers. Supported caches: {SUPPORTED_CACHES}.")
+    return None
+
+
+def cached_length(cache: Cache | None) -> int:
+    """Tokens already in `cache` (a static cache counts them in a tensor)."""
+    return int(cache.get_seq_length()) if cache is not None else 0
 
 
 def output_cache(output: Any) -> Cache | None:

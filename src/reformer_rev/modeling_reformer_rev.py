@@ -27,26 +27,32 @@ from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
+    QuestionAnsweringModelOutput,
     SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import can_return_tuple, logging
 
-from .configuration_reformer_rev import RevFormerConfig, resolve_chunk_size
+from .configuration_reformer_rev import MODEL_TYPE, SEQ2SEQ_MODEL_TYPE, RevFormerConfig, resolve_chunk_size
 from .deq import DEQStats
 from .losses import causal_lm_loss
 from .model_inputs import (
     CACHE_FIELD,
+    cached_length,
     check_class_labels,
     check_generate_inputs,
     check_labels,
+    check_span_positions,
     check_unused_kwargs,
     embed_inputs,
     keep_positions,
     output_cache,
     pop_cache_argument,
+    pop_varlen_kwargs,
     prepare_stack_inputs,
+    static_cache_capacity,
     resolve_output_flags,
     resolve_use_cache,
     wants_logits,
@@ -171,7 +177,10 @@ class RevFormerAttention(nn.Module):
         is_causal: bool = False,
         cache: CacheSlot | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`attention_kwargs`: extra arguments of the attention function (flash attention's varlen boundaries of a
+        packed batch, `model_inputs.attention_mask_for`)."""
         input_shape = hidden_states.shape[:-1]
         query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
         if self.is_cross_attention and cache is not None and cache.get_seq_length() > 0:
@@ -201,6 +210,7 @@ class RevFormerAttention(nn.Module):
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
             is_causal=is_causal,
+            **(attention_kwargs or {}),
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
@@ -269,6 +279,7 @@ class RevFormerBlock(nn.Module):
         is_causal: bool = False,
         cache: CacheSlot | None = None,
         attentions: Any = None,
+        attention_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         out, weights = self.self_attn(
@@ -277,6 +288,7 @@ class RevFormerBlock(nn.Module):
             attention_mask=attention_mask,
             is_causal=is_causal,
             cache=cache,
+            attention_kwargs=attention_kwargs,
         )
         if attentions is not None:
             attentions.record("self", weights)
@@ -312,14 +324,15 @@ class BranchGateToOneDim(ConversionOps):
 
 # Registered for the model type, so every class of it (causal LM, classifier, backbone, encoder-decoder) gets it; also
 # runs when the modeling file is imported as remote code, so `overwrite=True` (the second import re-registers).
-register_checkpoint_conversion_mapping(
-    RevFormerConfig.model_type,
-    [
-        WeightConverter(source_patterns=name, target_patterns=name, operations=[BranchGateToOneDim()])
-        for name in ("attn_gate", "mlp_gate")
-    ],
-    overwrite=True,
-)
+for _model_type in (MODEL_TYPE, SEQ2SEQ_MODEL_TYPE):  # the loader looks conversions up by the instance's model_type
+    register_checkpoint_conversion_mapping(
+        _model_type,
+        [
+            WeightConverter(source_patterns=name, target_patterns=name, operations=[BranchGateToOneDim()])
+            for name in ("attn_gate", "mlp_gate")
+        ],
+        overwrite=True,
+    )
 
 
 @dataclass
@@ -347,6 +360,22 @@ class RevFormerSequenceClassifierOutputWithPast(SequenceClassifierOutputWithPast
     jacobian_loss: torch.FloatTensor | None = None
 
 
+@dataclass
+class RevFormerTokenClassifierOutput(TokenClassifierOutput):
+    """`TokenClassifierOutput` plus, in DEQ mode, the solver statistics and the Jacobian regulariser."""
+
+    deq_stats: DEQStats | None = None
+    jacobian_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class RevFormerQuestionAnsweringModelOutput(QuestionAnsweringModelOutput):
+    """`QuestionAnsweringModelOutput` plus, in DEQ mode, the solver statistics and the Jacobian regulariser."""
+
+    deq_stats: DEQStats | None = None
+    jacobian_loss: torch.FloatTensor | None = None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------------------
@@ -367,6 +396,12 @@ class RevFormerPreTrainedModel(PreTrainedModel):
     # Written into `config.auto_map["AutoModel"]` on save: transformers only records the class being saved, and without
     # this entry `AutoModel.from_pretrained(..., trust_remote_code=True)` fails on a head-model checkpoint.
     _remote_base_model = "modeling_reformer_rev.RevFormerModel"
+
+    def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """`generate()` hands a compileable (static) cache a 4D mask it builds itself, through this hook when the model
+        defines it. The model builds its own masks (no NaN rows, static-cache slots hidden, `model_inputs.py`) from
+        the 2D padding mask, so that is what it keeps."""
+        return attention_mask
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Any = None, **kwargs):
         """Activation checkpointing changes nothing here, by design.
@@ -474,21 +509,26 @@ class RevFormerModel(RevFormerPreTrainedModel):
             `num_unique_layers` distinct blocks); defaults to `config.num_hidden_layers`. Ignored in DEQ mode.
         """
         cache = pop_cache_argument(past_key_values, kwargs)
+        varlen = pop_varlen_kwargs(kwargs)
         check_unused_kwargs(kwargs, type(self).__name__)
         output_attentions, output_hidden_states = resolve_output_flags(
             self.config, output_attentions, output_hidden_states
         )
-        inputs_embeds = embed_inputs(self.embed_tokens, input_ids, inputs_embeds)
+        inputs_embeds = embed_inputs(self.embed_tokens, input_ids, inputs_embeds, training=self.training)
+        # Positions that restart mark packed documents only in a call that continues no cached sequence.
+        packing = cache is None
         if not resolve_use_cache(self.config, use_cache):
             cache = None
         elif cache is None:
             cache = DynamicCache(config=self.config)
-        past_length = cache.get_seq_length() if cache is not None else 0
-        static, _ = prepare_stack_inputs(self.config, inputs_embeds, attention_mask, position_ids, past_length)
+        inputs = prepare_stack_inputs(
+            self.config, inputs_embeds, attention_mask, position_ids, cached_length(cache), varlen=varlen,
+            packing=packing, kv_capacity=static_cache_capacity(cache),
+        )
         out = self.layers(
             inputs_embeds,
             self.norm,
-            static,
+            inputs.static,
             caches={"cache": cache},
             depth=num_hidden_layers,
             output_hidden_states=output_hidden_states,
@@ -570,6 +610,7 @@ class RevFormerForCausalLM(RevFormerPreTrainedModel, GenerationMixin):
         num_hidden_layers: number of block applications for this call (weight-tied depth chosen at run time).
         """
         cache = pop_cache_argument(past_key_values, kwargs)
+        varlen = pop_varlen_kwargs(kwargs)
         check_unused_kwargs(kwargs, type(self).__name__)
         outputs = self.model(
             input_ids=input_ids,
@@ -582,6 +623,7 @@ class RevFormerForCausalLM(RevFormerPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             num_hidden_layers=num_hidden_layers,
             return_dict=True,
+            **varlen,
         )
         hidden = outputs.last_hidden_state
         loss = logits = None
@@ -604,25 +646,60 @@ class RevFormerForCausalLM(RevFormerPreTrainedModel, GenerationMixin):
         )
 
 
-class RevFormerForSequenceClassification(RevFormerPreTrainedModel):
-    """Adapted from `transformers.modeling_layers.GenericForSequenceClassification` (Llama's classifier): the score of
-    the last non-padding token of each row (padding = `config.pad_token_id`, left or right)."""
+class RevFormerHeadModel(RevFormerPreTrainedModel):
+    """The backbone (`self.model`) and the forward plumbing shared by the task heads (sequence and token
+    classification, question answering): the cache argument under either name, the varlen arguments of a packed
+    batch, refused unknown keyword arguments, and the DEQ Jacobian regulariser added to the task loss.
 
-    # The loss is a per-batch mean: `Trainer` then scales it for gradient accumulation itself.
+    A head's loss is a per-batch mean: `Trainer` then scales it for gradient accumulation itself.
+    """
+
     accepts_loss_kwargs = False
 
     def __init__(self, config: RevFormerConfig) -> None:
         super().__init__(config)
-        self.num_labels = config.num_labels
         self.model = RevFormerModel(config)
-        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
-        self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
+
+    def run_backbone(self, past_key_values: Cache | None, kwargs: dict[str, Any], **arguments: Any):
+        """`self.model(**arguments)` with the cache and varlen arguments taken out of the head's `**kwargs` (any
+        other keyword argument is refused by name)."""
+        cache = pop_cache_argument(past_key_values, kwargs)
+        varlen = pop_varlen_kwargs(kwargs)
+        check_unused_kwargs(kwargs, type(self).__name__)
+        return self.model(past_key_values=cache, return_dict=True, **arguments, **varlen)
+
+    def task_loss(self, loss: torch.Tensor | None, outputs: Any) -> torch.Tensor | None:
+        """The head's loss plus, in DEQ mode, the weighted Jacobian regulariser of the backbone."""
+        if loss is not None and outputs.jacobian_loss is not None:
+            loss = loss + self.config.deq_jacobian_reg * outputs.jacobian_loss
+        return loss
+
+    @staticmethod
+    def extra_outputs(outputs: Any) -> dict[str, Any]:
+        """What every head returns from the backbone besides its own logits and loss."""
+        return {
+            "hidden_states": outputs.hidden_states,
+            "attentions": outputs.attentions,
+            "deq_stats": outputs.deq_stats,
+            "jacobian_loss": outputs.jacobian_loss,
+        }
+
+
+class RevFormerForSequenceClassification(RevFormerHeadModel):
+    """Adapted from `transformers.modeling_layers.GenericForSequenceClassification` (Llama's classifier): the score of
+    the last non-padding token of each row (padding = `config.pad_token_id`, left or right)."""
+
+    def __init__(self, config: RevFormerConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
 
     @can_return_tuple
     def forward(
@@ -643,19 +720,10 @@ class RevFormerForSequenceClassification(RevFormerPreTrainedModel):
         labels: `(batch,)` class ids in `[0, num_labels)` (cross-entropy), or floats for regression
             (`num_labels == 1`) / multi-label classification (`(batch, num_labels)`), as `config.problem_type` says.
         """
-        cache = pop_cache_argument(past_key_values, kwargs)
-        check_unused_kwargs(kwargs, type(self).__name__)
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            num_hidden_layers=num_hidden_layers,
-            return_dict=True,
+        outputs = self.run_backbone(
+            past_key_values, kwargs, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, num_hidden_layers=num_hidden_layers,
         )
         logits = self.score(outputs.last_hidden_state)
         batch_size = logits.shape[0]
@@ -680,16 +748,115 @@ class RevFormerForSequenceClassification(RevFormerPreTrainedModel):
         if labels is not None:
             labels = check_class_labels(labels, self.num_labels, batch_size)
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
-            if outputs.jacobian_loss is not None:
-                loss = loss + self.config.deq_jacobian_reg * outputs.jacobian_loss
         return RevFormerSequenceClassifierOutputWithPast(
-            loss=loss,
+            loss=self.task_loss(loss, outputs),
             logits=pooled_logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            deq_stats=outputs.deq_stats,
-            jacobian_loss=outputs.jacobian_loss,
+            **self.extra_outputs(outputs),
             **{CACHE_FIELD: output_cache(outputs)},
+        )
+
+
+class RevFormerForTokenClassification(RevFormerHeadModel):
+    """Adapted from `transformers.modeling_layers.GenericForTokenClassification` (Llama's token classifier): a label
+    score for every position (dropout `config.classifier_dropout`, else `hidden_dropout`, then a linear layer).
+
+    The backbone is causal, as Llama's: a position's score sees that token and the ones before it.
+    """
+
+    def __init__(self, config: RevFormerConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(config.hidden_dropout if dropout is None else dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        num_hidden_layers: int | None = None,
+        **kwargs: Any,
+    ) -> RevFormerTokenClassifierOutput:
+        """
+        labels: `(batch, sequence)` class ids in `[0, num_labels)`; `-100` is ignored (padding, sub-word pieces).
+        """
+        outputs = self.run_backbone(
+            past_key_values, kwargs, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, num_hidden_layers=num_hidden_layers,
+        )
+        hidden = outputs.last_hidden_state
+        logits = self.score(self.dropout(hidden))
+        loss = None
+        if labels is not None:
+            labels = check_labels(labels, self.num_labels, hidden.shape[:2], kind="class ids")
+            loss = self.loss_function(logits, labels, self.config)
+        return RevFormerTokenClassifierOutput(
+            loss=self.task_loss(loss, outputs), logits=logits, **self.extra_outputs(outputs)
+        )
+
+
+class RevFormerForQuestionAnswering(RevFormerHeadModel):
+    """Adapted from `transformers.modeling_layers.GenericForQuestionAnswering` (Llama's extractive QA head): start
+    and end logits of the answer span at every position (`qa_outputs`, a linear layer to 2 scores).
+
+    The backbone is causal, as Llama's: put the question before the context so every context token can see it.
+    """
+
+    def __init__(self, config: RevFormerConfig) -> None:
+        super().__init__(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        start_positions: torch.LongTensor | None = None,
+        end_positions: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        num_hidden_layers: int | None = None,
+        **kwargs: Any,
+    ) -> RevFormerQuestionAnsweringModelOutput:
+        """
+        start_positions, end_positions: `(batch,)` token indices of the answer span (both or neither); positions
+            outside the sequence are ignored by the loss, as in transformers.
+        """
+        outputs = self.run_backbone(
+            past_key_values, kwargs, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, num_hidden_layers=num_hidden_layers,
+        )
+        logits = self.qa_outputs(outputs.last_hidden_state)
+        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+        loss = None
+        if (start_positions is None) != (end_positions is None):
+            raise ValueError("Pass both `start_positions` and `end_positions` (the answer span), or neither.")
+        if start_positions is not None:
+            batch = start_logits.shape[0]
+            start_positions = check_span_positions(start_positions, batch, "start_positions")
+            end_positions = check_span_positions(end_positions, batch, "end_positions")
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions)
+        return RevFormerQuestionAnsweringModelOutput(
+            loss=self.task_loss(loss, outputs),
+            start_logits=start_logits,
+            end_logits=end_logits,
+            **self.extra_outputs(outputs),
         )
 
 
@@ -698,4 +865,11 @@ class RevFormerForSequenceClassification(RevFormerPreTrainedModel):
 # here, when its module is imported (package or remote code, PEFT-wrapped or not), makes the Trainer shift.
 MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(RevFormerConfig.model_type, RevFormerForCausalLM.__name__)
 
-__all__ = ["RevFormerPreTrainedModel", "RevFormerModel", "RevFormerForCausalLM", "RevFormerForSequenceClassification"]
+__all__ = [
+    "RevFormerPreTrainedModel",
+    "RevFormerModel",
+    "RevFormerForCausalLM",
+    "RevFormerForSequenceClassification",
+    "RevFormerForTokenClassification",
+    "RevFormerForQuestionAnswering",
+]

@@ -34,30 +34,43 @@ from .losses import chunked_cross_entropy
 from .model_inputs import (
     CACHE_FIELD,
     as_encoder_output,
+    cached_length,
     attention_mask_for,
     check_encoder_hidden_states,
+    check_finite,
     check_generate_inputs,
     check_labels,
+    check_packed_pair,
     check_padding_mask,
     check_unused_kwargs,
+    document_starts,
     embed_inputs,
+    find_documents,
     keep_positions,
     output_cache,
     pop_cache_argument,
     prepare_stack_inputs,
     resolve_output_flags,
+    resolve_position_ids,
     resolve_use_cache,
+    static_cache_capacity,
     wants_logits,
 )
 from .modeling_reformer_rev import RevFormerAttention, RevFormerBlock, RevFormerPreTrainedModel, RevFormerRMSNorm
 from .stack import CacheSlot, RevFormerStack
 
 
-def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
-    """Decoder inputs for teacher forcing: `[start] + labels[:-1]`, with ignored positions (`-100`) set to padding."""
+def shift_tokens_right(
+    labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int, starts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Decoder inputs for teacher forcing: `[start] + labels[:-1]`, with ignored positions (`-100`) set to padding.
+    `starts` (`(batch, length)` bool) marks where further packed target documents begin: each begins with the start
+    token too, not with the previous document's last label."""
     shifted = labels.new_empty(labels.shape)
     shifted[:, 1:] = labels[:, :-1]
     shifted[:, 0] = decoder_start_token_id
+    if starts is not None:
+        shifted = shifted.masked_fill(starts.to(shifted.device), decoder_start_token_id)
     return shifted.masked_fill(shifted == -100, pad_token_id)
 
 
@@ -81,6 +94,7 @@ class RevFormerDecoderBlock(RevFormerBlock):
         encoder_attention_mask: Any = None,
         cross_cache: CacheSlot | None = None,
         attentions: Any = None,
+        encoder_attention_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         self_out = super().f(x, attentions=attentions, **kwargs)
@@ -89,6 +103,7 @@ class RevFormerDecoderBlock(RevFormerBlock):
             attention_mask=encoder_attention_mask,
             cache=cross_cache,
             encoder_hidden_states=encoder_hidden_states,
+            attention_kwargs=encoder_attention_kwargs,
         )
         if attentions is not None:
             attentions.record("cross", weights)
@@ -148,16 +163,19 @@ class RevFormerEncoder(nn.Module):
         inputs_embeds: torch.FloatTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
     ) -> RevFormerEncoderOutput:
+        """position_ids: rotary positions of the source tokens; positions that restart inside a row mark packed
+        documents, which then attend only within themselves."""
         # No **kwargs: `generate()` then passes the encoder only the arguments it names (it hands an encoder that
         # takes **kwargs every model argument, labels and logits_to_keep included).
         output_attentions, output_hidden_states = resolve_output_flags(
             self.config, output_attentions, output_hidden_states
         )
-        inputs_embeds = embed_inputs(self.embed_tokens, input_ids, inputs_embeds)
-        static, _ = prepare_stack_inputs(self.config, inputs_embeds, attention_mask, causal=False)
+        inputs_embeds = embed_inputs(self.embed_tokens, input_ids, inputs_embeds, training=self.training)
+        inputs = prepare_stack_inputs(self.config, inputs_embeds, attention_mask, position_ids, causal=False)
         out = self.layers(
-            inputs_embeds, self.norm, static, output_hidden_states=output_hidden_states,
+            inputs_embeds, self.norm, inputs.static, output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
         return RevFormerEncoderOutput(
@@ -188,20 +206,36 @@ class RevFormerDecoder(nn.Module):
         past_key_values: EncoderDecoderCache | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        encoder_position_ids: torch.LongTensor | None = None,
+        packing: bool = True,
     ) -> RevFormerDecoderOutput:
+        """`encoder_position_ids`: the source positions; with restarting `position_ids` (a packed batch) the k-th
+        target document of a row attends to the k-th source document only. `packing=False` (the caller passed a
+        cache) reads positions as positions only."""
         batch, seq_len = inputs_embeds.shape[:2]
         check_encoder_hidden_states(encoder_hidden_states, batch, self.config.hidden_size)
         self_cache = past_key_values.self_attention_cache if past_key_values is not None else None
         cross_cache = past_key_values.cross_attention_cache if past_key_values is not None else None
-        past_length = self_cache.get_seq_length() if self_cache is not None else 0
-        static, _ = prepare_stack_inputs(
-            self.config, inputs_embeds, attention_mask, position_ids, past_length, mask_name="decoder_attention_mask"
+        static_cache_capacity(cross_cache, "cache")  # refuses a cache layer this model cannot use
+        inputs = prepare_stack_inputs(
+            self.config, inputs_embeds, attention_mask, position_ids, cached_length(self_cache),
+            mask_name="decoder_attention_mask", packing=packing, kv_capacity=static_cache_capacity(self_cache),
         )
+        static = inputs.static
         src_len = encoder_hidden_states.shape[1]
         encoder_mask = check_padding_mask(encoder_attention_mask, (batch, src_len), "attention_mask")
-        static["encoder_attention_mask"], _ = attention_mask_for(
+        source_documents = None
+        if packing and encoder_position_ids is not None:
+            positions = resolve_position_ids(
+                encoder_position_ids, encoder_mask, 0, batch, src_len, inputs_embeds.device,
+                self.config.max_position_embeddings,
+            )
+            source_documents, _ = find_documents(positions, encoder_mask, {}, batch, src_len)
+        check_packed_pair(source_documents, inputs.documents)
+        static["encoder_attention_mask"], _, static["encoder_attention_kwargs"] = attention_mask_for(
             self.config._attn_implementation, encoder_mask, batch, seq_len, src_len, causal=False,
-            dtype=inputs_embeds.dtype, device=inputs_embeds.device,
+            dtype=inputs_embeds.dtype, device=inputs_embeds.device, q_documents=inputs.documents,
+            kv_documents=source_documents,
         )
         out = self.layers(
             inputs_embeds,
@@ -269,8 +303,14 @@ class RevFormerSeq2SeqModel(RevFormerPreTrainedModel):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> RevFormerSeq2SeqModelOutput:
+        """
+        position_ids: source positions (default: counted over the real tokens of `attention_mask`). With
+            `decoder_position_ids`, positions that restart inside a row pack several (source, target) pairs in it:
+            each source document attends within itself and each target document to itself and its source.
+        """
         config = self.config
         cache = pop_cache_argument(past_key_values, kwargs)
         check_unused_kwargs(kwargs, type(self).__name__)
@@ -282,14 +322,18 @@ class RevFormerSeq2SeqModel(RevFormerPreTrainedModel):
                 inputs_embeds=inputs_embeds,
                 output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states,
+                position_ids=position_ids,
                 return_dict=True,
             )
         else:
             encoder_outputs = as_encoder_output(encoder_outputs)
+            if isinstance(encoder_outputs.last_hidden_state, torch.Tensor):
+                check_finite(encoder_outputs.last_hidden_state, "encoder_outputs", self.training)
         decoder_inputs_embeds = embed_inputs(
             self.encoder.embed_tokens, decoder_input_ids, decoder_inputs_embeds, "decoder_input_ids",
-            "decoder_inputs_embeds",
+            "decoder_inputs_embeds", training=self.training,
         )
+        packing = cache is None  # restarting positions mark packed documents only without a caller's cache
         if not resolve_use_cache(config, use_cache):
             cache = None
         elif not isinstance(cache, EncoderDecoderCache):  # none yet, or the self-attention cache alone
@@ -305,6 +349,8 @@ class RevFormerSeq2SeqModel(RevFormerPreTrainedModel):
             past_key_values=cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            encoder_position_ids=position_ids,
+            packing=packing,
         )
         # DEQ mode: both stacks' Jacobian regularisers (an encoder output passed in by the caller has none).
         jacobian_losses = [
@@ -390,6 +436,7 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
         output_hidden_states: bool | None = None,
         logits_to_keep: int = 0,
         return_logits: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> RevFormerSeq2SeqLMOutput:
         """
@@ -397,12 +444,20 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
         logits_to_keep: if > 0, only the last `logits_to_keep` positions' logits are computed (generation).
         return_logits: with `labels`, whether to return the logits as well: by default in eval mode only (metrics,
             `predict_with_generate=False` evaluation); in training the chunked loss never materialises them.
+        position_ids: source positions. Restarting `position_ids` and `decoder_position_ids` pack several (source,
+            target) pairs in a row (see `RevFormerSeq2SeqModel.forward`); `labels` are then shifted per document.
         """
         if labels is not None:
             labels = check_labels(labels, self.config.vocab_size, None)
-            if decoder_input_ids is None and decoder_inputs_embeds is None:
-                decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
         cache = pop_cache_argument(past_key_values, kwargs)
+        if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
+            starts = None
+            if decoder_position_ids is not None and cache is None:  # packed targets: each document is shifted alone
+                starts = document_starts(decoder_position_ids, *labels.shape, self.config.max_position_embeddings,
+                                         "decoder_position_ids")
+            decoder_input_ids = shift_tokens_right(
+                labels, self.config.pad_token_id, self.config.decoder_start_token_id, starts
+            )
         check_unused_kwargs(kwargs, type(self).__name__)
         outputs = self.model(
             input_ids=input_ids,
@@ -410,6 +465,7 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
             decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask,
             decoder_position_ids=decoder_position_ids,
+            position_ids=position_ids,
             encoder_outputs=encoder_outputs,
             past_key_values=cache,
             inputs_embeds=inputs_embeds,

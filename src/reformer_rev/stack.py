@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 from transformers.utils import logging
 
 from .couplings import Coupling, DriftReport, make_coupling
@@ -120,6 +120,16 @@ class CacheSlot:
 
     def __init__(self, cache: Cache, index: int, commit: bool = True) -> None:
         self.cache, self.index, self.commit = cache, index, commit
+        if any(isinstance(layer, StaticLayer) for layer in cache.layers):
+            # A static cache is sized for the config's depth and is written in place: it cannot grow, nor hold the
+            # solver's uncommitted trial keys.
+            if index >= len(cache.layers):
+                raise ValueError(
+                    f"The static cache has {len(cache.layers)} layers, but this forward applies more blocks (a "
+                    "run-time `num_hidden_layers` deeper than the config's?): use the default dynamic cache."
+                )
+            if not commit:
+                raise ValueError("The deep-equilibrium mode (`depth_mode='deq'`) needs a dynamic cache, not a static one.")
         while len(cache.layers) <= index:
             cache.layers.append(DynamicLayer())
 
