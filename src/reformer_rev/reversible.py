@@ -399,17 +399,22 @@ def _branch_backward(
     sink: _GradientSink,
     local_grads: _GradSums,
     autocast: AutocastState,
+    direct: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Recompute `out = coef * fn(x)` (under the forward's autocast state) and back-propagate `grad_out` through it
     (without autocast, like plain autograd); returns `(out, dL/dx)`, detached.
 
     Chunk-wise with a leaf per chunk (the same chunks as the forward, so the values are bit-identical), so only one
     chunk's graph is alive at a time. Gradients of the differentiable kwargs (the backward's own leaves, keyed by id in
-    `local_grads`) are summed there; parameter gradients go to `sink`.
+    `local_grads`) are summed there; parameter gradients go to `sink`. With `direct`, the parameter gradients of every
+    chunk but the last are added straight into `.grad` instead (`_add_to_grad`), so a chunk's gradients never meet a
+    running sum: one parameter-sized gradient at a time instead of two.
     """
-    outs, grads = [], []
+    parts = _chunks(x.shape[1], chunk)
+    out_full = grad_full = None  # written chunk by chunk (no list of chunks plus their concatenation)
     others: list[torch.Tensor] | None = None
-    for s in _chunks(x.shape[1], chunk):
+    added_directly: set[int] = set()
+    for n, s in enumerate(parts):
         x_c = x[:, s].detach().requires_grad_(True)
         with autocast.context():
             o = fn(x_c, **kwargs)
@@ -427,19 +432,42 @@ def _branch_backward(
                 others = [leaf for leaf in _graph_leaves(o) if leaf is not x_c]
             g_out = grad_out[:, s].to(o.dtype)
             g_x, *g_others = torch.autograd.grad(o, [x_c, *others], g_out, allow_unused=True)
+            last = n == len(parts) - 1
             for leaf, g in zip(others, g_others):
-                if g is None:
-                    continue
                 if leaf in local_grads:
-                    local_grads.add(leaf, g)
-                else:
+                    if g is not None:
+                        local_grads.add(leaf, g)
+                elif direct and not last:
+                    _add_to_grad(leaf, g)
+                    added_directly.add(id(leaf))
+                elif g is not None:
                     sink.add(leaf, g)
-        outs.append(o.detach())
-        grads.append(g_x if g_x is not None else torch.zeros_like(x_c))
-        del o
-    if len(outs) == 1:
-        return outs[0], grads[0]
-    return torch.cat(outs, dim=1), torch.cat(grads, dim=1)
+                elif id(leaf) in added_directly:
+                    # A leaf that got direct contributions still has its accumulation hooks run once, on the total.
+                    sink.add(leaf, torch.zeros_like(leaf))
+            del g_others  # the sums hold what is needed; the next chunk's gradients must not meet these
+        if g_x is None:
+            g_x = torch.zeros_like(x_c)
+        if len(parts) == 1:
+            return o.detach(), g_x
+        if out_full is None:
+            out_full = o.new_empty((o.shape[0], x.shape[1], *o.shape[2:]))
+            grad_full = g_x.new_empty(x.shape)
+        out_full[:, s] = o.detach()
+        grad_full[:, s] = g_x
+        del o, g_x
+    return out_full, grad_full
+
+
+def _add_to_grad(leaf: torch.Tensor, grad: torch.Tensor | None) -> None:
+    """Add a partial gradient straight into `leaf.grad`, without running the leaf's accumulation hooks: they run once,
+    on the total, when the last part is delivered through autograd (a post-accumulate hook -- DDP's, ZeRO's -- sees
+    the whole gradient in `.grad`; a `Tensor.register_hook` on a parameter sees each recomputed use's part, as it
+    always has under `torch.autograd.grad`)."""
+    if grad is not None:
+        if leaf.grad is None:
+            leaf.grad = torch.zeros_like(leaf)
+        leaf.grad.add_(grad)
 
 
 def block_forward(
@@ -473,12 +501,20 @@ def _maybe_fork(state: RngState | None):
     return state.fork() if state is not None else nullcontext()
 
 
+@dataclass
+class StreamState:
+    """The two streams and their gradients between sub-steps of the backward. `block_backward` replaces the fields as
+    it goes, so nothing keeps an older pair alive (a caller's local variables would hold a whole block's inputs)."""
+
+    y1: Any
+    y2: Any
+    dy1: torch.Tensor
+    dy2: torch.Tensor
+
+
 def block_backward(
     block: ReversibleBlockProtocol,
-    y1: Any,
-    y2: Any,
-    dy1: torch.Tensor,
-    dy2: torch.Tensor,
+    state: StreamState,
     kwargs: dict[str, Any],
     record: _BlockRecord,
     coupling: Coupling,
@@ -487,8 +523,8 @@ def block_backward(
     local_grads: _GradSums,
     autocast: AutocastState,
     on_branch_done: Callable[[int], None] | None = None,
-) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
-    """Reconstruct `(x1, x2)` from `(y1, y2)` and turn `(dL/dy1, dL/dy2)` into `(dL/dx1, dL/dx2)`.
+) -> None:
+    """Reconstruct `(x1, x2)` from `(y1, y2)` and turn `(dL/dy1, dL/dy2)` into `(dL/dx1, dL/dx2)`, in `state`.
 
     Each residual function is evaluated exactly once (with grad), its output used both to invert the coupling and
     to back-propagate: one extra forward per block, the minimum for a recomputing backward. Parameter gradients go
@@ -497,21 +533,23 @@ def block_backward(
     coupling = coupling or _ADDITIVE
     ar = arith or _FLOAT
     branches = list(zip(_branches(block), (record.rng_f, record.rng_g)))
+    # Partial parameter gradients may go straight into `.grad` unless the parameters exist only inside a scope (ZeRO-3).
+    direct = getattr(block, "gradient_release_scope", None) is None
     for j in reversed(range(len(branches))):
         (fn, chunk), rng = branches[j]
-        xin = coupling.inverse_input(ar, y1, y2)
+        xin = coupling.inverse_input(ar, state.y1, state.y2)
         with _maybe_fork(rng):
             out, g_in = _branch_backward(
-                fn, ar.view(xin), coupling.grad_out(dy1, dy2), chunk, coupling.coef, kwargs, sink, local_grads,
-                autocast,
+                fn, ar.view(xin), coupling.grad_out(state.dy1, state.dy2), chunk, coupling.coef, kwargs, sink,
+                local_grads, autocast, direct,
             )
         if on_branch_done is not None:
             on_branch_done(j)  # hand over (and free) the parameter gradients this branch was the last to need
         with torch.no_grad():
-            y1, y2 = coupling.inverse_combine(ar, y1, y2, xin, ar.quant(out))
-            dy1, dy2 = coupling.grad_inputs(dy1, dy2, g_in)
+            state.y1, state.y2 = coupling.inverse_combine(ar, state.y1, state.y2, xin, ar.quant(out))
+            del xin
+            state.dy1, state.dy2 = coupling.grad_inputs(state.dy1, state.dy2, g_in)
         del out, g_in
-    return y1, y2, dy1, dy2
 
 
 _ADDITIVE = AdditiveCoupling()
@@ -617,12 +655,26 @@ class _ReversibleStackFunction(torch.autograd.Function):
         ctx.coupling, ctx.arith, ctx.run, ctx.deferred = coupling, ar, run, deferred
         ctx.autocast = AutocastState.capture(x1.device.type)
         ctx.input_dtypes = (x1.dtype, x2.dtype)
-        ctx.save_for_backward(s1, s2, *diff_values)
+        # The output streams are kept on the context rather than saved for backward, so the backward can drop them as
+        # soon as their inputs are reconstructed (saved tensors stay alive, two streams' worth, until it returns).
+        # Detached (in float arithmetic they are the outputs themselves: no reference cycle through the graph); the
+        # version check stands in for save_for_backward's.
+        ctx.streams = [s1.detach(), s2.detach()]
+        ctx.stream_versions = (s1._version, s2._version)
+        ctx.save_for_backward(*diff_values)
+        # An output nobody uses (the first stream of a two-step coupling) gets None instead of a zero gradient.
+        ctx.set_materialize_grads(False)
         return ar.out(s1), ar.out(s2)
 
     @staticmethod
     def backward(ctx, dy1, dy2):  # type: ignore[override]
-        y1, y2, *diff_values = ctx.saved_tensors
+        diff_values = ctx.saved_tensors
+        (y1, y2), ctx.streams = ctx.streams, None
+        if (y1._version, y2._version) != ctx.stream_versions:
+            raise RuntimeError(
+                "An output of the reversible stack was modified in place before the backward; the recomputing "
+                "backward reconstructs from these values (clone the output before modifying it)."
+            )
         leaves = [v.detach().requires_grad_(v.requires_grad) for v in diff_values]
         # Gradients of the differentiable kwargs (e.g. an encoder output), summed over all blocks in >= float32.
         local_grads = _GradSums(upcast=True)
@@ -632,8 +684,9 @@ class _ReversibleStackFunction(torch.autograd.Function):
         kwargs = {**ctx.static_kwargs, **dict(zip(ctx.diff_names, leaves))}
         # The stream gradients are summed over every block: in at least float32, or a bf16 model's gradients
         # would lose precision with depth (each sub-step adds a rounding error of the half-precision sum).
-        dy1 = dy1.contiguous().to(_accumulation_dtype(dy1.dtype))
-        dy2 = dy2.contiguous().to(_accumulation_dtype(dy2.dtype))
+        grads = (_stream_grad(g, y, t) for g, y, t in zip((dy1, dy2), (y1, y2), ctx.input_dtypes))
+        state = StreamState(y1, y2, *grads)
+        del y1, y2, dy1, dy2  # only `state` refers to the streams now: each is freed as soon as it is replaced
         if ctx.blocks is None:
             raise RuntimeError("A reversible stack's backward can run once per forward (its state is consumed).")
         # Take the arithmetic (and the momentum information buffer) from the context rather than copying it: the
@@ -652,19 +705,17 @@ class _ReversibleStackFunction(torch.autograd.Function):
                     with _release_scope(block):
                         sink.release((i, j))
 
-                y1, y2, dy1, dy2 = block_backward(
-                    block, y1, y2, dy1, dy2, kwargs, record, coupling, ar, sink, local_grads, ctx.autocast, release
-                )
+                block_backward(block, state, kwargs, record, coupling, ar, sink, local_grads, ctx.autocast, release)
                 if i == 0 and ctx.probe is not None:
                     # Before a stream checkpoint replaces it: the error the gradients below have inherited.
-                    _probe_drift(ar, (y1, y2), *ctx.probe)
+                    _probe_drift(ar, (state.y1, state.y2), *ctx.probe)
                 if i in run.inputs:
-                    report.blocks.append(measure_drift(ar, i, (y1, y2), run.inputs.pop(i)))
+                    report.blocks.append(measure_drift(ar, i, (state.y1, state.y2), run.inputs.pop(i)))
                 if i in run.checkpoints:
                     exact = run.checkpoints.pop(i)
                     if report is not None:
-                        report.checkpoints.append(measure_drift(ar, i, (y1, y2), exact))
-                    y1, y2 = exact
+                        report.checkpoints.append(measure_drift(ar, i, (state.y1, state.y2), exact))
+                    state.y1, state.y2 = exact
             sink.release()  # leaves outside every block's parameters (closed over by f/g), after their last use
         ar.check()
         if report is not None:
@@ -675,9 +726,17 @@ class _ReversibleStackFunction(torch.autograd.Function):
         diff_grads = tuple(
             None if local_grads.get(leaf) is None else local_grads.get(leaf).to(leaf.dtype) for leaf in leaves
         )
-        dx1 = dy1.to(ctx.input_dtypes[0]) if ctx.needs_input_grad[1] else None
-        dx2 = dy2.to(ctx.input_dtypes[1]) if ctx.needs_input_grad[2] else None
+        dx1 = state.dy1.to(ctx.input_dtypes[0]) if ctx.needs_input_grad[1] else None
+        dx2 = state.dy2.to(ctx.input_dtypes[1]) if ctx.needs_input_grad[2] else None
         return (None, dx1, dx2, None, None, None, None, *diff_grads)
+
+
+def _stream_grad(grad: torch.Tensor | None, stream: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An incoming stream gradient in at least float32; an unused output's (None) is a broadcast zero, no memory."""
+    acc = _accumulation_dtype(dtype)
+    if grad is None:
+        return torch.zeros((), dtype=acc, device=stream.device).expand(stream.shape)
+    return grad.contiguous().to(acc)
 
 
 def _probe_drift(ar: Any, reconstructed: tuple[Any, Any], monitor: DriftMonitor, x1, x2) -> None:
