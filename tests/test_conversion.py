@@ -19,7 +19,8 @@ from _tiny_hf import FAMILIES, VOCAB, random_ids, tiny_model
 
 from conftest import max_grad_rel_err, rel_err
 from reformer_rev import is_reversible, make_reversible, revert_reversible, run_reversible_stack
-from reformer_rev.couplings_twostep import BDIACoupling, HeavyBallCoupling, PackedBits
+from reformer_rev.conversion import fidelity_report
+from reformer_rev.couplings_twostep import DEFAULT_GAMMA, BDIACoupling, HeavyBallCoupling, PackedBits, gamma_shift
 from reformer_rev.couplings import DriftReport
 from reformer_rev.model_inputs import CACHE_FIELD, output_cache
 from reformer_rev.profiling import peak_allocated_bytes
@@ -131,8 +132,73 @@ def test_float64_gradients_equal_the_twin_with_dropout(family, coupling):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_chunked_mlp_gradients_equal_the_twin_and_hooks_run_once(family):
+    """The MLP recomputed in chunks of 5 positions (20 positions: 4 chunks): partial parameter gradients go straight into
+    `.grad` and the last one through autograd, so gradients equal the twin's and every accumulation hook runs once per
+    backward, seeing the total (what DDP and ZeRO require)."""
+    model, twin = converted_pair(family, dropout=0.1, chunk_size_feed_forward=5)
+    model.train(), twin.train()
+    ids, mask, labels = padded_batch()
+    fired: dict[str, list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, name=name: fired.setdefault(name, []).append(p.grad.clone()))
+    for m in (model, twin):
+        torch.manual_seed(11)
+        m(ids, attention_mask=mask, labels=labels).loss.backward()
+    err, name = max_grad_rel_err(model, twin)
+    assert err <= 1e-6, (name, err)
+    assert len(fired) == len(list(model.parameters())) and {len(v) for v in fired.values()} == {1}
+    for name, p in model.named_parameters():
+        assert torch.equal(fired[name][0], p.grad), name  # the hook saw the total, not the last chunk
+
+
+def test_fidelity_probe_measures_without_changing_training():
+    """The probe reruns a probed batch through the original layers: it records the change, warns once beyond its
+    threshold, and leaves the training losses and gradients exactly as without it (RNG forked, no gradient)."""
+    ids = random_ids(2, 16)
+    results = []
+    for every in (1, 0):
+        model = make_reversible(tiny_model("llama", dropout=0.1)).train()
+        probe = model._reversible_conversion.probe
+        probe.every, probe.threshold = every, 0.0
+        torch.manual_seed(3)
+        losses = [model(ids, labels=ids).loss for _ in range(3)]
+        sum(losses).backward()
+        results.append((torch.stack([l.detach() for l in losses]), [p.grad.clone() for p in model.parameters()]))
+        if every:
+            assert probe.probes == 3 and probe.warned and probe.last is not None
+            assert probe.state_dict()["fidelity_mean_rel_change"] == pytest.approx(probe.mean)
+            with torch.no_grad():
+                original = model.eval()(ids, labels=ids).loss.item()
+            # Dropout differs between the probe (training mode) and this eval call: only the order of magnitude.
+            assert abs(probe.last) < 0.5 and abs(losses[-1].item() / original - 1) < 0.5
+        else:
+            assert probe.probes == 0
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+def test_fidelity_report_measures_the_coupling():
+    model = make_reversible(tiny_model("llama", depth=3, dropout=0.1), gamma=0.5)
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        original = model.eval()(ids, labels=ids).loss.item()
+    model.train()
+    report = fidelity_report(model, ids, draws=3)
+    assert report.original_loss == pytest.approx(original, rel=1e-12)
+    assert report.relative_change != 0  # gamma 1/2 moves the function
+    assert [r["branch"] for r in report.sublayers] == ["attention", "mlp"] * 3
+    assert report.sublayers[0]["side_bits"] == 0 and all(r["side_bits"] == 1 for r in report.sublayers[1:])
+    assert all(r["perturbation"] > 0 for r in report.sublayers[1:])
+    assert model.training and "3 reversible" not in report.summary() and "6 reversible sub-layers" in report.summary()
+    # The twin computes the same function: the same signs give the same training-mode loss.
+    twin = make_reversible(copy.deepcopy(model), reversible=False)
+    assert fidelity_report(twin, ids, draws=3).training_loss == pytest.approx(report.training_loss, rel=1e-9)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_training_function_is_the_coupling_not_the_original(family):
-    """In training the coupling perturbs the function (gamma = +-1/2), and the perturbation has mean ~0: averaged
+    """In training the coupling perturbs the function (gamma = +-1/32), and the perturbation has mean ~0: averaged
     over sign draws the training-mode logits approach the original's."""
     original = tiny_model(family).train()
     model = make_reversible(copy.deepcopy(original)).train()
@@ -188,7 +254,7 @@ def test_two_step_reversal_is_bit_exact_at_depth_48(dtype, coupling_class):
         assert rel_err(grads[0], grads[1]) <= 1e-6
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
 def test_packed_bits_round_trip_and_size(bits):
     stack = PackedBits()
     values = [torch.randint(0, 2**bits, shape) for shape in [(3, 5, 7), (2, 8), (1,)]]
@@ -226,10 +292,11 @@ def step_peak_bytes(family: str, depth: int, reversible: bool, dropout: float, s
 def test_activation_memory_grows_by_the_side_bits_only(family, dropout):
     seq, hidden = 256, 32
     per_layer = (step_peak_bytes(family, 16, True, dropout, seq) - step_peak_bytes(family, 2, True, dropout, seq)) / 14
-    # Budget per layer: one bit per element of the hidden state per sub-layer (2 sub-layers), plus, where the layer
-    # draws random numbers (dropout), the engine's CPU generator state recorded before each sub-layer.
+    # Budget per layer: the default coupling's side bits (5 for gamma = 1/32) per element of the hidden state per
+    # sub-layer (2 sub-layers), plus, where the layer draws random numbers (dropout), the engine's CPU generator state
+    # recorded before each sub-layer.
     rng_bytes = torch.get_rng_state().numel() if dropout else 0
-    budget = 2 * (seq * hidden / 8) + 2 * rng_bytes
+    budget = 2 * gamma_shift(DEFAULT_GAMMA) * (seq * hidden / 8) + 2 * rng_bytes
     print(f"{family}: {per_layer:.0f} B per layer, budget {budget:.0f} B")
     assert per_layer <= budget + 512, (per_layer, budget)
     plain = (step_peak_bytes(family, 4, False, dropout, seq) - step_peak_bytes(family, 2, False, dropout, seq)) / 2
@@ -348,14 +415,18 @@ def test_trainer_trains_converted_model_like_its_twin(tmp_path):
 def test_reconfigure_and_revert():
     model = tiny_model("llama").train()
     layer = model.model.layers[0]
-    make_reversible(model)
-    make_reversible(model, reversible=False)  # options change, no second patch
+    make_reversible(model, gamma=0.25, chunk_size_feed_forward=8)
+    make_reversible(model, reversible=False)  # options change, no second patch; the others are kept
+    conversion = model._reversible_conversion
+    assert conversion.coupling.gamma == 0.25 and conversion.blocks[0].g_chunk_size == 8 and not conversion.reversible
+    make_reversible(model, coupling="bdia")  # a new coupling name takes its default gamma
+    assert conversion.coupling.name == "bdia" and conversion.coupling.gamma == 2.0**-5
     ids = random_ids()
     assert "_ReversibleStackFunctionBackward" not in graph_nodes(model(ids, labels=ids).loss)
     make_reversible(model, reversible=True)
     assert "_ReversibleStackFunctionBackward" in graph_nodes(model(ids, labels=ids).loss)
     assert revert_reversible(model) is model and not is_reversible(model)
-    assert "forward" not in vars(layer) and not model.model._forward_pre_hooks
+    assert "forward" not in vars(layer) and not model.model._forward_pre_hooks and not model._forward_hooks
     assert "_ReversibleStackFunctionBackward" not in graph_nodes(model(ids, labels=ids).loss)
     with pytest.raises(ValueError, match="not converted"):
         revert_reversible(model)
@@ -388,14 +459,35 @@ def test_unsupported_model_raises_naming_supported_classes():
     [
         (dict(coupling="additive"), ValueError, "original residual update at inference"),
         (dict(gamma=0.3), ValueError, "power of two"),
-        (dict(coupling="momentum", gamma=1.5), ValueError, "momentum_gamma"),
+        # Each of these crashed inside the check before (`cannot convert float NaN to integer`, ...).
+        (dict(gamma=0), ValueError, "power of two"),
+        (dict(gamma=-0.5), ValueError, "power of two"),
+        (dict(gamma=float("nan")), ValueError, "power of two"),
+        (dict(gamma=float("inf")), ValueError, "power of two"),
+        (dict(gamma=2.0**-9), ValueError, "power of two"),
+        (dict(gamma="0.5"), TypeError, "gamma"),
+        (dict(gamma=True), TypeError, "gamma"),
+        (dict(coupling="momentum", gamma=1.5), ValueError, "gamma` of the momentum coupling"),
+        (dict(coupling="momentum", gamma=float("nan")), ValueError, "gamma` of the momentum coupling"),
+        (dict(coupling="momentum", gamma="0.5"), ValueError, "gamma` of the momentum coupling"),
         (dict(fixed_point_bits=70), ValueError, "fixed_point_bits"),
         (dict(reversible="yes"), TypeError, "reversible"),
+        (dict(chunk_size_feed_forward=-1), ValueError, "chunk_size_feed_forward"),
     ],
 )
 def test_bad_options_raise(options, error, match):
+    model = tiny_model("llama")
     with pytest.raises(error, match=match):
-        make_reversible(tiny_model("llama"), **options)
+        make_reversible(model, **options)
+    assert not is_reversible(model)  # nothing was installed
+
+
+def test_bad_options_leave_a_converted_model_as_it_was():
+    model = make_reversible(tiny_model("llama"), gamma=0.25)
+    with pytest.raises(ValueError, match="power of two"):
+        make_reversible(model, gamma=float("nan"), chunk_size_feed_forward=64)
+    conversion = model._reversible_conversion
+    assert conversion.coupling.gamma == 0.25 and conversion.blocks[0].g_chunk_size == 256
 
 
 def test_unsupported_calls_in_reversible_training_raise():
