@@ -121,3 +121,14 @@ def fresh_drift_monitor(monkeypatch):
     from reformer_rev.couplings import DriftMonitor
 
     monkeypatch.setattr(reversible, "default_drift_monitor", DriftMonitor())
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct checkpoint of `make fetch-pretrained`; the test is skipped when it is absent."""
+    from eval.fetch_pretrained import cached_checkpoint
+
+    path = cached_checkpoint("smollm2-135m")
+    if path is None:
+        pytest.skip("SmolLM2-135M is not fetched: run `make fetch-pretrained` (python -m eval.fetch_pretrained smollm2-135m)")
+    return path
