@@ -52,15 +52,18 @@ from reformer_rev.safe_io import atomic_write_json, save_model_folder
 from reformer_rev.training.budget import StepFitter, TimeBudget, make_scheduler
 from reformer_rev.training.checkpointing import CheckpointManager, output_dir_lock
 from reformer_rev.training.cli import (
-    add_checkpoint_arguments,
-    add_model_arguments,
-    add_training_arguments,
+    CHECKPOINT_OPTIONS,
+    TRAINING_OPTIONS,
+    Option,
+    OptionParser,
     config_from_args,
     make_accelerator,
     make_optimizer,
+    model_options,
     prepare_distributed_model,
     setup_logging,
     validate_training_args,
+    with_defaults,
 )
 from reformer_rev.training.corpus import load_bundled_lm_dataset
 from reformer_rev.training.loop import (
@@ -117,90 +120,96 @@ MODEL_FIELDS = {
 # --------------------------------------------------------------------------------------------------------------
 
 
+OPTIONS = [
+    # data
+    Option("dataset_name", None, "A dataset on the Hugging Face Hub.", type=str, group="data",
+           default_text="the bundled corpus"),
+    Option("dataset_config_name", None, "The configuration of --dataset_name.", type=str, group="data"),
+    Option("train_file", None, "Local .txt/.json/.jsonl(.gz) training file (a .txt file is one document).", type=str,
+           group="data"),
+    Option("validation_file", None, "Local validation file (same format as --train_file).", type=str, group="data",
+           default_text="--validation_split_percentage of the training data"),
+    Option("test_file", None, "Local test file (same format as --train_file).", type=str, group="data",
+           default_text="none"),
+    Option("text_column_name", "text", "The column of the .json/.jsonl files that holds the text.", group="data"),
+    Option("validation_split_percentage", 5,
+           "Percent of the training data held out when there is no validation split: of the documents when there "
+           "are at least 2, else the end of the single document.", minimum=1, group="data"),
+    Option("block_size", 256,
+           "Tokens per training block (long documents are cut). The main job's 256 trains on 16 blocks drawn from all "
+           "over the corpus per step; --block_size 1024 (4 per step) or 65536 (1) trains on long context.",
+           minimum=1, group="data"),
+    Option("preprocessing_num_workers", None, "Processes for tokenising (`datasets.map(num_proc=...)`).", type=int,
+           minimum=1, group="data", default_text="1"),
+    Option("overwrite_cache", False, "Recompute the tokenised datasets instead of reusing the `datasets` cache.",
+           group="data"),
+    # tokenizer
+    Option("tokenizer_type", None,
+           "A new tokenizer: 'byte' or a BPE trained on the training split. Used with --model_name_or_path only when "
+           "the checkpoint has no tokenizer.", type=str, choices=("byte", "bpe"), group="tokenizer",
+           default_text="byte"),
+    Option("tokenizer_name", None, "A pretrained tokenizer (folder or Hub id); overrides the others.", type=str,
+           group="tokenizer"),
+    Option("bpe_vocab_size", 4096, "Vocabulary of --tokenizer_type bpe (the 256 bytes, 4 specials and merges).",
+           minimum=261, group="tokenizer"),
+    # model
+    Option("model_name_or_path", None,
+           "Start from a checkpoint (local folder or Hub id) instead of scratch: a reformer_rev model, or a pretrained "
+           "Llama/Qwen2/Mistral/GPT-2 causal LM, which trains through `reformer_rev.make_reversible` "
+           "(--no_reversible: as it is) and is saved as a plain checkpoint of its class. Its tokenizer is used if it "
+           "has one; without one, pass --tokenizer_name (or --tokenizer_type for a model trained with one of ours).",
+           type=str, group="model", default_text="a new model from the options below"),
+    Option("config_name", None, "A config to start from (vocabulary from the tokenizer).", type=str, group="model"),
+    *model_options(MODEL_FIELDS, max_position_embeddings="max(--block_size, 65536)"),
+    *with_defaults(
+        TRAINING_OPTIONS,
+        per_device_train_batch_size=Option(
+            "per_device_train_batch_size", None, "Blocks per process and micro-batch.", type=int, minimum=1,
+            default_text=f"{TOKENS_PER_BATCH} tokens // --block_size"),
+        per_device_eval_batch_size=Option(
+            "per_device_eval_batch_size", None, "Blocks per process and evaluation batch.", type=int, minimum=1,
+            default_text=f"{TOKENS_PER_BATCH} tokens // --block_size"),
+        learning_rate=3e-3, adam_beta2=0.99, max_train_steps=1200, num_warmup_steps=60, time_budget_minutes=9.0,
+    ),
+    # evaluation and logging
+    Option("eval_steps", 25, "Evaluate on the validation split every N steps; 0: at the end only.", minimum=0,
+           group="evaluation and logging"),
+    Option("max_eval_blocks", 128,
+           "Final validation/test figures use at most N blocks per split, evenly spaced through the split (every "
+           "book represented; fewer if the time budget runs short); the unigram baseline uses the same blocks. 0: all.",
+           minimum=0, group="evaluation and logging"),
+    Option("eval_subset_blocks", 32,
+           "Periodic evaluations during training use N evenly spaced validation blocks. 0: the final set.", minimum=0,
+           group="evaluation and logging"),
+    Option("logging_steps", 10, "Log the mean training loss every N steps.", minimum=0, group="evaluation and logging"),
+    Option("report_to", "none", "Experiment tracker: 'tensorboard', 'wandb', 'all' or 'none'.",
+           group="evaluation and logging"),
+    Option("sample_tokens", 200, "Tokens of the sample generated at the end; 0: none.", minimum=0,
+           group="evaluation and logging"),
+    *with_defaults(CHECKPOINT_OPTIONS, output_dir="outputs/lm"),
+    # hub
+    Option("push_to_hub", False, "Upload the final model to the Hub (needs --hub_model_id).", group="hub"),
+    Option("hub_model_id", None, "The Hub repository, e.g. 'user/revformer-lm'.", type=str, group="hub"),
+    Option("hub_token", None, "Hub token (default: HF_TOKEN or the `hf auth login` token).", type=str, group="hub"),
+]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data = p.add_argument_group("data")
-    data.add_argument("--dataset_name", type=str, default=None, help="A dataset on the Hugging Face Hub.")
-    data.add_argument("--dataset_config_name", type=str, default=None)
-    data.add_argument("--train_file", type=str, default=None, help="Local .txt/.json/.jsonl(.gz) training file.")
-    data.add_argument("--validation_file", type=str, default=None)
-    data.add_argument("--test_file", type=str, default=None)
-    data.add_argument("--text_column_name", type=str, default="text")
-    data.add_argument(
-        "--validation_split_percentage", type=int, default=5,
-        help="Percent of the training documents held out when the data has no validation split.",
-    )
-    data.add_argument(
-        "--block_size", type=int, default=256,
-        help="Tokens per training block (long documents are cut). The main job's 256 trains on 16 blocks drawn from "
-        "all over the corpus per step; --block_size 1024 (4 per step) or 65536 (1) trains on long context.",
-    )
-    data.add_argument("--preprocessing_num_workers", type=int, default=None)
-    data.add_argument("--overwrite_cache", action="store_true")
-
-    tok = p.add_argument_group("tokenizer")
-    tok.add_argument(
-        "--tokenizer_type", choices=("byte", "bpe"), default=None,
-        help="A new tokenizer: 'byte' (the default when there is no other) or a BPE trained on the training split. "
-        "Used with --model_name_or_path only when the checkpoint has no tokenizer.",
-    )
-    tok.add_argument("--tokenizer_name", type=str, default=None, help="A pretrained tokenizer (overrides the others).")
-    tok.add_argument("--bpe_vocab_size", type=int, default=4096)
-
-    p.add_argument(
-        "--model_name_or_path", type=str, default=None,
-        help="Start from a checkpoint (local folder or Hub id) instead of scratch: a reformer_rev model, or a "
-        "pretrained Llama/Qwen2/Mistral/GPT-2 causal LM, which trains through `reformer_rev.make_reversible` "
-        "(--no_reversible: as it is) and is saved as a plain checkpoint of its class. Its tokenizer is used if it "
-        "has one; without one, pass --tokenizer_name (or --tokenizer_type for a model trained with one of ours).",
-    )
-    p.add_argument("--config_name", type=str, default=None, help="A config to start from (vocabulary from the tokenizer).")
-    add_model_arguments(p, MODEL_FIELDS)
-    add_training_arguments(
-        p, per_device_train_batch_size=None, per_device_eval_batch_size=None, learning_rate=3e-3, adam_beta2=0.99,
-        batch_size_help=f"Blocks per process and micro-batch; default: {TOKENS_PER_BATCH} tokens // --block_size.",
-        max_train_steps=1200, num_warmup_steps=60, time_budget_minutes=9.0,
-    )
-
-    ev = p.add_argument_group("evaluation and logging")
-    ev.add_argument("--eval_steps", type=int, default=25, help="Evaluate on the validation split every N steps; 0: end only.")
-    ev.add_argument(
-        "--max_eval_blocks", type=int, default=128,
-        help="Final validation/test figures use at most N blocks per split, evenly spaced through the split (every "
-        "book represented; fewer if the time budget runs short); the unigram baseline uses the same blocks. 0: all.",
-    )
-    ev.add_argument(
-        "--eval_subset_blocks", type=int, default=32,
-        help="Periodic evaluations during training use N evenly spaced validation blocks. 0: the final set.",
-    )
-    ev.add_argument("--logging_steps", type=int, default=10)
-    ev.add_argument("--report_to", type=str, default="none", help="'tensorboard', 'wandb', 'all' or 'none'.")
-    ev.add_argument("--sample_tokens", type=int, default=200, help="Tokens of the sample generated at the end; 0: none.")
-
-    add_checkpoint_arguments(p, output_dir="outputs/lm")
-    hub = p.add_argument_group("hub")
-    hub.add_argument("--push_to_hub", action="store_true")
-    hub.add_argument("--hub_model_id", type=str, default=None)
-    hub.add_argument("--hub_token", type=str, default=None)
-
-    args = p.parse_args(argv)
+    args = OptionParser(__doc__.split("\n\n")[0], OPTIONS).parse_args(argv)
     validate_args(args)
     return args
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Fail before any work is done, naming the bad argument."""
-    if args.block_size <= 0:
-        raise ValueError(f"`--block_size` must be a positive integer, got {args.block_size}.")
+    """Fail before any work is done, naming the bad argument (each option's range is checked by the parser)."""
     # Unset batch sizes keep a micro-batch at TOKENS_PER_BATCH tokens whatever the block size, so that longer blocks
     # are one flag away (`--block_size 1024` trains 4 blocks of 1,024 per step, `--block_size 65536` one).
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
         if getattr(args, name) is None:
             setattr(args, name, max(1, TOKENS_PER_BATCH // args.block_size))
     validate_training_args(args)
-    for name in ("eval_steps", "logging_steps", "max_eval_blocks", "eval_subset_blocks", "sample_tokens"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}.")
+    if args.validation_split_percentage >= 100:
+        raise ValueError(f"`--validation_split_percentage` must be below 100, got {args.validation_split_percentage}.")
     if args.dataset_name is not None and args.train_file is not None:
         raise ValueError("Pass either `--dataset_name` or `--train_file`, not both.")
     for name in ("train_file", "validation_file", "test_file"):

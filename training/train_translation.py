@@ -37,15 +37,18 @@ from reformer_rev.safe_io import atomic_write_json, save_model_folder
 from reformer_rev.training.budget import StepFitter, TimeBudget, make_scheduler
 from reformer_rev.training.checkpointing import CheckpointManager, output_dir_lock
 from reformer_rev.training.cli import (
-    add_checkpoint_arguments,
-    add_model_arguments,
-    add_training_arguments,
+    CHECKPOINT_OPTIONS,
+    TRAINING_OPTIONS,
+    Option,
+    OptionParser,
     config_from_args,
     make_accelerator,
     make_optimizer,
+    model_options,
     prepare_distributed_model,
     setup_logging,
     validate_training_args,
+    with_defaults,
 )
 from reformer_rev.training.loop import GuardedStep, StopFlag, TrainingLoop, TrainLog, stop_on_signals
 from reformer_rev.training.models import build_model
@@ -77,43 +80,58 @@ MODEL_FIELDS = {
 }
 
 
+OPTIONS = [
+    # data
+    Option("dataset_name", None, "Hub translation dataset.", type=str, group="data", default_text="bundled Bible en-es"),
+    Option("dataset_config_name", None, "The configuration of --dataset_name (e.g. 'de-en').", type=str, group="data"),
+    Option("train_file", None,
+           'json/jsonl(.gz) in the HF translation format: one {"translation": {"en": ..., "es": ...}} per line.',
+           type=str, group="data"),
+    Option("validation_file", None, "Validation pairs (same format as --train_file).", type=str, group="data"),
+    Option("test_file", None, "Test pairs (same format as --train_file).", type=str, group="data"),
+    Option("source_lang", "en", "Source language key of the translation pairs.", group="data"),
+    Option("target_lang", "es", "Target language key of the translation pairs.", group="data"),
+    Option("max_source_length", 128, "Source tokens kept per pair (longer sources are cut).", minimum=1, group="data"),
+    Option("max_target_length", 128, "Target tokens kept per pair (longer targets are cut).", minimum=1, group="data"),
+    Option("max_train_samples", None, "Use the first N training pairs (debugging).", type=int, minimum=1, group="data",
+           default_text="all"),
+    Option("max_eval_samples", None, "Use the first N validation pairs for the loss.", type=int, minimum=1,
+           group="data", default_text="all"),
+    Option("val_bleu_samples", 300, "Validation pairs decoded for BLEU/chrF at each evaluation.", minimum=0,
+           group="data"),
+    # tokenizer
+    Option("tokenizer_name", None, "An existing tokenizer (folder or Hub id).", type=str, group="tokenizer",
+           default_text="learn a joint BPE on the training pairs"),
+    Option("bpe_vocab_size", 8000, "Vocabulary of the joint BPE.", minimum=261, group="tokenizer"),
+    # model
+    Option("model_name_or_path", None, "Fine-tune this checkpoint instead of a new model.", type=str, group="model",
+           default_text="a new model from the options below"),
+    *model_options(MODEL_FIELDS),
+    *with_defaults(
+        TRAINING_OPTIONS, per_device_train_batch_size=48, per_device_eval_batch_size=64, learning_rate=1.5e-3,
+        adam_beta2=0.98, num_train_epochs=20, lr_scheduler_type="inverse_sqrt", num_warmup_steps=300,
+        mixed_precision=Option("mixed_precision", "no", "Mixed precision of the forward/backward.",
+                               choices=("no", "bf16", "fp16")),
+    ),
+    Option("num_threads", None, "torch intra-op threads (CPU).", type=int, minimum=1, default_text="torch's choice"),
+    # evaluation
+    Option("eval_steps", 500, "Validate (loss, BLEU, chrF) every N steps.", minimum=1, group="evaluation"),
+    Option("extra_eval_steps", [], "Also validate at these steps.", type=int, nargs="*", group="evaluation",
+           default_text="none"),
+    Option("num_beams", 1, "Beams for the validation BLEU decode.", minimum=1, group="evaluation"),
+    Option("max_new_tokens", 160, "Longest translation generated for BLEU.", minimum=1, group="evaluation"),
+    Option("logging_steps", 50, "Print the mean training loss every N steps.", minimum=1, group="evaluation"),
+    *with_defaults(
+        CHECKPOINT_OPTIONS, checkpointing_steps=500,
+        output_dir=Option("output_dir", None, "Where the models, logs and checkpoints go.", type=str, required=True,
+                          group="output and checkpoints"),
+    ),
+]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = p.add_argument_group("data")
-    d.add_argument("--dataset_name", default=None, help="Hub translation dataset (default: bundled Bible en-es).")
-    d.add_argument("--dataset_config_name", default=None)
-    d.add_argument("--train_file", default=None, help="json/jsonl(.gz) in the HF translation format.")
-    d.add_argument("--validation_file", default=None)
-    d.add_argument("--test_file", default=None)
-    d.add_argument("--source_lang", default="en")
-    d.add_argument("--target_lang", default="es")
-    d.add_argument("--max_source_length", type=int, default=128)
-    d.add_argument("--max_target_length", type=int, default=128)
-    d.add_argument("--max_train_samples", type=int, default=None, help="Use the first N training pairs (debugging).")
-    d.add_argument("--max_eval_samples", type=int, default=None, help="Use the first N validation pairs for the loss.")
-    d.add_argument("--val_bleu_samples", type=int, default=300, help="Validation pairs decoded for BLEU/chrF.")
-    t = p.add_argument_group("tokenizer")
-    t.add_argument("--tokenizer_name", default=None, help="Existing tokenizer path; default: learn a joint BPE.")
-    t.add_argument("--bpe_vocab_size", type=int, default=8000)
-    p.add_argument("--model_name_or_path", default=None, help="Fine-tune this checkpoint instead of a new model.")
-    add_model_arguments(p, MODEL_FIELDS)
-    add_training_arguments(
-        p, per_device_train_batch_size=48, per_device_eval_batch_size=64, learning_rate=1.5e-3, adam_beta2=0.98,
-        num_train_epochs=20, lr_scheduler_type="inverse_sqrt", num_warmup_steps=300, mixed_precision="no",
-    )
-    p.add_argument("--num_threads", type=int, default=None, help="torch intra-op threads (CPU).")
-    r = p.add_argument_group("evaluation")
-    r.add_argument("--eval_steps", type=int, default=500)
-    r.add_argument("--extra_eval_steps", type=int, nargs="*", default=[], help="Also validate at these steps.")
-    r.add_argument("--num_beams", type=int, default=1, help="Beams for the validation BLEU decode.")
-    r.add_argument("--max_new_tokens", type=int, default=160)
-    r.add_argument("--logging_steps", type=int, default=50)
-    add_checkpoint_arguments(p, output_dir=None, checkpointing_steps=500)
-    args = p.parse_args(argv)
+    args = OptionParser(__doc__, OPTIONS).parse_args(argv)
     validate_training_args(args)
-    for name in ("eval_steps", "logging_steps"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"`--{name}` must be positive, got {getattr(args, name)}.")
     return args
 
 
