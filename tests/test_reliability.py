@@ -325,3 +325,44 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
     assert len(samples) == 240 and len(in_data) == 371 and all(n <= in_data[s] for s, n in seen.items())
     a, b = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preemption: a real signal to the running process
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_sigterm_stops_at_a_step_boundary_and_the_resume_loses_nothing(corpus, reference, tmp_path, monkeypatch):
+    """A real SIGTERM to this process after step 5 is logged: the run stops at that step boundary (before the fix the
+    handler's flag never reached the loop and the run trained to the end), saves a verified `step_5` and returns;
+    the resume then reproduces the uninterrupted run's per-step losses, samples and final weights exactly."""
+    from reformer_rev.training.checkpointing import verify_manifest
+    from reformer_rev.training.loop import TrainLog
+
+    real_write = TrainLog.write
+
+    def write(self, record):
+        real_write(self, record)
+        if record["step"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(TrainLog, "write", write)
+    out = tmp_path / "out"
+    argv = tiny(corpus, out, "--checkpointing_steps", "4", "--checkpoints_total_limit", "5")
+    stopped = train_lm.main(argv)
+    assert stopped["stopped"] == "SIGTERM" and stopped["step"] == 5
+    assert [p.name for p in list_checkpoints(out)] == ["step_4", "step_5"]
+    verify_manifest(out / "checkpoints" / "step_5", ["model.safetensors"])
+    assert not (out / train_lm.RESULTS_NAME).exists() and not (out / ".lock").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
+    monkeypatch.undo()
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    results = train_lm.main(argv + ["--resume_from_checkpoint", "latest"])
+    assert results["train"]["steps"] == 12
+    assert read_log(out) == read_log(reference)
+    a, b = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0

@@ -50,7 +50,8 @@ import reformer_rev  # noqa: F401  (registers the `reformer_rev` model type with
 from reformer_rev.model_card import write_model_card
 from reformer_rev.safe_io import atomic_write_json, save_model_folder
 from reformer_rev.training.budget import StepFitter, TimeBudget, make_scheduler
-from reformer_rev.training.checkpointing import CheckpointManager, output_dir_lock
+from reformer_rev.training.checkpointing import CheckpointManager, output_dir_lock, save_at_stop
+from reformer_rev.training.collectives import agreed_min
 from reformer_rev.training.cli import (
     CHECKPOINT_OPTIONS,
     TRAINING_OPTIONS,
@@ -68,10 +69,12 @@ from reformer_rev.training.cli import (
 from reformer_rev.training.corpus import load_bundled_lm_dataset
 from reformer_rev.training.loop import (
     GuardedStep,
+    Preempted,
     StopFlag,
     TrainingLoop,
     TrainLog,
     block_fingerprints,
+    past_deadline_or_stopped,
     stop_on_signals,
 )
 from reformer_rev.training.models import (
@@ -401,6 +404,13 @@ def evenly_spaced(ds: datasets.Dataset, n: int) -> datasets.Dataset:
     return ds.select(np.unique(np.linspace(0, ds.num_rows - 1, n).round().astype(np.int64)).tolist())
 
 
+def spread_order(n: int) -> list[int]:
+    """0..n-1 in van der Corput order (0, n/2, n/4, 3n/4, ...): every prefix is spread over the whole range."""
+    bits = max(1, (n - 1).bit_length())
+    order = [int(format(i, f"0{bits}b")[::-1], 2) for i in range(1 << bits)]
+    return [i for i in order if i < n]
+
+
 def collate_blocks(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Full blocks need no padding: labels are the inputs (the model shifts them)."""
     ids = torch.tensor([e["input_ids"] for e in examples], dtype=torch.long)
@@ -434,6 +444,8 @@ def evaluate(
     dataloader: DataLoader,
     accelerator: Accelerator,
     token_bytes: torch.Tensor,
+    stop: StopFlag | None = None,
+    deadline: float | None = None,
 ) -> dict[str, float]:
     """Loss (nats/token), perplexity and bits-per-byte over every target of every block, summed over processes.
 
@@ -441,11 +453,19 @@ def evaluate(
     the figures are exact whatever the number of processes. bpb = total nats / total bytes / ln 2 (for the byte
     tokenizer this is loss / ln 2). Also returns the blocks evaluated and the seconds it took (the time budget's
     measure of evaluation speed).
+
+    After each batch every process agrees (one collective) whether to go on: a stop signal raises `Preempted`; past
+    `deadline` (`time.time()`) the evaluation ends early, over the blocks evaluated so far (the first `blocks` rows of
+    the dataset: the loader deals batches to the processes in turn).
     """
     start = time.perf_counter()
     model.eval()
     nats, tokens, nbytes, blocks = [], [], [], 0
     for batch in dataloader:
+        if nats and past_deadline_or_stopped(accelerator, stop, deadline):
+            if hasattr(dataloader, "end"):  # Accelerate's loaders unregister themselves only when exhausted
+                dataloader.end()
+            break
         ids = batch["input_ids"]
         logits = model(input_ids=ids, use_cache=False).logits
         targets = ids[:, 1:]
@@ -546,7 +566,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     setup_logging(accelerator)
     set_seed(args.seed)
-    with output_dir_lock(accelerator, args.output_dir, "training/train_lm.py"), stop_on_signals(StopFlag()) as stop:
+    with output_dir_lock(accelerator, args.output_dir, "training/train_lm.py"), \
+            stop_on_signals(StopFlag(args.stop_grace_seconds)) as stop:
         return train(args, accelerator, budget, stop, push_checkpoint)
 
 
@@ -629,7 +650,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
         return model(**batch).loss, 1.0, batch["input_ids"].numel()
 
     def periodic_eval() -> dict[str, float]:
-        metrics = evaluate(model, periodic_loader, accelerator, token_bytes)
+        metrics = evaluate(model, periodic_loader, accelerator, token_bytes, stop=stop)
         clock.seconds += metrics["seconds"]
         clock.blocks += metrics["blocks"]
         return metrics
@@ -645,39 +666,43 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
                     disable=not accelerator.is_local_main_process)
     window: list[float] = []
     update = None
-    for update in loop.updates(batches_for_epoch, compute_loss):
-        progress.total = state.max_train_steps
-        progress.update(1)
-        window += [] if update.skipped else [update.loss]
-        progress.set_postfix(loss=f"{sum(window) / max(1, len(window)):.4f}", lr=f"{update.lr:.2e}")
-        if args.logging_steps and update.step % args.logging_steps == 0:
-            if args.report_to != "none" and window:
-                mean = sum(window) / len(window)
-                accelerator.log({"train/loss": mean, "train/bpb": mean / LN2, "train/lr": update.lr}, step=update.step)
-            window = []
-        if args.eval_steps and update.step % args.eval_steps == 0 and not state.finished:
-            metrics = periodic_eval()
-            state.eval_history.append({"step": update.step, **metrics})
-            progress.write(f"step {update.step}: validation loss {metrics['loss']:.4f}, bpb {metrics['bpb']:.4f} "
-                           f"({metrics['tokens']:,} tokens)")
-            if args.report_to != "none":
-                accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=update.step)
-        # Never a checkpoint right after a non-finite step: the newest checkpoint stays the last good state.
-        if args.checkpointing_steps and update.step % args.checkpointing_steps == 0 and not update.skipped:
-            checkpoints.save(state)
+    try:  # a signal during a periodic evaluation stops there (Preempted); during a step, at its end
+        for update in loop.updates(batches_for_epoch, compute_loss):
+            progress.total = state.max_train_steps
+            progress.update(1)
+            window += [] if update.skipped else [update.loss]
+            progress.set_postfix(loss=f"{sum(window) / max(1, len(window)):.4f}", lr=f"{update.lr:.2e}")
+            if args.logging_steps and update.step % args.logging_steps == 0:
+                if args.report_to != "none" and window:
+                    mean = sum(window) / len(window)
+                    accelerator.log({"train/loss": mean, "train/bpb": mean / LN2, "train/lr": update.lr}, step=update.step)
+                window = []
+            if args.eval_steps and update.step % args.eval_steps == 0 and not state.finished:
+                metrics = periodic_eval()
+                state.eval_history.append({"step": update.step, **metrics})
+                progress.write(f"step {update.step}: validation loss {metrics['loss']:.4f}, bpb {metrics['bpb']:.4f} "
+                               f"({metrics['tokens']:,} tokens)")
+                if args.report_to != "none":
+                    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=update.step)
+            # Never a checkpoint right after a non-finite step: the newest checkpoint stays the last good state.
+            if args.checkpointing_steps and update.step % args.checkpointing_steps == 0 and not update.skipped:
+                checkpoints.save(state)
+    except Preempted as stopped:
+        loop.stop_reason = str(stopped)
     progress.close()
     train_log.close()
+    last_skipped = update is not None and update.skipped
     if loop.stop_reason is not None and loop.stop_reason != "time budget":
         # Stopped by a signal: keep the state for a resume and skip the (long) final evaluation and save.
-        saved = checkpoints.save_unless_saved(state, last_step_skipped=update is not None and update.skipped)
-        accelerator.print(f"Stopped by {loop.stop_reason} at step {state.completed_steps}; the newest checkpoint is "
-                          f"{saved}: resume with --resume_from_checkpoint latest.")
-        return {"stopped": loop.stop_reason, "step": state.completed_steps}
+        return save_at_stop(accelerator, checkpoints, state, stop, loop.stop_reason, last_skipped)
 
     # ---- final evaluation (sized to the time left), sample, results, atomic final save ---------------------------
     seconds_per_block = clock.per_block(fitter.seconds_per_step or 1.0)
-    final, unigram = final_evaluation(args, accelerator, model, eval_sets, lm, token_bytes, byte_counts, budget,
-                                      seconds_per_block)
+    try:
+        final, unigram = final_evaluation(args, accelerator, model, eval_sets, lm, token_bytes, byte_counts, budget,
+                                          seconds_per_block, stop)
+    except Preempted as stopped:  # training is complete: a resume only evaluates and saves
+        return save_at_stop(accelerator, checkpoints, state, stop, str(stopped), last_skipped)
     if args.report_to != "none":
         accelerator.log({f"final/{s}_{k}": v for s, m in final.items() for k, v in m.items()}, step=state.completed_steps)
     unwrapped = accelerator.unwrap_model(model)
@@ -748,26 +773,38 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
 def final_evaluation(
     args: argparse.Namespace, accelerator: Accelerator, model: torch.nn.Module, eval_sets: dict[str, datasets.Dataset],
     lm: DatasetDict, token_bytes: torch.Tensor, byte_counts: np.ndarray, budget: TimeBudget, seconds_per_block: float,
+    stop: StopFlag | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Validation and test figures (and their unigram baselines) over evenly spaced blocks; with a time budget, as
     many blocks per split as the time left allows (the same number for every split and on every process; at least
-    MIN_FINAL_EVAL_BLOCKS)."""
+    MIN_FINAL_EVAL_BLOCKS).
+
+    The estimate of the evaluation speed can be wrong on a loaded machine, so each split also gets a deadline, its
+    share of the time left: an evaluation that runs late ends there, over the blocks done so far. The blocks are
+    evaluated in an order whose every prefix is spread over the whole split (`spread_order`), so a shortened
+    evaluation still covers every part of it; the unigram baseline uses exactly the evaluated blocks."""
     final, unigram = {}, {}
     splits = [s for s in eval_sets if s != "periodic"]
     per_split = None
     if budget.bounded:  # what is left after the save, shared equally by the splits
         affordable = (budget.left() - FINAL_SAVE_SECONDS) / (EVAL_TIME_MARGIN * seconds_per_block) / len(splits)
-        affordable = torch.tensor(float(max(MIN_FINAL_EVAL_BLOCKS, int(affordable))), device=accelerator.device)
-        per_split = int(accelerator.reduce(affordable, "min").item()) if accelerator.num_processes > 1 else int(affordable)
-    for split in splits:
+        per_split = int(agreed_min(accelerator, max(MIN_FINAL_EVAL_BLOCKS, int(affordable))))
+    for i, split in enumerate(splits):
         blocks = eval_sets[split]
+        deadline = None
         if per_split is not None:
             blocks = evenly_spaced(blocks, min(per_split, blocks.num_rows))
             if blocks.num_rows < eval_sets[split].num_rows:
                 logger.warning(f"Time budget: the final {split} evaluation uses {blocks.num_rows} of "
                                f"{eval_sets[split].num_rows} blocks.")
+            deadline = time.time() + (budget.left() - FINAL_SAVE_SECONDS) / (len(splits) - i)
+        blocks = blocks.select(spread_order(blocks.num_rows))
         loader = accelerator.prepare(DataLoader(blocks, collate_fn=collate_blocks, batch_size=args.per_device_eval_batch_size))
-        final[split] = evaluate(model, loader, accelerator, token_bytes)
+        final[split] = evaluate(model, loader, accelerator, token_bytes, stop=stop, deadline=deadline)
+        if final[split]["blocks"] < blocks.num_rows:
+            logger.warning(f"Time budget: the final {split} evaluation ran late and ended after "
+                           f"{final[split]['blocks']} of {blocks.num_rows} blocks.")
+            blocks = blocks.select(range(final[split]["blocks"]))
         unigram[split] = unigram_baseline_bpb(blocks, byte_counts)
         accelerator.print(
             f"{split}: loss {final[split]['loss']:.4f}, perplexity {final[split]['perplexity']:.3f}, bits-per-byte "

@@ -35,7 +35,7 @@ from transformers import PreTrainedTokenizerFast
 import reformer_rev  # noqa: F401  (registers the `reformer_rev` model type with the Auto classes)
 from reformer_rev.safe_io import atomic_write_json, save_model_folder
 from reformer_rev.training.budget import StepFitter, TimeBudget, make_scheduler
-from reformer_rev.training.checkpointing import CheckpointManager, output_dir_lock
+from reformer_rev.training.checkpointing import CheckpointManager, output_dir_lock, save_at_stop
 from reformer_rev.training.cli import (
     CHECKPOINT_OPTIONS,
     TRAINING_OPTIONS,
@@ -50,7 +50,15 @@ from reformer_rev.training.cli import (
     validate_training_args,
     with_defaults,
 )
-from reformer_rev.training.loop import GuardedStep, StopFlag, TrainingLoop, TrainLog, stop_on_signals
+from reformer_rev.training.loop import (
+    GuardedStep,
+    Preempted,
+    StopFlag,
+    TrainingLoop,
+    TrainLog,
+    past_deadline_or_stopped,
+    stop_on_signals,
+)
 from reformer_rev.training.models import build_model
 from reformer_rev.training.reporting import plot_loss_curve
 from reformer_rev.training.state import TrainingState
@@ -160,28 +168,41 @@ def get_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) -> t
 
 
 @torch.no_grad()
-def validation_loss(model, examples, batch_size: int, pad_id: int, accelerator: Accelerator) -> float:
-    """Token-weighted mean cross-entropy over `examples` (teacher forcing, eval mode)."""
+def validation_loss(model, examples, batch_size: int, pad_id: int, accelerator: Accelerator,
+                    stop: StopFlag | None = None, deadline: float | None = None) -> tuple[float, int]:
+    """Token-weighted mean cross-entropy over `examples` (teacher forcing, eval mode), and the number of pairs it
+    covers: past `deadline` it ends early (shortest pairs first); a stop signal raises `Preempted`."""
     model.eval()
-    total, count = 0.0, 0
+    total, count, done = 0.0, 0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["labels"]))
     for start in range(0, len(order), batch_size):
+        if start and past_deadline_or_stopped(accelerator, stop, deadline):
+            break
         batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         n = int((batch["labels"] != -100).sum())
         with accelerator.autocast():
             total += model(**batch).loss.item() * n
         count += n
+        done += len(batch["labels"])
     model.train()
-    return total / max(count, 1)
+    return total / max(count, 1), done
 
 
 class Evaluator:
-    """Validation loss + BLEU/chrF, timing itself per pair so the final evaluation can be sized to a time budget."""
+    """Validation loss + BLEU/chrF, timing itself per pair so the final evaluation can be sized to a time budget.
 
-    def __init__(self, args, accelerator, model, tokenizer, val_examples, val_src, val_tgt) -> None:
+    Between batches it checks the stop flag (a signal raises `Preempted`) and, for the final evaluation, a deadline:
+    past it the evaluation ends with the pairs done so far (the record says how many)."""
+
+    # Sources translated between two checks of the stop flag and the deadline, in batches.
+    BATCHES_PER_CHECK = 4
+
+    def __init__(self, args, accelerator, model, tokenizer, val_examples, val_src, val_tgt,
+                 stop: StopFlag | None = None) -> None:
         self.args, self.accelerator, self.model, self.tokenizer = args, accelerator, model, tokenizer
         self.val_examples, self.val_src, self.val_tgt = val_examples, val_src, val_tgt
+        self.stop = stop
         self.seconds_per_pair = {"loss": None, "bleu": None}
 
     def estimate(self, seconds_per_step: float, loss_pairs: int, bleu_pairs: int) -> float:
@@ -191,24 +212,53 @@ class Evaluator:
         bleu = self.seconds_per_pair["bleu"] or guess * self.args.max_new_tokens / 8
         return loss_pairs * loss + bleu_pairs * bleu
 
-    def __call__(self, step: int, loss_pairs: int | None = None, bleu_pairs: int | None = None) -> dict[str, Any]:
+    def translate(self, sources: list[str], deadline: float | None) -> dict[int, str]:
+        """{index: translation} of `sources`, shortest first in the batches `translate` itself would form, until the
+        deadline."""
+        args, unwrapped = self.args, self.accelerator.unwrap_model(self.model)
+        encoded = self.tokenizer(sources, max_length=args.max_source_length, truncation=True)["input_ids"]
+        order = sorted(range(len(sources)), key=lambda i: len(encoded[i]))
+        chunk = args.per_device_eval_batch_size * self.BATCHES_PER_CHECK
+        hyps: dict[int, str] = {}
+        for start in range(0, len(order), chunk):
+            if start and past_deadline_or_stopped(self.accelerator, self.stop, deadline):
+                break
+            idx = order[start : start + chunk]
+            out = translate(unwrapped, self.tokenizer, [sources[i] for i in idx],
+                            batch_size=args.per_device_eval_batch_size, num_beams=args.num_beams,
+                            max_source_length=args.max_source_length, max_new_tokens=args.max_new_tokens)
+            hyps.update(zip(idx, out))
+        return hyps
+
+    def __call__(self, step: int, loss_pairs: int | None = None, bleu_pairs: int | None = None,
+                 deadline: float | None = None) -> dict[str, Any]:
         args, unwrapped = self.args, self.accelerator.unwrap_model(self.model)
         examples = self.val_examples[:loss_pairs] if loss_pairs is not None else self.val_examples
-        start = start_all = time.perf_counter()
-        loss = validation_loss(unwrapped, examples, args.per_device_eval_batch_size, self.tokenizer.pad_token_id,
-                               self.accelerator)
-        self.seconds_per_pair["loss"] = (time.perf_counter() - start) / max(1, len(examples))
-        record = {"step": step, "val_loss": round(loss, 5), "loss_pairs": len(examples)}
         k = min(args.val_bleu_samples if bleu_pairs is None else bleu_pairs, len(self.val_src))
+        start = start_all = time.perf_counter()
+        # The loss gets its share of the time left by its estimated cost; BLEU the rest.
+        loss_deadline = None
+        if deadline is not None:
+            cost = self.estimate(1.0, len(examples), 0), self.estimate(1.0, 0, k)
+            loss_deadline = time.time() + (deadline - time.time()) * cost[0] / max(sum(cost), 1e-9)
+        loss, done = validation_loss(unwrapped, examples, args.per_device_eval_batch_size,
+                                     self.tokenizer.pad_token_id, self.accelerator, self.stop, loss_deadline)
+        self.seconds_per_pair["loss"] = (time.perf_counter() - start) / max(1, done)
+        record = {"step": step, "val_loss": round(loss, 5), "loss_pairs": done}
         if k > 0:
             start = time.perf_counter()
-            hyps = translate(unwrapped, self.tokenizer, self.val_src[:k], batch_size=args.per_device_eval_batch_size,
-                             num_beams=args.num_beams, max_source_length=args.max_source_length,
-                             max_new_tokens=args.max_new_tokens)
-            self.seconds_per_pair["bleu"] = (time.perf_counter() - start) / k
-            record.update({f"val_{name}": v for name, v in translation_scores(hyps, self.val_tgt[:k]).items()})
-            record["bleu_pairs"] = k
-            record["val_example"] = {"source": self.val_src[0], "prediction": hyps[0], "reference": self.val_tgt[0]}
+            hyps = self.translate(self.val_src[:k], deadline)
+            self.seconds_per_pair["bleu"] = (time.perf_counter() - start) / max(1, len(hyps))
+            idx = sorted(hyps)
+            scores = translation_scores([hyps[i] for i in idx], [self.val_tgt[i] for i in idx])
+            record.update({f"val_{name}": v for name, v in scores.items()})
+            record["bleu_pairs"] = len(idx)
+            first = idx[0]
+            record["val_example"] = {"source": self.val_src[first], "prediction": hyps[first],
+                                     "reference": self.val_tgt[first]}
+        if deadline is not None and (done < len(examples) or record.get("bleu_pairs", k) < k):
+            logger.warning(f"Time budget: the final evaluation ran late and ended after {done} of {len(examples)} "
+                           f"pairs for the loss and {record.get('bleu_pairs', 0)} of {k} for BLEU.")
         record["eval_seconds"] = round(time.perf_counter() - start_all, 1)
         return record
 
@@ -229,7 +279,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accelerator = make_accelerator(args)
     setup_logging(accelerator)
     set_seed(args.seed)
-    with output_dir_lock(accelerator, args.output_dir, "training/train_translation.py"), stop_on_signals(StopFlag()) as stop:
+    with output_dir_lock(accelerator, args.output_dir, "training/train_translation.py"), \
+            stop_on_signals(StopFlag(args.stop_grace_seconds)) as stop:
         return train(args, accelerator, budget, stop)
 
 
@@ -275,7 +326,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
         logger.info(f"Resuming at step {state.completed_steps} (epoch {state.epoch}, batch {state.batches_in_epoch}).")
 
     # ---- train -------------------------------------------------------------------------------------------------
-    evaluator = Evaluator(args, accelerator, model, tokenizer, val_examples, val_src, val_tgt)
+    evaluator = Evaluator(args, accelerator, model, tokenizer, val_examples, val_src, val_tgt, stop)
     full_eval = (len(val_examples), min(args.val_bleu_samples, len(val_src)))
 
     def reserve(seconds_per_step: float) -> float:  # the final evaluation and save
@@ -305,7 +356,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
         n_tokens = int((batch["labels"] != -100).sum())
         return loss, float(n_tokens), n_tokens
 
-    def evaluate_now(step: int, **sizes: int) -> None:
+    def evaluate_now(step: int, **sizes: Any) -> None:
         record = evaluator(step, **sizes)
         state.eval_history.append({k: v for k, v in record.items() if k != "val_example"})
         # Best model: highest validation BLEU (lowest loss when BLEU is not computed).
@@ -321,23 +372,25 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
         + (f", time budget {args.time_budget_minutes} min" if budget.bounded else "") + " *****"
     )
     window, update = [], None
-    for update in loop.updates(batches_for_epoch, compute_loss):
-        window += [] if update.skipped else [update.loss]
-        if update.step % args.logging_steps == 0 and window:
-            accelerator.print(f"step {update.step}/{state.max_train_steps}: train loss {sum(window) / len(window):.4f}, "
-                              f"lr {update.lr:.3e}, {budget.elapsed() / 60:.1f} min")
-            window = []
-        if (update.step % args.eval_steps == 0 or update.step in args.extra_eval_steps) and not state.finished:
-            evaluate_now(update.step)
-        if args.checkpointing_steps and update.step % args.checkpointing_steps == 0 and not update.skipped:
-            checkpoints.save(state)
+    try:  # a signal during an evaluation stops there (Preempted); during a step, at its end
+        for update in loop.updates(batches_for_epoch, compute_loss):
+            window += [] if update.skipped else [update.loss]
+            if update.step % args.logging_steps == 0 and window:
+                accelerator.print(f"step {update.step}/{state.max_train_steps}: train loss "
+                                  f"{sum(window) / len(window):.4f}, lr {update.lr:.3e}, {budget.elapsed() / 60:.1f} min")
+                window = []
+            if (update.step % args.eval_steps == 0 or update.step in args.extra_eval_steps) and not state.finished:
+                evaluate_now(update.step)
+            if args.checkpointing_steps and update.step % args.checkpointing_steps == 0 and not update.skipped:
+                checkpoints.save(state)
+    except Preempted as stopped:
+        loop.stop_reason = str(stopped)
     train_log.close()
-    # Whatever ended the run, its state is saved (a resume continues from here), never right after a skipped step.
-    checkpoints.save_unless_saved(state, last_step_skipped=update is not None and update.skipped)
+    last_skipped = update is not None and update.skipped
     if loop.stop_reason is not None and loop.stop_reason != "time budget":
-        accelerator.print(f"Stopped by {loop.stop_reason} at step {state.completed_steps}: resume with "
-                          "--resume_from_checkpoint latest.")
-        return {"event": "end", "stop_reason": loop.stop_reason, "step": state.completed_steps}
+        return {"event": "end", **save_at_stop(accelerator, checkpoints, state, stop, loop.stop_reason, last_skipped)}
+    # Whatever else ended the run, its state is saved (a resume continues from here), never after a skipped step.
+    checkpoints.save_unless_saved(state, last_step_skipped=last_skipped)
 
     # ---- final evaluation (sized to the time left) and save ----------------------------------------------------
     if not state.eval_history or state.eval_history[-1]["step"] != state.completed_steps:
@@ -350,7 +403,11 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
                 sizes = {"loss_pairs": max(1, int(full_eval[0] * scale)), "bleu_pairs": int(full_eval[1] * scale)}
                 logger.warning(f"Time budget: the final evaluation uses {sizes['loss_pairs']} validation pairs for "
                                f"the loss and {sizes['bleu_pairs']} for BLEU.")
-        evaluate_now(state.completed_steps, **sizes)
+            sizes["deadline"] = budget.end - FINAL_SAVE_SECONDS  # a hard stop if the estimate was too low
+        try:
+            evaluate_now(state.completed_steps, **sizes)
+        except Preempted as stopped:  # training is complete: a resume only evaluates and saves
+            return {"event": "end", **save_at_stop(accelerator, checkpoints, state, stop, str(stopped), last_skipped)}
     save_model(out_dir / "final", model, tokenizer, accelerator)
     steps_log = TrainLog.read(out_dir) if accelerator.is_main_process else []
     drift = loop.drift.summary(steps_log, accelerator)  # a collective: every process

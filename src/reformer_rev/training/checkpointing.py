@@ -50,6 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..safe_io import FolderLock, FolderLockedError, WriteError, atomic_write_bytes, atomic_write_json, describe_os_error, fsync_folder, sha256_file
 from .budget import refit_scheduler
+from .collectives import all_processes
 from .state import TRAINER_STATE_NAME, TrainingState
 
 logger = logging.getLogger(__name__)
@@ -318,6 +319,20 @@ class CheckpointManager:
             return newest
         return self.save(state)
 
+    def save_verified(self, state: TrainingState, last_step_skipped: bool) -> Path | None:
+        """At a stop: `save_unless_saved`, then re-read the checkpoint against its manifest (every file's size and
+        SHA-256) before the process exits; `CheckpointSaveError` on every process if it does not verify."""
+        path = self.save_unless_saved(state, last_step_skipped)
+        error: CheckpointError | None = None
+        if path is not None and self.accelerator.is_main_process:
+            try:
+                verify_manifest(path, [MODEL_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME])
+            except CheckpointError as err:
+                error = err
+        if not self._all(error is None):
+            raise CheckpointSaveError(f"The checkpoint {path} saved at the stop does not verify: {error or 'see the main process'}.")
+        return path
+
     def remove_interrupted_saves(self) -> list[Path]:
         stale = sorted(self.root.glob(TEMP_PREFIX + "*")) if self.root.is_dir() else []
         for d in stale:
@@ -493,12 +508,23 @@ class CheckpointManager:
         raise CheckpointError(str(self.root), "no valid checkpoint; tried, newest first: " + "; ".join(tried))
 
 
+def save_at_stop(accelerator: Any, checkpoints: CheckpointManager, state: TrainingState, stop: Any, reason: str,
+                 last_step_skipped: bool) -> dict[str, Any]:
+    """The end of a run stopped by a signal (both scripts): the state of the last finished optimizer step as a
+    verified checkpoint, one line saying where and how long it took, and the summary the script returns (exit 0)."""
+    saved = checkpoints.save_verified(state, last_step_skipped)
+    since = stop.seconds_since_request() if stop is not None else None
+    took = f", {since:.1f} s after the signal" if since is not None else ""
+    where = f"checkpoint {saved} (verified)" if saved is not None else "no checkpoint (not supported here)"
+    accelerator.print(f"Stopped by {reason} at step {state.completed_steps}{took}: {where}. Resume with the same "
+                      "command plus --resume_from_checkpoint latest.")
+    return {"stopped": reason, "step": state.completed_steps, "checkpoint": None if saved is None else str(saved),
+            "seconds_after_signal": since}
+
+
 def _all_processes(accelerator: Any, ok: bool) -> bool:
-    """True on every process iff `ok` on every process (one collective)."""
-    if accelerator.num_processes == 1:
-        return ok
-    flag = torch.tensor(float(ok), device=accelerator.device)
-    return bool(accelerator.reduce(flag, "min").item() > 0)
+    """True on every process iff `ok` on every process (one collective, a real minimum)."""
+    return all_processes(accelerator, ok)
 
 
 @contextlib.contextmanager
@@ -549,5 +575,6 @@ __all__ = [
     "WriteError",
     "list_checkpoints",
     "output_dir_lock",
+    "save_at_stop",
     "verify_manifest",
 ]

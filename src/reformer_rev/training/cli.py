@@ -272,6 +272,11 @@ TRAINING_OPTIONS = [
            "schedule with it, so that the schedule completes; it is re-fitted when the step time drifts; the final "
            "evaluation is sized to the time left. (--max_train_minutes is the older name.)",
            type=float, minimum=0, aliases=("max_train_minutes",), default_text="none"),
+    Option("stop_grace_seconds", 25.0,
+           "SIGTERM/SIGINT stop the run at the next optimizer step boundary; it saves a verified checkpoint and exits "
+           "0. If it is still running this many seconds after the signal (a step or a save longer than that), it "
+           "exits at once (code 128+signal) and the newest checkpoint stays. Schedulers allow 30-120 s between "
+           "SIGTERM and SIGKILL; torchrun gives its workers 30 s.", minimum=1),
 ]
 
 CHECKPOINT_OPTIONS = [

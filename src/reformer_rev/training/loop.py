@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -34,6 +35,7 @@ from .. import reversible
 from ..reversible import DriftMonitor
 from ..safe_io import atomic_write_text
 from .budget import StepFitter, refit_scheduler
+from .collectives import all_reduce
 from .state import TrainingState
 
 logger = logging.getLogger(__name__)
@@ -123,8 +125,8 @@ class DriftLog:
         s = self.monitor.state_dict()
         # float64: the value is compared with the logged one; -1 stands for "no probe on this process".
         here = torch.tensor(s["worst"] if s["probes"] else -1.0, dtype=torch.float64)
-        if accelerator is not None and accelerator.num_processes > 1:
-            here = accelerator.reduce(here.to(accelerator.device), "max").cpu()
+        if accelerator is not None:
+            here = all_reduce(accelerator, here, "max")
         logged = [r["drift_worst_rel_err"] for r in steps_log if r.get("drift_worst_rel_err") is not None]
         worst = max([*logged, *([here.item()] if here >= 0 else [])], default=None)
         return {"worst_rel_err": worst, "last_rel_err": s["last"], "probes": s["probes"],
@@ -221,24 +223,114 @@ class GuardedStep:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGINT while `stop_on_signals()` is active: the loop ends after the current optimizer step
-    (the state stays consistent for a checkpoint). A second signal interrupts at once."""
+class Preempted(Exception):
+    """Every process agreed to stop on a signal while the run was between optimizer steps (evaluating, preparing):
+    the script saves the state of the last finished step and exits 0."""
 
-    def __init__(self) -> None:
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT while `stop_on_signals()` is active: the loop ends at the next optimizer step boundary
+    (evaluations check it per batch and raise `Preempted`), the script saves a verified checkpoint and exits 0.
+
+    The time from the signal to the exit is bounded by `grace_seconds`: a watchdog exits the process when it is still
+    running then (the newest checkpoint stays as it was; a save in progress leaves only a temp folder). A second signal
+    exits at once. A repeat of the same signal within `DUPLICATE_SECONDS` is the same request delivered twice (a
+    terminal's Ctrl-C reaches `torchrun` and its workers, and `torchrun` forwards it again), not a second one.
+    """
+
+    DUPLICATE_SECONDS = 1.0
+
+    def __init__(self, grace_seconds: float | None = None) -> None:
         self.reason: str | None = None
+        self.signum: int | None = None
+        self.received_at: float | None = None
+        self.grace_seconds = grace_seconds
+        # What the watchdog's last words name (set by the loop: the newest checkpoint).
+        self.describe_checkpoint: Callable[[], str] = lambda: "unknown"
+        self._watchdog: threading.Timer | None = None
 
     def __bool__(self) -> bool:
         return self.reason is not None
+
+    def request(self, reason: str, signum: int | None = None) -> None:
+        """Ask the run to stop (what the signal handler does); starts the watchdog."""
+        self.reason, self.signum, self.received_at = reason, signum, time.monotonic()
+        if self.grace_seconds is not None and self._watchdog is None:
+            self._watchdog = threading.Timer(self.grace_seconds, self._expire)
+            self._watchdog.daemon = True
+            self._watchdog.start()
+
+    def seconds_since_request(self) -> float | None:
+        return None if self.received_at is None else time.monotonic() - self.received_at
+
+    @property
+    def code(self) -> float:
+        """0: no request; the signal number; `OTHER_REQUEST` for a request without a signal. The processes reduce it
+        with max, so every process learns that (and, mostly, why) some process was asked to stop."""
+        return 0.0 if not self else float(self.signum or self.OTHER_REQUEST)
+
+    OTHER_REQUEST = 1000
+
+    @classmethod
+    def reason_of(cls, code: float) -> str | None:
+        code = int(code)
+        if code <= 0:
+            return None
+        return signal.Signals(code).name if code in {s.value for s in signal.Signals} else "a stop request"
+
+    def agreed_reason(self, accelerator: Any) -> str | None:
+        """Why some process was asked to stop (None: no process was); a collective: every process must call it."""
+        return self.reason_of(all_reduce(accelerator, torch.tensor([self.code], dtype=torch.float64), "max").item())
+
+    def cancel_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+    def _expire(self) -> None:
+        logger.error(
+            f"Still running {self.grace_seconds:g} s after {self.reason} (--stop_grace_seconds): exiting now without "
+            f"saving. The newest checkpoint is {self.describe_checkpoint()}; resume with --resume_from_checkpoint latest."
+        )
+        _exit_now(self.signum)
+
+
+def past_deadline_or_stopped(accelerator: Any, stop: StopFlag | None, deadline: float | None) -> bool:
+    """Between two batches of an evaluation, decided by every process together (one collective): raise `Preempted`
+    when any process was asked to stop; return True when any process is past `deadline` (`time.time()`)."""
+    if stop is None and deadline is None:
+        return False
+    late = deadline is not None and time.time() > deadline
+    flags = all_reduce(accelerator, torch.tensor([stop.code if stop is not None else 0.0, float(late)],
+                                                 dtype=torch.float64), "max")
+    reason = StopFlag.reason_of(flags[0].item())
+    if reason is not None:
+        raise Preempted(reason)
+    return bool(flags[1] > 0)
+
+
+def _exit_now(signum: int | None) -> None:
+    """Exit the process at once (no cleanup that could block): the shell's code for "killed by this signal"."""
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    os._exit(128 + (signum or signal.SIGTERM))
 
 
 @contextlib.contextmanager
 def stop_on_signals(flag: StopFlag, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[StopFlag]:
     def handler(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        since = flag.seconds_since_request()
+        if since is not None and since < flag.DUPLICATE_SECONDS:
+            return  # the same request, delivered twice (see StopFlag)
         if flag:
-            raise KeyboardInterrupt(f"second signal {signal.Signals(signum).name}")
-        flag.reason = signal.Signals(signum).name
-        logger.warning(f"{flag.reason} received: stopping after the current optimizer step (again to stop now).")
+            logger.error(f"Second signal ({name}): exiting now without saving. The newest checkpoint is "
+                         f"{flag.describe_checkpoint()}.")
+            _exit_now(signum)
+        bound = f" and exiting within {flag.grace_seconds:g} s (--stop_grace_seconds)" if flag.grace_seconds else ""
+        logger.warning(f"{name} received: stopping at the next optimizer step boundary, saving a checkpoint{bound}. "
+                       "Send it again to exit at once without saving.")
+        flag.request(name, signum)
 
     try:
         previous = {s: signal.signal(s, handler) for s in signals}
@@ -247,6 +339,7 @@ def stop_on_signals(flag: StopFlag, signals: Iterable[int] = (signal.SIGTERM, si
     try:
         yield flag
     finally:
+        flag.cancel_watchdog()
         for s, h in previous.items():
             signal.signal(s, h)
 
@@ -271,28 +364,37 @@ class TrainingLoop:
                  last_checkpoint: Callable[[], str] = lambda: "none",
                  fingerprint: Callable[[Any], list[str]] | None = None) -> None:
         self.accelerator, self.model, self.guard, self.state, self.log = accelerator, model, guard, state, log
-        self.fitter, self.stop, self.last_checkpoint = fitter, stop or StopFlag(), last_checkpoint
+        # `stop or StopFlag()` would replace the caller's flag: an unset StopFlag is falsy, so the signal handler's flag
+        # never reached the loop (issue 24).
+        self.fitter, self.last_checkpoint = fitter, last_checkpoint
+        self.stop = stop if stop is not None else StopFlag()
+        self.stop.describe_checkpoint = last_checkpoint
         self.fingerprint = fingerprint
         self.stop_reason: str | None = None
         self.drift = DriftLog()
 
-    def _agree(self, step_seconds: float) -> tuple[int | None, bool, bool]:
+    def _agree(self, step_seconds: float) -> tuple[int | None, bool, str | None]:
         """What every process must decide together after a step, in one collective: a refitted run length (the
         shortest any process fitted), whether the budget's training deadline passed, and whether to stop."""
         total = None if self.fitter is None else self.fitter.step_done(
             self.state.completed_steps, step_seconds, self.state.max_train_steps)
         late = self.fitter is not None and self.fitter.out_of_time()
-        flags = torch.tensor([-1e18 if total is None else -float(total), float(late), float(bool(self.stop))],
-                             device=self.accelerator.device)
-        flags = self.accelerator.reduce(flags, "max") if self.accelerator.num_processes > 1 else flags
+        flags = torch.tensor([-1e18 if total is None else -float(total), float(late), self.stop.code],
+                             dtype=torch.float64)
+        flags = all_reduce(self.accelerator, flags, "max")
         fitted = None if flags[0].item() <= -1e17 else int(-flags[0].item())
-        return fitted, flags[1].item() > 0, flags[2].item() > 0
+        return fitted, flags[1].item() > 0, StopFlag.reason_of(flags[2].item())
 
     def updates(self, batches_for_epoch: Callable[[int, int], tuple[Iterable[Any], int]],
                 compute_loss: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, float, int]]) -> Iterator[Update]:
         acc, state = self.accelerator, self.state
         samples: list[str] = []
         self.model.train()
+        reason = self.stop.agreed_reason(acc)
+        if reason is not None:  # a signal during data preparation: not one step more
+            self.stop_reason = reason
+            logger.warning(f"Stopping before step {state.completed_steps + 1}: {self.stop_reason}.")
+            return
         while not state.finished:
             batches, epoch_length = batches_for_epoch(state.epoch, state.batches_in_epoch)
             if epoch_length == 0:
@@ -324,6 +426,12 @@ class TrainingLoop:
                 seconds = time.perf_counter() - step_start
                 state.train_time_s += seconds
                 fitted, late, stop = self._agree(seconds)
+                if fitted is not None and fitted > state.max_train_steps and state.finished:
+                    # The schedule has run out (its learning rate is 0 from here): lengthening the run now would
+                    # only train at learning rate 0 (issue 24). The run ends as fitted before.
+                    logger.info(f"Time budget: the step time would allow {fitted} steps, but the schedule ended at "
+                                f"step {state.max_train_steps}; not lengthened.")
+                    fitted = None
                 if fitted is not None and fitted != state.max_train_steps:
                     fit = self.fitter.fits[-1] if self.fitter.fits else None
                     rate = f"{fit.seconds_per_step:.2f} s/step" if fit else "the measured step time"
@@ -336,8 +444,8 @@ class TrainingLoop:
                 yield Update(state.completed_steps, epoch, loss_value, lr, grad_norm, skipped)
                 if late and not state.finished:
                     self.stop_reason = "time budget"
-                elif stop:
-                    self.stop_reason = self.stop.reason or "stop signal on another process"
+                elif stop is not None:
+                    self.stop_reason = stop
                 if self.stop_reason is not None:
                     logger.warning(f"Stopping at step {state.completed_steps}: {self.stop_reason}.")
                     return
