@@ -50,7 +50,12 @@ import reformer_rev  # noqa: F401  (registers the `reformer_rev` model type with
 from reformer_rev.model_card import write_model_card
 from reformer_rev.safe_io import atomic_write_json, save_model_folder
 from reformer_rev.training.budget import StepFitter, TimeBudget, make_scheduler
-from reformer_rev.training.checkpointing import CheckpointManager, output_dir_lock, save_at_stop
+from reformer_rev.training.checkpointing import (
+    CheckpointManager,
+    output_dir_lock,
+    save_at_stop,
+    set_aside_previous_run,
+)
 from reformer_rev.training.collectives import agreed_min
 from reformer_rev.training.cli import (
     CHECKPOINT_OPTIONS,
@@ -84,6 +89,7 @@ from reformer_rev.training.models import (
     trains_reversibly,
 )
 from reformer_rev.training.reporting import generate_sample, plot_loss_curve
+from reformer_rev.training.settings import run_settings
 from reformer_rev.training.state import TrainingState
 from reformer_rev.training.tokenization import (
     build_byte_tokenizer,
@@ -133,7 +139,7 @@ OPTIONS = [
     Option("validation_file", None, "Local validation file (same format as --train_file).", type=str, group="data",
            default_text="--validation_split_percentage of the training data"),
     Option("test_file", None, "Local test file (same format as --train_file).", type=str, group="data",
-           default_text="none"),
+           default_text="none", fingerprint=False),
     Option("text_column_name", "text", "The column of the .json/.jsonl files that holds the text.", group="data"),
     Option("validation_split_percentage", 5,
            "Percent of the training data held out when there is no validation split: of the documents when there "
@@ -143,9 +149,9 @@ OPTIONS = [
            "over the corpus per step; --block_size 1024 (4 per step) or 65536 (1) trains on long context.",
            minimum=1, group="data"),
     Option("preprocessing_num_workers", None, "Processes for tokenising (`datasets.map(num_proc=...)`).", type=int,
-           minimum=1, group="data", default_text="1"),
+           minimum=1, group="data", default_text="1", fingerprint=False),
     Option("overwrite_cache", False, "Recompute the tokenised datasets instead of reusing the `datasets` cache.",
-           group="data"),
+           group="data", fingerprint=False),
     # tokenizer
     Option("tokenizer_type", None,
            "A new tokenizer: 'byte' or a BPE trained on the training split. Used with --model_name_or_path only when "
@@ -171,29 +177,29 @@ OPTIONS = [
             default_text=f"{TOKENS_PER_BATCH} tokens // --block_size"),
         per_device_eval_batch_size=Option(
             "per_device_eval_batch_size", None, "Blocks per process and evaluation batch.", type=int, minimum=1,
-            default_text=f"{TOKENS_PER_BATCH} tokens // --block_size"),
+            default_text=f"{TOKENS_PER_BATCH} tokens // --block_size", fingerprint=False),
         learning_rate=3e-3, adam_beta2=0.99, max_train_steps=1200, num_warmup_steps=60, time_budget_minutes=9.0,
     ),
     # evaluation and logging
     Option("eval_steps", 25, "Evaluate on the validation split every N steps; 0: at the end only.", minimum=0,
-           group="evaluation and logging"),
+           group="evaluation and logging", fingerprint=False),
     Option("max_eval_blocks", 128,
            "Final validation/test figures use at most N blocks per split, evenly spaced through the split (every "
            "book represented; fewer if the time budget runs short); the unigram baseline uses the same blocks. 0: all.",
-           minimum=0, group="evaluation and logging"),
+           minimum=0, group="evaluation and logging", fingerprint=False),
     Option("eval_subset_blocks", 32,
            "Periodic evaluations during training use N evenly spaced validation blocks. 0: the final set.", minimum=0,
-           group="evaluation and logging"),
-    Option("logging_steps", 10, "Log the mean training loss every N steps.", minimum=0, group="evaluation and logging"),
+           group="evaluation and logging", fingerprint=False),
+    Option("logging_steps", 10, "Log the mean training loss every N steps.", minimum=0, group="evaluation and logging", fingerprint=False),
     Option("report_to", "none", "Experiment tracker: 'tensorboard', 'wandb', 'all' or 'none'.",
-           group="evaluation and logging"),
+           group="evaluation and logging", fingerprint=False),
     Option("sample_tokens", 200, "Tokens of the sample generated at the end; 0: none.", minimum=0,
-           group="evaluation and logging"),
+           group="evaluation and logging", fingerprint=False),
     *with_defaults(CHECKPOINT_OPTIONS, output_dir="outputs/lm"),
     # hub
-    Option("push_to_hub", False, "Upload the final model to the Hub (needs --hub_model_id).", group="hub"),
-    Option("hub_model_id", None, "The Hub repository, e.g. 'user/revformer-lm'.", type=str, group="hub"),
-    Option("hub_token", None, "Hub token (default: HF_TOKEN or the `hf auth login` token).", type=str, group="hub"),
+    Option("push_to_hub", False, "Upload the final model to the Hub (needs --hub_model_id).", group="hub", fingerprint=False),
+    Option("hub_model_id", None, "The Hub repository, e.g. 'user/revformer-lm'.", type=str, group="hub", fingerprint=False),
+    Option("hub_token", None, "Hub token (default: HF_TOKEN or the `hf auth login` token).", type=str, group="hub", fingerprint=False),
 ]
 
 
@@ -568,6 +574,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     set_seed(args.seed)
     with output_dir_lock(accelerator, args.output_dir, "training/train_lm.py"), \
             stop_on_signals(StopFlag(args.stop_grace_seconds)) as stop:
+        set_aside_previous_run(accelerator, args.output_dir, args.resume_from_checkpoint)
         return train(args, accelerator, budget, stop, push_checkpoint)
 
 
@@ -599,9 +606,12 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
     requested_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     # Stepped by hand once per optimizer step (not via `prepare`, which would step it once per process).
     lr_scheduler = make_scheduler(optimizer, args.lr_scheduler_type, args.num_warmup_steps, requested_steps)
+    settings = run_settings(args, OPTIONS, num_processes=accelerator.num_processes,
+                            mixed_precision=accelerator.mixed_precision)
     checkpoints = CheckpointManager(
         accelerator, args.output_dir, model, optimizer, lr_scheduler, args.checkpoints_total_limit,
-        required=bool(args.checkpointing_steps or args.resume_from_checkpoint),
+        required=bool(args.checkpointing_steps or args.resume_from_checkpoint), settings=settings,
+        allow_changed_settings=args.allow_changed_settings,
     )
     if accelerator.is_main_process:
         checkpoints.remove_interrupted_saves()
@@ -752,6 +762,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
         "sample": {"prompt": SAMPLE_PROMPT, "text": sample},
         "time_budget_minutes": args.time_budget_minutes,
         "args": {k: v for k, v in vars(args).items() if k != "hub_token"},
+        # Resumed with --allow_changed_settings: each time, the step and every setting's old and new value.
+        "changed_settings": state.extra.get("changed_settings", []),
     }
     save_outputs(args, accelerator, model, tokenizer, results, steps_log, budget)
     if accelerator.is_main_process:

@@ -35,7 +35,12 @@ from transformers import PreTrainedTokenizerFast
 import reformer_rev  # noqa: F401  (registers the `reformer_rev` model type with the Auto classes)
 from reformer_rev.safe_io import atomic_write_json, save_model_folder
 from reformer_rev.training.budget import StepFitter, TimeBudget, make_scheduler
-from reformer_rev.training.checkpointing import CheckpointManager, output_dir_lock, save_at_stop
+from reformer_rev.training.checkpointing import (
+    CheckpointManager,
+    output_dir_lock,
+    save_at_stop,
+    set_aside_previous_run,
+)
 from reformer_rev.training.cli import (
     CHECKPOINT_OPTIONS,
     TRAINING_OPTIONS,
@@ -61,6 +66,7 @@ from reformer_rev.training.loop import (
 )
 from reformer_rev.training.models import build_model
 from reformer_rev.training.reporting import plot_loss_curve
+from reformer_rev.training.settings import run_settings
 from reformer_rev.training.state import TrainingState
 from reformer_rev.training.translation import (
     collate,
@@ -96,7 +102,7 @@ OPTIONS = [
            'json/jsonl(.gz) in the HF translation format: one {"translation": {"en": ..., "es": ...}} per line.',
            type=str, group="data"),
     Option("validation_file", None, "Validation pairs (same format as --train_file).", type=str, group="data"),
-    Option("test_file", None, "Test pairs (same format as --train_file).", type=str, group="data"),
+    Option("test_file", None, "Test pairs (same format as --train_file).", type=str, group="data", fingerprint=False),
     Option("source_lang", "en", "Source language key of the translation pairs.", group="data"),
     Option("target_lang", "es", "Target language key of the translation pairs.", group="data"),
     Option("max_source_length", 128, "Source tokens kept per pair (longer sources are cut).", minimum=1, group="data"),
@@ -104,9 +110,9 @@ OPTIONS = [
     Option("max_train_samples", None, "Use the first N training pairs (debugging).", type=int, minimum=1, group="data",
            default_text="all"),
     Option("max_eval_samples", None, "Use the first N validation pairs for the loss.", type=int, minimum=1,
-           group="data", default_text="all"),
+           group="data", default_text="all", fingerprint=False),
     Option("val_bleu_samples", 300, "Validation pairs decoded for BLEU/chrF at each evaluation.", minimum=0,
-           group="data"),
+           group="data", fingerprint=False),
     # tokenizer
     Option("tokenizer_name", None, "An existing tokenizer (folder or Hub id).", type=str, group="tokenizer",
            default_text="learn a joint BPE on the training pairs"),
@@ -121,18 +127,18 @@ OPTIONS = [
         mixed_precision=Option("mixed_precision", "no", "Mixed precision of the forward/backward.",
                                choices=("no", "bf16", "fp16")),
     ),
-    Option("num_threads", None, "torch intra-op threads (CPU).", type=int, minimum=1, default_text="torch's choice"),
+    Option("num_threads", None, "torch intra-op threads (CPU).", type=int, minimum=1, default_text="torch's choice", fingerprint=False),
     # evaluation
-    Option("eval_steps", 500, "Validate (loss, BLEU, chrF) every N steps.", minimum=1, group="evaluation"),
+    Option("eval_steps", 500, "Validate (loss, BLEU, chrF) every N steps.", minimum=1, group="evaluation", fingerprint=False),
     Option("extra_eval_steps", [], "Also validate at these steps.", type=int, nargs="*", group="evaluation",
-           default_text="none"),
-    Option("num_beams", 1, "Beams for the validation BLEU decode.", minimum=1, group="evaluation"),
-    Option("max_new_tokens", 160, "Longest translation generated for BLEU.", minimum=1, group="evaluation"),
-    Option("logging_steps", 50, "Print the mean training loss every N steps.", minimum=1, group="evaluation"),
+           default_text="none", fingerprint=False),
+    Option("num_beams", 1, "Beams for the validation BLEU decode.", minimum=1, group="evaluation", fingerprint=False),
+    Option("max_new_tokens", 160, "Longest translation generated for BLEU.", minimum=1, group="evaluation", fingerprint=False),
+    Option("logging_steps", 50, "Print the mean training loss every N steps.", minimum=1, group="evaluation", fingerprint=False),
     *with_defaults(
         CHECKPOINT_OPTIONS, checkpointing_steps=500,
         output_dir=Option("output_dir", None, "Where the models, logs and checkpoints go.", type=str, required=True,
-                          group="output and checkpoints"),
+                          group="output and checkpoints", fingerprint=False),
     ),
 ]
 
@@ -281,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     set_seed(args.seed)
     with output_dir_lock(accelerator, args.output_dir, "training/train_translation.py"), \
             stop_on_signals(StopFlag(args.stop_grace_seconds)) as stop:
+        set_aside_previous_run(accelerator, args.output_dir, args.resume_from_checkpoint)
         return train(args, accelerator, budget, stop)
 
 
@@ -315,8 +322,11 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     requested_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     lr_scheduler = make_scheduler(optimizer, args.lr_scheduler_type, args.num_warmup_steps, requested_steps)
+    settings = run_settings(args, OPTIONS, num_processes=accelerator.num_processes,
+                            mixed_precision=accelerator.mixed_precision)
     checkpoints = CheckpointManager(accelerator, out_dir, model, optimizer, lr_scheduler, args.checkpoints_total_limit,
-                                    required=bool(args.checkpointing_steps or args.resume_from_checkpoint))
+                                    required=bool(args.checkpointing_steps or args.resume_from_checkpoint),
+                                    settings=settings, allow_changed_settings=args.allow_changed_settings)
     if accelerator.is_main_process:
         checkpoints.remove_interrupted_saves()
     state = TrainingState(max_train_steps=requested_steps, requested_steps=requested_steps,
@@ -418,7 +428,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
                "budget_fits": [vars(f) for f in fitter.fits], "train_pairs": len(train_examples),
                "val_pairs": len(val_examples), "vocab_size": len(tokenizer),
                "tokens_per_second": state.tokens_seen / max(state.train_time_s, 1e-9),
-               "reversal_drift": drift, "args": vars(args)}
+               "reversal_drift": drift, "changed_settings": state.extra.get("changed_settings", []),
+               "args": vars(args)}
     if accelerator.is_main_process:
         atomic_write_json(out_dir / SUMMARY_NAME, {**summary, "evals": state.eval_history})
         evals = [{"step": e["step"], "loss": e["val_loss"]} for e in state.eval_history]

@@ -25,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -48,9 +50,20 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ..safe_io import FolderLock, FolderLockedError, WriteError, atomic_write_bytes, atomic_write_json, describe_os_error, fsync_folder, sha256_file
-from .budget import refit_scheduler
+from ..safe_io import (
+    FolderLock,
+    FolderLockedError,
+    WriteError,
+    atomic_write_bytes,
+    atomic_write_json,
+    describe_os_error,
+    fsync_folder,
+    reraise_as_write_error,
+    sha256_file,
+)
+from .budget import BudgetedSchedule, refit_scheduler
 from .collectives import all_processes
+from .settings import RUN_SETTINGS_NAME, changes_table, check_resume_settings
 from .state import TRAINER_STATE_NAME, TrainingState
 
 logger = logging.getLogger(__name__)
@@ -65,6 +78,7 @@ SCHEDULER_NAME = "scheduler.json"
 SCALER_NAME = "grad_scaler.json"
 RNG_NAME = "rng_state_{rank}.safetensors"
 LOCK_NAME = ".lock"
+PROTECTED_NAME = "protected.json"
 MANIFEST_FORMAT = 1
 _JSON_KEY = "json"  # safetensors metadata is str -> str: the structured part goes in as one JSON string
 
@@ -261,13 +275,18 @@ class LoadedCheckpoint:
     scheduler: dict[str, Any]
     scaler: dict[str, Any] | None
     apply_rng: Callable[[], None]
+    settings: dict[str, Any] | None = None  # run_settings.json (None: written before settings were recorded)
+    num_processes: int = 1  # how many processes wrote it (rng_state_* files)
 
 
 class CheckpointManager:
     """Saves, lists, verifies and restores the checkpoints of one run (all processes call every method).
 
     `extra_writer(folder)` (main process) adds script-specific files to each checkpoint, e.g. its tokenizer; they are
-    covered by the manifest like the rest.
+    covered by the manifest like the rest. `settings` (`reformer_rev.training.settings.run_settings`) go into every
+    checkpoint as `run_settings.json`; a resume compares them with the checkpoint's and stops on a difference unless
+    `allow_changed_settings`. Checkpoints marked with `protect` (the last healthy one before a divergence) are never
+    rotated away.
 
     Under DeepSpeed there are no checkpoints: the state is read and restored through `torch.distributed.checkpoint`,
     which does not know DeepSpeed's ZeRO optimizer (measured: `TypeError` at the first save). `required=True` (the run
@@ -285,6 +304,8 @@ class CheckpointManager:
         total_limit: int | None = None,
         extra_writer: Callable[[Path], None] | None = None,
         required: bool = False,
+        settings: dict[str, Any] | None = None,
+        allow_changed_settings: bool = False,
     ) -> None:
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.supported = getattr(accelerator, "distributed_type", None) != DistributedType.DEEPSPEED
@@ -296,6 +317,7 @@ class CheckpointManager:
             )
         self.root = Path(output_dir) / CHECKPOINTS_DIR
         self.total_limit, self.extra_writer = total_limit, extra_writer
+        self.settings, self.allow_changed_settings = settings, allow_changed_settings
         self.last_save_seconds: float | None = None
 
     # ---- listing ---------------------------------------------------------------------------------------------
@@ -379,6 +401,8 @@ class CheckpointManager:
                     if self.extra_writer is not None:
                         self.extra_writer(tmp)
                     atomic_write_bytes(tmp / TRAINER_STATE_NAME, state.to_json().encode())
+                    if self.settings is not None:
+                        atomic_write_json(tmp / RUN_SETTINGS_NAME, self.settings)
                 atomic_write_bytes(tmp / RNG_NAME.format(rank=acc.process_index), rng_to_bytes())
             except OSError as err:
                 error = err
@@ -420,17 +444,46 @@ class CheckpointManager:
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
         if self.total_limit is not None:
+            protected = self.protected()
             for old in self.list()[: -self.total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old.name not in protected:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    # ---- protection from rotation ----------------------------------------------------------------------------
+    def protected(self) -> dict[str, str]:
+        """{checkpoint name: why it is kept} (`checkpoints/protected.json`)."""
+        try:
+            data = json.loads((self.root / PROTECTED_NAME).read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def protect(self, path: Path, why: str) -> None:
+        """Keep `path` whatever `--checkpoints_total_limit` says (main process writes; every process may call)."""
+        if self.accelerator.is_main_process:
+            marks = {**self.protected(), path.name: why}
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.root / PROTECTED_NAME, marks)
 
     # ---- loading ---------------------------------------------------------------------------------------------
     def read(self, path: Path) -> LoadedCheckpoint:
         """Verify `path` against its manifest and parse every file this process needs (nothing applied yet)."""
-        rng_name = RNG_NAME.format(rank=self.accelerator.process_index)
-        required = [MODEL_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME, rng_name]
+        required = [MODEL_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME]
         if getattr(self.accelerator, "scaler", None) is not None:
             required.append(SCALER_NAME)
-        verify_manifest(path, required)
+        manifest = verify_manifest(path, required)
+        settings = None
+        if RUN_SETTINGS_NAME in manifest["files"]:
+            settings = json_from_file(path / RUN_SETTINGS_NAME)
+            if not isinstance(settings, dict):
+                raise CheckpointError(RUN_SETTINGS_NAME, "not a JSON object")
+        # A checkpoint of N processes holds rng_state_0..N-1. A process beyond them (a resume with more processes,
+        # allowed only with --allow_changed_settings) takes the state of rank `rank % N`.
+        writers = sum(1 for name in manifest["files"] if re.fullmatch(RNG_NAME.format(rank=r"\d+"), name))
+        rank = self.accelerator.process_index
+        rng_name = RNG_NAME.format(rank=rank if rank < writers or writers == 0 else rank % writers)
+        if rng_name not in manifest["files"]:
+            raise CheckpointError(rng_name, f"not listed in {MANIFEST_NAME}")
         try:
             state = TrainingState.from_json((path / TRAINER_STATE_NAME).read_text())
         except (OSError, ValueError) as err:
@@ -452,7 +505,8 @@ class CheckpointManager:
         if not isinstance(scheduler, dict) or "last_epoch" not in scheduler:
             raise CheckpointError(SCHEDULER_NAME, "not a scheduler state")
         scaler = json_from_file(path / SCALER_NAME) if SCALER_NAME in required else None
-        return LoadedCheckpoint(path, state, model_state, optim_state, scheduler, scaler, rng_from_file(path / rng_name))
+        return LoadedCheckpoint(path, state, model_state, optim_state, scheduler, scaler, rng_from_file(path / rng_name),
+                                settings, writers)
 
     def apply(self, ckpt: LoadedCheckpoint) -> None:
         options = StateDictOptions(full_state_dict=True)
@@ -462,6 +516,45 @@ class CheckpointManager:
         if ckpt.scaler is not None:
             self.accelerator.scaler.load_state_dict(ckpt.scaler)
         ckpt.apply_rng()
+
+    def _apply_changed_settings(self, state: TrainingState, changes: dict[str, dict[str, Any]]) -> None:
+        """With --allow_changed_settings: make the new values take effect from this step on, and record both."""
+        logger.warning(f"Resuming with changed settings (--allow_changed_settings):\n{changes_table(changes)}")
+        now = {name: c["now"] for name, c in changes.items()}
+        groups = self._optimizer().param_groups
+        if "learning_rate" in now:
+            self.scheduler.base_lrs = [now["learning_rate"]] * len(groups)
+            for group in groups:
+                group["initial_lr"] = now["learning_rate"]
+        if "weight_decay" in now:  # the decay group comes first (`cli.weight_decay_groups`)
+            groups[0]["weight_decay"] = now["weight_decay"]
+        for i, name in enumerate(("adam_beta1", "adam_beta2")):
+            if name in now:
+                for group in groups:
+                    betas = list(group["betas"])
+                    betas[i] = now[name]
+                    group["betas"] = tuple(betas)
+        if {"lr_scheduler_type", "num_warmup_steps"} & set(now):
+            kind = self.settings.get("lr_scheduler_type", self.scheduler.lr_lambdas[0].kind)
+            warmup = self.settings.get("num_warmup_steps", self.scheduler.lr_lambdas[0].num_warmup_steps)
+            schedule = BudgetedSchedule(kind, warmup, state.max_train_steps)
+            self.scheduler.lr_lambdas = [schedule] * len(groups)
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        self.scheduler._last_lr = [base * factor for base in self.scheduler.base_lrs]
+        for group, lr in zip(groups, self.scheduler._last_lr):
+            group["lr"] = lr
+        # The data position in samples of the global order (batch i goes to process i % N), carried over to the new
+        # batch shape; a remainder that is no whole new batch is trained again.
+        shape = ("per_device_train_batch_size", "num_processes")
+        if set(shape) & set(now):
+            old_batch = math.prod(changes[n]["checkpoint"] if n in changes else self.settings[n] for n in shape)
+            new_batch = math.prod(self.settings[n] for n in shape)
+            samples = state.batches_in_epoch * old_batch
+            state.batches_in_epoch = samples // new_batch
+            if samples % new_batch:
+                logger.warning(f"The data position ({samples} samples into epoch {state.epoch}) is no whole number of "
+                               f"the new batches of {new_batch}: the last {samples % new_batch} samples train again.")
+        state.extra.setdefault("changed_settings", []).append({"step": state.completed_steps, "changes": changes})
 
     def resume(self, resume_from: str, requested_steps: int) -> TrainingState | None:
         """Restore `resume_from` ('latest' or a folder) and return its state; `None` when 'latest' finds no
@@ -487,10 +580,17 @@ class CheckpointManager:
             except CheckpointError as err:
                 loaded, error = None, err
             if self._all(error is None):
+                changes = {}
+                if self.settings is not None:
+                    # A checkpoint from before settings were recorded still tells how many processes wrote it.
+                    old = {"num_processes": loaded.num_processes, **(loaded.settings or {})}
+                    changes = check_resume_settings(path, old, self.settings, self.allow_changed_settings)
                 self.apply(loaded)
                 if tried:
                     logger.warning(f"Resuming from {path}, the newest valid checkpoint.")
                 state = loaded.state
+                if changes:
+                    self._apply_changed_settings(state, changes)
                 if state.requested_steps != requested_steps:
                     logger.warning(f"The run was started for {state.requested_steps} steps, now {requested_steps} are "
                                    "asked for: its LR schedule now ends there.")
@@ -550,6 +650,49 @@ def output_dir_lock(accelerator: Any, output_dir: str | os.PathLike, purpose: st
             lock.release()
 
 
+PREVIOUS_RUN_DIR = "previous_run"
+
+
+def set_aside_previous_run(accelerator: Any, output_dir: str | os.PathLike, resume_from: str | None) -> Path | None:
+    """Before a new run writes anything into `output_dir` (which it holds the lock of): if the folder holds another
+    run's files and this run does not resume it, move them into `output_dir/previous_run/` (replacing an older one)
+    with a warning, so that the new run's checkpoints, log and final model never mix with the old run's (its
+    checkpoints of higher step numbers would otherwise rotate the new ones away, and `latest` would resume the old
+    run). A resume that finds no checkpoint at all starts a new run, too. Returns where the old files went."""
+    folder = Path(output_dir)
+    resumes = resume_from is not None and (resume_from != "latest" or _has_checkpoint_folders(folder))
+    moved, error = None, None
+    if accelerator.is_main_process and not resumes and folder.is_dir():
+        old = [p for p in folder.iterdir() if p.name not in (LOCK_NAME, PREVIOUS_RUN_DIR)]
+        if old:
+            target = folder / PREVIOUS_RUN_DIR
+            try:
+                with reraise_as_write_error(target, "moving the previous run into"):
+                    replaced = target.exists()
+                    if replaced:
+                        shutil.rmtree(target)
+                    target.mkdir()
+                    for p in old:
+                        os.replace(p, target / p.name)
+                moved = target
+                logger.warning(
+                    f"{folder} held files of an earlier run ({', '.join(sorted(p.name for p in old)[:6])}"
+                    f"{', …' if len(old) > 6 else ''}) and this run does not resume it (--resume_from_checkpoint): "
+                    f"they were moved to {target}" + (" (replacing the run kept there before)" if replaced else "")
+                    + ". Resume a run with --resume_from_checkpoint latest."
+                )
+            except OSError as err:
+                error = err
+    if not _all_processes(accelerator, error is None):
+        raise error if error is not None else WriteError(None, f"could not prepare {folder} (see the main process)")
+    return moved
+
+
+def _has_checkpoint_folders(output_dir: Path) -> bool:
+    root = output_dir / CHECKPOINTS_DIR
+    return root.is_dir() and any(_step_of(d) is not None for d in root.iterdir())
+
+
 def _step_of(path: Path) -> int | None:
     if not (path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX)):
         return None
@@ -576,5 +719,6 @@ __all__ = [
     "list_checkpoints",
     "output_dir_lock",
     "save_at_stop",
+    "set_aside_previous_run",
     "verify_manifest",
 ]

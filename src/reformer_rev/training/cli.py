@@ -58,6 +58,10 @@ class Option:
     * `minimum`: the smallest accepted value (checked after parsing; a `ValueError` names the option). Float options
       must also be finite.
     * `choices`, `nargs`, `aliases` (older names), `required`, `group` (the `--help` section) as in argparse.
+    * `fingerprint`: whether the option changes what a run trains (optimizer, schedule, batch, data, model,
+      precision, seed). Those are recorded in every checkpoint, and a resume with another value stops unless
+      `--allow_changed_settings` (`reformer_rev.training.settings`). False for what only changes evaluation,
+      logging, checkpoint cadence, the run's length or where things go.
     """
 
     name: str
@@ -71,6 +75,7 @@ class Option:
     aliases: tuple[str, ...] = ()
     nargs: str | None = None
     required: bool = False
+    fingerprint: bool = True
 
     def __post_init__(self) -> None:
         if not self.help.strip():
@@ -247,49 +252,54 @@ def config_from_args(args: argparse.Namespace, fields: Iterable[str], **fixed: A
 
 TRAINING_OPTIONS = [
     Option("per_device_train_batch_size", 8, "Training examples per process and micro-batch.", minimum=1),
-    Option("per_device_eval_batch_size", 8, "Evaluation examples per process and batch.", minimum=1),
+    Option("per_device_eval_batch_size", 8, "Evaluation examples per process and batch.", minimum=1, fingerprint=False),
     Option("learning_rate", 1e-3, "Peak learning rate (after warmup).", minimum=1e-300),
     Option("weight_decay", 0.01, "AdamW weight decay, applied to matrices only (not norms, biases, gates).", minimum=0),
     Option("adam_beta1", 0.9, "AdamW beta1 (momentum of the gradient mean).", minimum=0),
     Option("adam_beta2", 0.999, "AdamW beta2 (momentum of the squared gradient).", minimum=0),
     Option("max_grad_norm", 1.0, "Clip the gradient norm to this value; 0 disables clipping.", minimum=0),
-    Option("num_train_epochs", 1, "Passes over the training data (when --max_train_steps is not given).", minimum=1),
+    Option("num_train_epochs", 1, "Passes over the training data (when --max_train_steps is not given).", minimum=1, fingerprint=False),
     Option("max_train_steps", None, "Optimizer steps to train; overrides --num_train_epochs.", type=int, minimum=1,
-           default_text="--num_train_epochs decides"),
+           default_text="--num_train_epochs decides", fingerprint=False),
     Option("gradient_accumulation_steps", 1, "Micro-batches accumulated per optimizer step.", minimum=1),
     Option("lr_scheduler_type", "cosine", "Learning-rate schedule after the warmup.", choices=SCHEDULES),
     Option("num_warmup_steps", 0, "Steps of linear warmup from 0 to --learning_rate.", minimum=0),
     Option("mixed_precision", None, "Mixed precision of the forward/backward.", type=str, choices=("no", "bf16", "fp16"),
            default_text="what `accelerate config`/launch says, else 'no'"),
     Option("seed", 42, "Seed of initialisation, dropout and data order (a resumed run restores its RNG states)."),
-    Option("cpu", False, "Force CPU (also: real multi-process DDP on CPU under torchrun)."),
+    Option("cpu", False, "Force CPU (also: real multi-process DDP on CPU under torchrun).", fingerprint=False),
     Option("skip_nonfinite_steps", 0,
            "A step whose loss or gradient norm is NaN/inf is not applied. 0: stop training with an error naming the "
-           "step and the healthy checkpoint; N: skip up to N such steps, then stop.", minimum=0),
+           "step and the healthy checkpoint; N: skip up to N such steps, then stop.", minimum=0, fingerprint=False),
     Option("time_budget_minutes", None,
            "Wall-clock budget of the whole job from process start: data preparation, training, evaluation and "
            "saving (0 or unset: none). The measured step time shortens --max_train_steps and the learning-rate "
            "schedule with it, so that the schedule completes; it is re-fitted when the step time drifts; the final "
            "evaluation is sized to the time left. (--max_train_minutes is the older name.)",
-           type=float, minimum=0, aliases=("max_train_minutes",), default_text="none"),
+           type=float, minimum=0, aliases=("max_train_minutes",), default_text="none", fingerprint=False),
     Option("stop_grace_seconds", 25.0,
            "SIGTERM/SIGINT stop the run at the next optimizer step boundary; it saves a verified checkpoint and exits "
            "0. If it is still running this many seconds after the signal (a step or a save longer than that), it "
            "exits at once (code 128+signal) and the newest checkpoint stays. Schedulers allow 30-120 s between "
-           "SIGTERM and SIGKILL; torchrun gives its workers 30 s.", minimum=1),
+           "SIGTERM and SIGKILL; torchrun gives its workers 30 s.", minimum=1, fingerprint=False),
+    Option("allow_changed_settings", False,
+           "Resume even though settings that change the run (optimizer, schedule, batch, data files, model, "
+           "precision, seed, process count) differ from the checkpoint's. The new values take effect from the "
+           "resumed step on (the data position is carried over in samples); results.json records both values.",
+           fingerprint=False),
 ]
 
 CHECKPOINT_OPTIONS = [
-    Option("output_dir", None, "Where the model, results, logs and checkpoints go.", type=str, group="output and checkpoints"),
+    Option("output_dir", None, "Where the model, results, logs and checkpoints go.", type=str, group="output and checkpoints", fingerprint=False),
     Option("checkpointing_steps", None, "Save the full training state every N optimizer steps (checkpoints/step_N).",
-           type=int, minimum=1, group="output and checkpoints", default_text="only when stopped"),
+           type=int, minimum=1, group="output and checkpoints", fingerprint=False, default_text="only when stopped"),
     Option("checkpoints_total_limit", 2,
            "Keep only the newest N checkpoints (and always the last healthy one before a divergence).",
-           minimum=1, group="output and checkpoints"),
+           minimum=1, group="output and checkpoints", fingerprint=False),
     Option("resume_from_checkpoint", None,
            "'latest' (the newest checkpoint that passes verification; damaged ones are skipped with a warning) or "
            "a checkpoint folder (used as is: an error if it fails verification).", type=str,
-           group="output and checkpoints", default_text="start a new run"),
+           group="output and checkpoints", fingerprint=False, default_text="start a new run"),
 ]
 
 
