@@ -617,7 +617,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
         checkpoints.remove_interrupted_saves()
     state = TrainingState(max_train_steps=requested_steps, requested_steps=requested_steps)
     if args.resume_from_checkpoint:
-        resumed = checkpoints.resume(args.resume_from_checkpoint, requested_steps)
+        resumed = checkpoints.resume(args.resume_from_checkpoint, requested_steps, len(train_dataloader))
         if resumed is None:
             logger.warning(f"No checkpoint found in {checkpoints.root}: starting from scratch.")
         else:

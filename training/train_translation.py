@@ -332,7 +332,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
     state = TrainingState(max_train_steps=requested_steps, requested_steps=requested_steps,
                           extra={"best_score": None, "best_step": None})
     if args.resume_from_checkpoint:
-        state = checkpoints.resume(args.resume_from_checkpoint, requested_steps) or state
+        state = checkpoints.resume(args.resume_from_checkpoint, requested_steps, batches_per_epoch) or state
         logger.info(f"Resuming at step {state.completed_steps} (epoch {state.epoch}, batch {state.batches_in_epoch}).")
 
     # ---- train -------------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ from ..safe_io import (
     reraise_as_write_error,
     sha256_file,
 )
-from .budget import BudgetedSchedule, refit_scheduler
+from .budget import SCHEDULES, BudgetedSchedule, refit_scheduler
 from .collectives import all_processes
 from .settings import RUN_SETTINGS_NAME, changes_table, check_resume_settings
 from .state import TRAINER_STATE_NAME, TrainingState
@@ -199,6 +199,25 @@ def rng_from_file(path: Path) -> Callable[[], None]:
         python_state = (int(version), tuple(int(x) for x in internal), gauss_next)
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(path.name, f"incomplete RNG state ({type(err).__name__}: {err})") from err
+    # Sizes against this process's own generators: `set_rng_state` would otherwise fail only while applying, after the
+    # model and optimizer were already restored (too late to fall back to another checkpoint).
+    expected = {"torch CPU generator": (cpu, torch.get_rng_state()), "NumPy keys": (keys, np.random.get_state()[1])}
+    for what, (got, want) in expected.items():
+        if tuple(got.shape) != tuple(want.shape) or (isinstance(got, torch.Tensor) and got.dtype != want.dtype):
+            raise CheckpointError(path.name, f"the {what} state has shape {tuple(got.shape)}, expected "
+                                             f"{tuple(want.shape)}")
+    if len(python_state[1]) != len(random.getstate()[1]):
+        raise CheckpointError(path.name, f"the Python random state has {len(python_state[1])} words, expected "
+                                         f"{len(random.getstate()[1])}")
+    # NumPy does not check the position: one beyond the key crashes the process at the next draw (measured).
+    if not (0 <= pos <= len(keys) and has_gauss in (0, 1) and math.isfinite(cached)):
+        raise CheckpointError(path.name, f"invalid NumPy RNG state (position {pos} of {len(keys)}, has_gauss "
+                                         f"{has_gauss}, cached {cached})")
+    try:  # what `set_state` itself checks, without touching the global generator
+        np.random.RandomState().set_state((kind, keys, pos, has_gauss, cached))
+        random.Random().setstate(python_state)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(path.name, f"invalid RNG state ({type(err).__name__}: {err})") from err
 
     def apply() -> None:
         torch.set_rng_state(cpu)
@@ -208,6 +227,72 @@ def rng_from_file(path: Path) -> Callable[[], None]:
         random.setstate(python_state)
 
     return apply
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_optimizer_state(optim_state: dict[str, Any], params: dict[str, torch.Tensor]) -> None:
+    """Every state entry belongs to a parameter of the model, its tensors have the parameter's shape and are finite,
+    and every group's hyperparameters are finite numbers (`CheckpointError` naming the entry otherwise)."""
+    for fqn, values in optim_state["state"].items():
+        if fqn not in params:
+            raise CheckpointError(OPTIMIZER_NAME, f"holds state for {fqn!r}, which is not a parameter of the model")
+        for key, value in values.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if value.dim() > 0 and tuple(value.shape) != tuple(params[fqn].shape):
+                raise CheckpointError(OPTIMIZER_NAME, f"{key} of {fqn} has shape {tuple(value.shape)}, the parameter "
+                                                      f"{tuple(params[fqn].shape)}")
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise CheckpointError(OPTIMIZER_NAME, f"{key} of {fqn} holds NaN/inf values")
+    for i, group in enumerate(optim_state["param_groups"]):
+        for key in ("lr", "weight_decay", "eps"):
+            if key in group and not _finite_number(group[key]):
+                raise CheckpointError(OPTIMIZER_NAME, f"parameter group {i}: {key} {group[key]!r:.40} is no finite number")
+        if "betas" in group and not (len(group["betas"]) == 2 and all(_finite_number(b) for b in group["betas"])):
+            raise CheckpointError(OPTIMIZER_NAME, f"parameter group {i}: betas {group['betas']!r:.60} are not 2 numbers")
+
+
+def check_scheduler_state(state: Any, scheduler: Any, num_groups: int) -> None:
+    """A `LambdaLR.state_dict()` that `load_state_dict` can take and whose schedule gives a finite learning rate:
+    `load_state_dict` copies whatever the JSON holds into the schedule object, which would fail (or return garbage)
+    only at the next step."""
+    if not isinstance(state, dict):
+        raise CheckpointError(SCHEDULER_NAME, "not a scheduler state (a JSON object)")
+    last = state.get("last_epoch")
+    if not isinstance(last, int) or isinstance(last, bool) or last < 0:
+        raise CheckpointError(SCHEDULER_NAME, f"'last_epoch' must be an integer >= 0, got {last!r:.40}")
+    for key in ("base_lrs", "_last_lr"):
+        if key == "_last_lr" and key not in state:
+            continue
+        values = state.get(key)
+        if not (isinstance(values, list) and len(values) == num_groups and all(_finite_number(v) for v in values)):
+            raise CheckpointError(SCHEDULER_NAME, f"{key!r} must be {num_groups} finite numbers, got {values!r:.60}")
+    lambdas = state.get("lr_lambdas")
+    if not (isinstance(lambdas, list) and len(lambdas) == num_groups):
+        raise CheckpointError(SCHEDULER_NAME, f"'lr_lambdas' must be a list of {num_groups}, got {lambdas!r:.60}")
+    template = getattr(scheduler, "lr_lambdas", [None])[0]
+    if not isinstance(template, BudgetedSchedule):
+        return
+    for fn in lambdas:
+        if not isinstance(fn, dict) or set(fn) != set(vars(template)):
+            raise CheckpointError(SCHEDULER_NAME, f"a schedule must hold exactly {sorted(vars(template))}, got {fn!r:.80}")
+        probe = BudgetedSchedule(template.kind, 0, 1)
+        try:
+            for key, value in fn.items():
+                kind = type(getattr(template, key))
+                if key == "kind" and value not in SCHEDULES:
+                    raise ValueError(f"'kind' must be one of {SCHEDULES}, got {value!r:.40}")
+                if kind in (int, float) and not _finite_number(value):
+                    raise ValueError(f"{key!r} must be a finite number, got {value!r:.40}")
+                setattr(probe, key, value)
+            factor = probe(last)
+            if not (_finite_number(factor) and factor >= 0):
+                raise ValueError(f"it gives the learning-rate factor {factor} at step {last}")
+        except (TypeError, ValueError, ZeroDivisionError) as err:
+            raise CheckpointError(SCHEDULER_NAME, f"invalid schedule: {err}") from err
 
 
 def json_from_file(path: Path) -> Any:
@@ -241,6 +326,13 @@ def verify_manifest(folder: Path, required: list[str]) -> dict[str, Any]:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise CheckpointError(MANIFEST_NAME, f"not a format-{MANIFEST_FORMAT} manifest")
+    for name, expected in files.items():
+        if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(MANIFEST_NAME, f"lists {name!r}, which is not a file inside the checkpoint")
+        if not (isinstance(expected, dict) and isinstance(expected.get("size"), int)
+                and isinstance(expected.get("sha256"), str)):
+            raise CheckpointError(MANIFEST_NAME, f"the entry of {name!r} is not {{'size': int, 'sha256': str}}: "
+                                                 f"{expected!r:.80}")
     for name in required:
         if name not in files:
             raise CheckpointError(name, f"not listed in {MANIFEST_NAME}")
@@ -466,8 +558,11 @@ class CheckpointManager:
             atomic_write_json(self.root / PROTECTED_NAME, marks)
 
     # ---- loading ---------------------------------------------------------------------------------------------
-    def read(self, path: Path) -> LoadedCheckpoint:
-        """Verify `path` against its manifest and parse every file this process needs (nothing applied yet)."""
+    def read(self, path: Path, epoch_batches: int | None = None) -> LoadedCheckpoint:
+        """Verify `path` against its manifest and parse and check every file this process needs (nothing applied
+        yet): whatever would fail (or go wrong silently) while applying it fails here, where the resume can still fall
+        back to an older checkpoint. `epoch_batches`: this run's batches per epoch and process (checks the data
+        position)."""
         required = [MODEL_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME]
         if getattr(self.accelerator, "scaler", None) is not None:
             required.append(SCALER_NAME)
@@ -488,6 +583,15 @@ class CheckpointManager:
             state = TrainingState.from_json((path / TRAINER_STATE_NAME).read_text())
         except (OSError, ValueError) as err:
             raise CheckpointError(TRAINER_STATE_NAME, str(err)) from err
+        if not state.completed_steps <= state.max_train_steps <= state.requested_steps:
+            raise CheckpointError(TRAINER_STATE_NAME, f"inconsistent run length: completed_steps "
+                                  f"{state.completed_steps}, max_train_steps {state.max_train_steps}, requested_steps "
+                                  f"{state.requested_steps} (need completed <= max <= requested)")
+        same_batches = settings is None or self.settings is None or all(
+            settings.get(k) == self.settings.get(k) for k in ("per_device_train_batch_size", "num_processes"))
+        if epoch_batches is not None and same_batches and state.batches_in_epoch >= epoch_batches:
+            raise CheckpointError(TRAINER_STATE_NAME, f"batches_in_epoch {state.batches_in_epoch} is beyond the "
+                                  f"epoch's {epoch_batches} batches")
         model_state, _ = tensors_from_file(path / MODEL_NAME)
         # Names and (global, also under FSDP) shapes of the model's tensors, without gathering them.
         expected = self.accelerator.unwrap_model(self.model).state_dict()
@@ -497,13 +601,15 @@ class CheckpointManager:
         for name, t in expected.items():
             if tuple(model_state[name].shape) != tuple(t.shape):
                 raise CheckpointError(MODEL_NAME, f"{name} has shape {tuple(model_state[name].shape)}, the model {tuple(t.shape)}")
+            if model_state[name].is_floating_point() and not torch.isfinite(model_state[name]).all():
+                raise CheckpointError(MODEL_NAME, f"{name} holds NaN/inf values")
         optim_state = optimizer_from_file(path / OPTIMIZER_NAME)
         groups = self._optimizer().param_groups
         if [len(g["params"]) for g in optim_state["param_groups"]] != [len(g["params"]) for g in groups]:
             raise CheckpointError(OPTIMIZER_NAME, "parameter groups do not match the optimizer")
+        check_optimizer_state(optim_state, expected)
         scheduler = json_from_file(path / SCHEDULER_NAME)
-        if not isinstance(scheduler, dict) or "last_epoch" not in scheduler:
-            raise CheckpointError(SCHEDULER_NAME, "not a scheduler state")
+        check_scheduler_state(scheduler, self.scheduler, len(groups))
         scaler = json_from_file(path / SCALER_NAME) if SCALER_NAME in required else None
         return LoadedCheckpoint(path, state, model_state, optim_state, scheduler, scaler, rng_from_file(path / rng_name),
                                 settings, writers)
@@ -556,7 +662,7 @@ class CheckpointManager:
                                f"the new batches of {new_batch}: the last {samples % new_batch} samples train again.")
         state.extra.setdefault("changed_settings", []).append({"step": state.completed_steps, "changes": changes})
 
-    def resume(self, resume_from: str, requested_steps: int) -> TrainingState | None:
+    def resume(self, resume_from: str, requested_steps: int, epoch_batches: int | None = None) -> TrainingState | None:
         """Restore `resume_from` ('latest' or a folder) and return its state; `None` when 'latest' finds no
         checkpoint at all. 'latest' skips invalid checkpoints (warning: file and reason) for the newest valid one;
         an explicit folder that fails raises `CheckpointError`.
@@ -576,7 +682,7 @@ class CheckpointManager:
         tried = []
         for path in candidates:
             try:
-                loaded, error = self.read(path), None
+                loaded, error = self.read(path, epoch_batches), None
             except CheckpointError as err:
                 loaded, error = None, err
             if self._all(error is None):

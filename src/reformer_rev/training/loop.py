@@ -399,6 +399,13 @@ class TrainingLoop:
             batches, epoch_length = batches_for_epoch(state.epoch, state.batches_in_epoch)
             if epoch_length == 0:
                 raise ValueError("The training data yields no batch.")
+            if state.batches_in_epoch >= epoch_length:
+                # Only after a resume with changed data or batch settings (a checkpoint's own position is checked
+                # when it is read): the epoch is over; without this the loop would wait forever for its batches.
+                logger.warning(f"The data position (batch {state.batches_in_epoch} of epoch {state.epoch}) is past "
+                               f"the epoch's {epoch_length} batches: continuing with epoch {state.epoch + 1}.")
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                continue
             step_start = time.perf_counter()
             for batch in batches:
                 epoch = state.epoch
