@@ -117,20 +117,126 @@ def test_nonfinite_skip_limit_must_be_non_negative():
 
 
 def test_divergence_stops_at_the_step_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
-    """A learning rate of 1e30 really diverges: step 1 is finite, step 2's gradients are NaN."""
+    """A learning rate of 1e30 (after a warmup step at 0) really diverges: step 1 is healthy and checkpointed; step 2's
+    weights explode (a sign: no checkpoint of it, step_1 is protected); step 3's gradients are NaN: training stops
+    naming step_1. Before issue 24, a 1e30 step was checkpointed as "good" (its weights were merely huge)."""
     out = tmp_path / "out"
     argv = tiny(
-        corpus, out, "--learning_rate", "1e30", "--lr_scheduler_type", "constant", "--num_warmup_steps", "0",
-        "--checkpointing_steps", "1", "--checkpoints_total_limit", "3",
+        corpus, out, "--learning_rate", "1e30", "--lr_scheduler_type", "constant_with_warmup", "--num_warmup_steps",
+        "1", "--checkpointing_steps", "1", "--checkpoints_total_limit", "1",
     )
-    with pytest.raises(RuntimeError, match=r"Non-finite .* at step 2 .*last checkpoint .*step_1"):
+    with pytest.raises(RuntimeError, match=r"Non-finite .* at step 3 .*the healthy checkpoint is .*step_1"):
         train_lm.main(argv)
-    assert [p.name for p in list_checkpoints(out)] == ["step_1"]  # nothing saved after the bad step
+    assert [p.name for p in list_checkpoints(out)] == ["step_1"]  # nothing saved after the first sign
     weights = load_file(out / "checkpoints" / "step_1" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     log = read_log(out)
-    assert [(r["step"], r["skipped_nonfinite"]) for r in log] == [(1, False), (2, True)]
-    assert math.isfinite(log[0]["loss"]) and log[1]["loss"] is None
+    assert [(r["step"], r["skipped_nonfinite"]) for r in log] == [(1, False), (2, False), (3, True)]
+    assert log[0]["divergence_signs"] == [] and "the weight norm reached" in log[1]["divergence_signs"][0]
+    assert math.isfinite(log[0]["loss"]) and log[2]["loss"] is None
+
+
+def test_collapse_at_learning_rate_1e3_stops_and_names_the_healthy_checkpoint(corpus, tmp_path):
+    """The issue's --learning_rate 1e3: the model collapses at step 2 (weights explode, the gradient vanishes). The
+    run stops within --divergence_patience steps naming step_1, which rotation (limit 2) kept; no checkpoint of a
+    step with a sign was written."""
+    out = tmp_path / "out"
+    argv = tiny(corpus, out, "--learning_rate", "1e3", "--lr_scheduler_type", "constant_with_warmup",
+                "--num_warmup_steps", "1",
+                "--checkpointing_steps", "1", "--checkpoints_total_limit", "2", "--max_train_steps", "40",
+                "--divergence_patience", "3")
+    with pytest.raises(RuntimeError, match=r"(diverged|Non-finite).*the healthy checkpoint is .*step_1\b") as err:
+        train_lm.main(argv)
+    print(err.value)
+    log = read_log(out)
+    assert log[0]["divergence_signs"] == [] and log[1]["divergence_signs"]
+    assert len(log) <= 4  # stopped at the third sign, or earlier on NaN
+    assert [p.name for p in list_checkpoints(out)] == ["step_1"]
+    assert json.loads((out / "checkpoints" / "protected.json").read_text()) == {
+        "step_1": "the first sign of divergence (step 2)"}
+
+
+def test_the_checkpoint_before_a_loss_jump_survives_rotation(corpus, tmp_path, monkeypatch):
+    """A loss spike at step 8 only (x4, injected): a sign, no checkpoint of step 8, and step_7 is kept by rotation
+    (limit 2) to the end of the run, which goes on normally."""
+    _scale_training_loss(monkeypatch, {8}, 4.0)
+    out = tmp_path / "out"
+    results = train_lm.main(tiny(corpus, out, "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"))
+    log = read_log(out)
+    assert [r["step"] for r in log if r["divergence_signs"]] == [8]
+    assert "the loss jumped to" in log[7]["divergence_signs"][0]
+    assert [p.name for p in list_checkpoints(out)] == ["step_7", "step_11", "step_12"]
+    assert results["train"]["steps"] == 12
+
+
+def test_max_grad_norm_0_never_keeps_a_checkpoint_with_nonfinite_weights(corpus, tmp_path, monkeypatch):
+    """Without clipping the gradient norm was not computed: an inf gradient was applied unseen and the next checkpoint
+    held NaN weights. Now the norm is still computed, the step is skipped/stopped and no checkpoint is bad."""
+    _poison_training_gradient(monkeypatch, {5})
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match=r"Non-finite .* at step 5 .*gradient norm (inf|nan)"):
+        train_lm.main(tiny(corpus, out, "--max_grad_norm", "0", "--checkpointing_steps", "1",
+                           "--checkpoints_total_limit", "10"))
+    for ckpt in list_checkpoints(out):
+        assert all(torch.isfinite(w).all() for w in load_file(ckpt / "model.safetensors").values()), ckpt
+
+
+def test_a_fixed_point_overflow_goes_through_the_guard(corpus, tmp_path):
+    """bf16-style exact streams with little headroom (56 fractional bits: values up to 64) and a learning rate that
+    makes the weights explode: the real `OverflowError` of step 3's forward is a non-finite step like any other
+    (before, it escaped the guard as a raw traceback), named in the message with the healthy checkpoint."""
+    from reformer_rev import RevFormerConfig
+
+    RevFormerConfig(vocab_size=260, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                    exact_reversal=True, fixed_point_scale_bits=56).save_pretrained(tmp_path / "config")
+    out = tmp_path / "out"
+    argv = tiny(corpus, out, "--config_name", str(tmp_path / "config"), "--learning_rate", "1e3",
+                "--lr_scheduler_type", "constant_with_warmup", "--num_warmup_steps", "1", "--checkpointing_steps", "1",
+                "--divergence_patience", "0")
+    with pytest.raises(RuntimeError, match=r"Non-finite .* at step 3 .*OverflowError: Fixed-point stream overflow.*"
+                                           r"`fixed_point_bits` of `make_reversible`.*healthy checkpoint is .*step_1"):
+        train_lm.main(argv)
+    assert [p.name for p in list_checkpoints(out)] == ["step_1"]
+
+
+def _scale_training_loss(monkeypatch, calls: set[int], factor: float) -> None:
+    original = RevFormerForCausalLM.forward
+    count = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training and out.loss is not None:
+            count["n"] += 1
+            if count["n"] in calls:
+                out.loss = out.loss * factor
+        return out
+
+    monkeypatch.setattr(RevFormerForCausalLM, "forward", forward)
+
+
+def _poison_training_gradient(monkeypatch, calls: set[int]) -> None:
+    """A finite loss whose gradient is inf (a loss term `x * 0` with `x` inf in backward only)."""
+    original = RevFormerForCausalLM.forward
+    count = {"n": 0}
+
+    class InfGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("inf")
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training and out.loss is not None:
+            count["n"] += 1
+            if count["n"] in calls:
+                out.loss = InfGrad.apply(out.loss)
+        return out
+
+    monkeypatch.setattr(RevFormerForCausalLM, "forward", forward)
 
 
 def _poison_training_forward(monkeypatch, calls: set[int]) -> None:
@@ -202,6 +308,29 @@ def test_ddp_ranks_agree_on_a_nonfinite_step(corpus, tmp_path):
     stopped = torchrun(tmp_path / "stop")
     assert stopped.returncode != 0
     assert stopped.stderr.count("Non-finite training loss or gradients at step 2") >= 2, stopped.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_a_fixed_point_overflow_on_one_rank(corpus, tmp_path):
+    """2-process DDP: rank 1's forward raises OverflowError in step 2, rank 0's does not. Both skip the backward and
+    the step (--skip_nonfinite_steps 1) and finish; without the agreement rank 0 would hang in DDP's all-reduce."""
+    import socket
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", str(REPO / "tests" / "distributed" / "overflow_one_rank.py"),
+           *tiny(corpus, out, "--gradient_accumulation_steps", "2", "--max_train_steps", "4",
+                 "--skip_nonfinite_steps", "1")]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    log = read_log(out)
+    assert [(r["step"], r["skipped_nonfinite"]) for r in log] == [(1, False), (2, True), (3, False), (4, False)]
+    assert "a fixed-point overflow on another process" in done.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------

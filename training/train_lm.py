@@ -73,6 +73,7 @@ from reformer_rev.training.cli import (
 )
 from reformer_rev.training.corpus import load_bundled_lm_dataset
 from reformer_rev.training.loop import (
+    DivergenceMonitor,
     GuardedStep,
     Preempted,
     StopFlag,
@@ -649,6 +650,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
     train_log = TrainLog(args.output_dir, state.completed_steps, enabled=accelerator.is_main_process)
     loop = TrainingLoop(accelerator, model, guard, state, train_log, fitter if budget.bounded else None, stop,
                         last_checkpoint=lambda: str(checkpoints.newest() or "none"),
+                        divergence=DivergenceMonitor(args.divergence_patience),
+                        protect_checkpoint=checkpoints.protect_newest,
                         fingerprint=lambda batch: block_fingerprints(batch["input_ids"]))
 
     def batches_for_epoch(epoch: int, skip: int):
@@ -695,7 +698,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
                 if args.report_to != "none":
                     accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=update.step)
             # Never a checkpoint right after a non-finite step: the newest checkpoint stays the last good state.
-            if args.checkpointing_steps and update.step % args.checkpointing_steps == 0 and not update.skipped:
+            periodic = args.checkpointing_steps and update.step % args.checkpointing_steps == 0
+            if periodic and not (update.skipped or update.suspect):
                 checkpoints.save(state)
     except Preempted as stopped:
         loop.stop_reason = str(stopped)

@@ -56,6 +56,7 @@ from reformer_rev.training.cli import (
     with_defaults,
 )
 from reformer_rev.training.loop import (
+    DivergenceMonitor,
     GuardedStep,
     Preempted,
     StopFlag,
@@ -351,7 +352,9 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
     guard = GuardedStep(accelerator, model, optimizer, lr_scheduler, args.max_grad_norm, args.skip_nonfinite_steps)
     train_log = TrainLog(out_dir, state.completed_steps, enabled=accelerator.is_main_process)
     loop = TrainingLoop(accelerator, model, guard, state, train_log, fitter if budget.bounded else None, stop,
-                        last_checkpoint=lambda: str(checkpoints.newest() or "none"))
+                        last_checkpoint=lambda: str(checkpoints.newest() or "none"),
+                        divergence=DivergenceMonitor(args.divergence_patience),
+                        protect_checkpoint=checkpoints.protect_newest)
 
     def batches_for_epoch(epoch: int, skip: int):
         # Deterministic in (seed, epoch): a resumed run rebuilds the epoch's order and skips what it already saw.
@@ -391,7 +394,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
                 window = []
             if (update.step % args.eval_steps == 0 or update.step in args.extra_eval_steps) and not state.finished:
                 evaluate_now(update.step)
-            if args.checkpointing_steps and update.step % args.checkpointing_steps == 0 and not update.skipped:
+            periodic = args.checkpointing_steps and update.step % args.checkpointing_steps == 0
+            if periodic and not (update.skipped or update.suspect):
                 checkpoints.save(state)
     except Preempted as stopped:
         loop.stop_reason = str(stopped)

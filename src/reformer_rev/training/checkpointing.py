@@ -481,6 +481,10 @@ class CheckpointManager:
         # Every process takes part in gathering (FSDP shards); only the main process writes the shared files.
         model_state = get_model_state_dict(self.model, options=options)
         optim_state = get_optimizer_state_dict(self.model, self._optimizer(), options=options)
+        if error is None and acc.is_main_process:
+            bad = next((n for n, t in model_state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+            if bad is not None:  # a checkpoint is a state to go back to: never one of a diverged model
+                error = ValueError(f"the weights hold NaN/inf values ({bad})")
         if error is None:
             try:
                 if acc.is_main_process:
@@ -509,17 +513,19 @@ class CheckpointManager:
         if not self._all(error is None):
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(error, WriteError):
+            if isinstance(error, (WriteError, ValueError)):
                 detail = str(error)
             elif error is not None:
                 detail = f"{describe_os_error(error)} while writing {getattr(error, 'filename', None) or tmp}"
             else:
                 detail = "another process could not write its part"
             kept = ", ".join(p.name for p in self.list()) or "none"
+            fix = ("Lower --learning_rate, then resume from the newest checkpoint with --allow_changed_settings."
+                   if isinstance(error, ValueError) else
+                   "Free space (or fix the file system), then resume with --resume_from_checkpoint latest.")
             raise CheckpointSaveError(
                 f"Could not save checkpoint {final}: {detail}. Training stopped; the temporary folder was removed and "
-                f"the previous checkpoints are intact ({kept}). Free space (or fix the file system), then resume "
-                "with --resume_from_checkpoint latest."
+                f"the previous checkpoints are intact ({kept}). {fix}"
             ) from error
         self.last_save_seconds = time.perf_counter() - start
         return final
@@ -549,6 +555,14 @@ class CheckpointManager:
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
+
+    def protect_newest(self, why: str) -> str | None:
+        """Keep the newest checkpoint from rotation (e.g. the last one before a sign of divergence); its path."""
+        newest = self.newest()
+        if newest is None:
+            return None
+        self.protect(newest, why)
+        return str(newest)
 
     def protect(self, path: Path, why: str) -> None:
         """Keep `path` whatever `--checkpoints_total_limit` says (main process writes; every process may call)."""

@@ -271,6 +271,11 @@ TRAINING_OPTIONS = [
     Option("skip_nonfinite_steps", 0,
            "A step whose loss or gradient norm is NaN/inf is not applied. 0: stop training with an error naming the "
            "step and the healthy checkpoint; N: skip up to N such steps, then stop.", minimum=0, fingerprint=False),
+    Option("divergence_patience", 5,
+           "Stop when this many optimizer steps in a row show a sign of divergence: the loss jumping above its "
+           "running reference, a gradient norm of 0, or the weight norm growing tenfold. At the first sign the newest "
+           "checkpoint is kept whatever --checkpoints_total_limit says, and no checkpoint is taken of a step that "
+           "shows one. 0: never stop for it.", minimum=0, fingerprint=False),
     Option("time_budget_minutes", None,
            "Wall-clock budget of the whole job from process start: data preparation, training, evaluation and "
            "saving (0 or unset: none). The measured step time shortens --max_train_steps and the learning-rate "

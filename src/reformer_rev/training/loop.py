@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -35,7 +36,7 @@ from .. import reversible
 from ..reversible import DriftMonitor
 from ..safe_io import atomic_write_text
 from .budget import StepFitter, refit_scheduler
-from .collectives import all_reduce
+from .collectives import all_reduce, any_process
 from .state import TrainingState
 
 logger = logging.getLogger(__name__)
@@ -149,10 +150,96 @@ class Update:
     lr: float
     grad_norm: float | None
     skipped: bool
+    suspect: bool = False  # the step showed a sign of divergence: no checkpoint should be taken of it
+
+
+class DivergenceError(RuntimeError):
+    """Training stopped on signs of divergence that persisted (loss jump, gradient norm 0, exploding weights) or on
+    weights that became NaN/inf; the message names the last healthy checkpoint."""
+
+
+def parameter_norm(model: torch.nn.Module, accelerator: Any) -> float | None:
+    """The L2 norm of all trainable parameters (every process gets the same value). Under FSDP each process holds
+    shards: their squared norms are summed over the processes. None under DeepSpeed (ZeRO-3 parameters are
+    placeholders outside its hooks)."""
+    kind = str(getattr(accelerator, "distributed_type", ""))
+    if "DEEPSPEED" in kind:
+        return None
+    squares = []
+    for p in model.parameters():
+        if p.requires_grad:
+            local = p.detach()
+            local = local.to_local() if hasattr(local, "to_local") else local  # FSDP2 DTensor shard
+            squares.append(local.double().pow(2).sum())  # float32 squares of 1e20 weights would overflow
+    total = torch.stack(squares).sum().cpu().double() if squares else torch.zeros((), dtype=torch.float64)
+    if "FSDP" in kind:
+        total = all_reduce(accelerator, total.reshape(1), "sum")[0]
+    return float(total.sqrt())
+
+
+class DivergenceMonitor:
+    """Signs of divergence in the applied steps, against a running reference (the last `window` steps):
+
+    * a loss jump: the loss exceeds the reference (median) loss by more than `jump` of it and by 0.5 nats;
+    * a collapse of the gradient: norm exactly 0 while the loss is not;
+    * exploding weights: the parameter norm exceeds `explode` times its reference (the median of the last norms,
+      starting from the norm before the first step).
+
+    `observe` returns the signs of a step (an empty list for a healthy one); `consecutive` counts the steps in a row
+    that showed one. The loop protects the newest checkpoint at the first sign and stops after `patience` such steps
+    in a row (0: never).
+    """
+
+    def __init__(self, patience: int = 5, window: int = 20, jump: float = 0.5, explode: float = 10.0,
+                 min_history: int = 5) -> None:
+        self.patience, self.window, self.jump, self.explode, self.min_history = patience, window, jump, explode, min_history
+        self.losses: list[float] = []
+        self.norms: list[float] = []
+        self.consecutive = 0
+        self.first_sign_step: int | None = None
+
+    @staticmethod
+    def _median(values: list[float]) -> float:
+        ordered = sorted(values)
+        return ordered[len(ordered) // 2]
+
+    def start(self, weight_norm: float | None) -> None:
+        if weight_norm is not None:
+            self.norms = [weight_norm]
+
+    def observe(self, step: int, loss: float, grad_norm: float | None, weight_norm: float | None) -> list[str]:
+        signs = []
+        if len(self.losses) >= self.min_history:
+            ref = self._median(self.losses[-self.window:])
+            if loss > ref + max(self.jump * abs(ref), 0.5):
+                signs.append(f"the loss jumped to {loss:.4g} from a reference of {ref:.4g}")
+        if grad_norm is not None and grad_norm == 0.0 and loss > 0:
+            signs.append(f"the gradient norm is 0 at a loss of {loss:.4g}")
+        if weight_norm is not None and self.norms:
+            ref = self._median(self.norms[-self.window:])
+            if weight_norm > self.explode * ref:
+                signs.append(f"the weight norm reached {weight_norm:.4g} from a reference of {ref:.4g}")
+        if signs:
+            self.consecutive += 1
+            self.first_sign_step = self.first_sign_step or step
+        else:  # only healthy steps shape the reference
+            self.consecutive = 0
+            self.losses.append(loss)
+            if weight_norm is not None:
+                self.norms.append(weight_norm)
+        return signs
+
+    @property
+    def diverged(self) -> bool:
+        return self.patience > 0 and self.consecutive >= self.patience
 
 
 class GuardedStep:
-    """Accumulates a step's loss, then clips, checks for NaN/inf on every process at once, and steps (or skips)."""
+    """Accumulates a step's loss, then clips, checks for NaN/inf on every process at once, and steps (or skips).
+
+    The gradient norm is computed even without clipping (`max_grad_norm` 0 clips at infinity), so a NaN/inf gradient
+    is never applied unseen. A micro-batch whose forward raised a fixed-point `OverflowError` counts as a non-finite
+    loss (`problem` keeps the error's text for the message)."""
 
     def __init__(self, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any,
                  max_grad_norm: float, skip_nonfinite_steps: int) -> None:
@@ -165,21 +252,21 @@ class GuardedStep:
     def _reset(self) -> None:
         self.loss_sum = torch.zeros((), device=self.accelerator.device)
         self.weight = 0.0
+        self.problem: str | None = None
 
-    def add(self, loss: torch.Tensor, weight: float = 1.0) -> None:
+    def add(self, loss: torch.Tensor, weight: float = 1.0, problem: str | None = None) -> None:
         """Record one micro-batch's mean loss; the step's loss is the `weight`-weighted mean."""
         self.loss_sum = self.loss_sum + loss.detach().float() * weight
         self.weight += weight
+        self.problem = self.problem or problem
 
     def step(self, state: TrainingState, where: str,
              last_checkpoint: Callable[[], str]) -> tuple[float | None, float | None, float, bool, str | None]:
         """Apply (or skip) the step. Returns (mean loss, grad norm, lr used, skipped, error): `error` is the message
         of the `NonFiniteLossError` to raise (after logging the step) when too many steps were skipped."""
         acc = self.accelerator
-        grad_norm = None
-        if self.max_grad_norm > 0:
-            norm = acc.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-            grad_norm = None if norm is None else torch.as_tensor(norm, dtype=torch.float32)
+        norm = acc.clip_grad_norm_(self.model.parameters(), self.max_grad_norm if self.max_grad_norm > 0 else math.inf)
+        grad_norm = None if norm is None else torch.as_tensor(norm, dtype=torch.float32).cpu()
         norm_bad = grad_norm is not None and self.check_grad_norm and not torch.isfinite(grad_norm).item()
         local_bad = float((not torch.isfinite(self.loss_sum).item()) or norm_bad)
         # One collective per step: every process sees the mean loss and takes the same skip/stop decision.
@@ -196,15 +283,15 @@ class GuardedStep:
             message = (
                 f"at step {state.completed_steps + 1} ({where}): loss {self.loss_sum.item()}"
                 + (f", gradient norm {grad_norm.item()}" if grad_norm is not None else "")
+                + (f" ({self.problem})" if self.problem else "")
             )
             self._reset()
             if state.nonfinite_steps > self.skip_nonfinite_steps:
                 return None, norm_value, lr, True, (
                     f"Non-finite training loss or gradients {message}. Training stopped "
                     f"({state.nonfinite_steps - 1} step(s) skipped before, --skip_nonfinite_steps "
-                    f"{self.skip_nonfinite_steps}); no checkpoint was written after the last good step: last "
-                    f"checkpoint {last_checkpoint()}. Lower --learning_rate (or lengthen --num_warmup_steps), then "
-                    "--resume_from_checkpoint latest."
+                    f"{self.skip_nonfinite_steps}); no checkpoint was written after the last good step: the healthy "
+                    f"checkpoint is {last_checkpoint()}"
                 )
             logger.warning(f"Non-finite training loss or gradients {message}: step skipped "
                            f"({state.nonfinite_steps}/{self.skip_nonfinite_steps} allowed).")
@@ -362,16 +449,55 @@ class TrainingLoop:
     def __init__(self, accelerator: Any, model: torch.nn.Module, guard: GuardedStep, state: TrainingState,
                  log: TrainLog, fitter: StepFitter | None = None, stop: StopFlag | None = None,
                  last_checkpoint: Callable[[], str] = lambda: "none",
-                 fingerprint: Callable[[Any], list[str]] | None = None) -> None:
+                 fingerprint: Callable[[Any], list[str]] | None = None,
+                 divergence: DivergenceMonitor | None = None,
+                 protect_checkpoint: Callable[[str], str | None] | None = None) -> None:
         self.accelerator, self.model, self.guard, self.state, self.log = accelerator, model, guard, state, log
         # `stop or StopFlag()` would replace the caller's flag: an unset StopFlag is falsy, so the signal handler's flag
         # never reached the loop (issue 24).
         self.fitter, self.last_checkpoint = fitter, last_checkpoint
         self.stop = stop if stop is not None else StopFlag()
-        self.stop.describe_checkpoint = last_checkpoint
+        self.stop.describe_checkpoint = self.healthy_checkpoint
         self.fingerprint = fingerprint
+        self.divergence = divergence if divergence is not None else DivergenceMonitor()
+        self.protect_checkpoint = protect_checkpoint
+        self.healthy: str | None = None  # the checkpoint protected at the first sign of divergence
         self.stop_reason: str | None = None
         self.drift = DriftLog()
+
+    def healthy_checkpoint(self) -> str:
+        """The checkpoint to go back to: the last one before the first sign of divergence, else the newest."""
+        return self.healthy or self.last_checkpoint()
+
+    def _first_sign(self, why: str) -> str:
+        """At the first sign of trouble: keep the newest checkpoint (taken before it) from rotation; its name."""
+        if self.healthy is None:
+            kept = self.protect_checkpoint(why) if self.protect_checkpoint is not None else None
+            self.healthy = kept or f"none (no checkpoint was taken before {why})"
+        return self.healthy
+
+    def _what_to_do(self) -> str:
+        if self.healthy is not None and self.healthy.startswith("none"):
+            return ("Start again with a lower --learning_rate (or a longer --num_warmup_steps), and checkpoints "
+                    "(--checkpointing_steps) to go back to.")
+        return ("Resume from it (--resume_from_checkpoint PATH) with a lower --learning_rate (or a longer "
+                "--num_warmup_steps) and --allow_changed_settings.")
+
+    def _forward(self, batch: Any, compute_loss: Callable) -> tuple[torch.Tensor | None, float, int, str | None]:
+        """One micro-batch's forward. A fixed-point `OverflowError` (streams too large for int64: the weights are
+        diverging) becomes a non-finite loss for the guard. With several processes they agree whether any of them
+        overflowed, and then none runs the backward: a lone backward would wait forever in DDP's gradient
+        all-reduce for the process that has no graph."""
+        acc = self.accelerator
+        try:
+            loss, weight, tokens = compute_loss(self.model, batch)
+            problem = None
+        except OverflowError as err:
+            loss, weight, tokens, problem = None, 1.0, 0, f"OverflowError: {err}"
+        if acc.num_processes > 1 and any_process(acc, problem is not None) and problem is None:
+            problem = "a fixed-point overflow on another process"
+            loss = None
+        return loss, weight, tokens, problem
 
     def _agree(self, step_seconds: float) -> tuple[int | None, bool, str | None]:
         """What every process must decide together after a step, in one collective: a refitted run length (the
@@ -390,6 +516,7 @@ class TrainingLoop:
         acc, state = self.accelerator, self.state
         samples: list[str] = []
         self.model.train()
+        self.divergence.start(parameter_norm(self.model, acc))
         reason = self.stop.agreed_reason(acc)
         if reason is not None:  # a signal during data preparation: not one step more
             self.stop_reason = reason
@@ -410,9 +537,12 @@ class TrainingLoop:
             for batch in batches:
                 epoch = state.epoch
                 with acc.accumulate(self.model):
-                    loss, weight, tokens = compute_loss(self.model, batch)
-                    acc.backward(loss)
-                    self.guard.add(loss, weight)
+                    loss, weight, tokens, problem = self._forward(batch, compute_loss)
+                    if problem is None:
+                        acc.backward(loss)
+                        self.guard.add(loss, weight)
+                    else:
+                        self.guard.add(torch.tensor(math.nan, device=acc.device), weight, problem)
                 if self.fingerprint is not None:
                     samples.extend(self.fingerprint(batch))
                 state.tokens_seen += tokens * acc.num_processes
@@ -422,14 +552,38 @@ class TrainingLoop:
                     state.epoch, state.batches_in_epoch = state.epoch + 1, 0
                 if not acc.sync_gradients:
                     continue
-                loss_value, grad_norm, lr, skipped, error = self.guard.step(state, where, self.last_checkpoint)
+                step = state.completed_steps + 1
+                loss_value, grad_norm, lr, skipped, error = self.guard.step(
+                    state, where, lambda: f"{self._first_sign(f'the non-finite step {step}')}. {self._what_to_do()}")
                 state.completed_steps += 1
+                weight_norm, signs = None, []
+                if not skipped:
+                    weight_norm = parameter_norm(self.model, acc)
+                    if weight_norm is not None and not math.isfinite(weight_norm):
+                        error = (f"The weights became NaN/inf at step {step} ({where}; loss {loss_value}, gradient "
+                                 f"norm {grad_norm}). Training stopped; no checkpoint was written after it: the "
+                                 f"healthy checkpoint is {self._first_sign(f'the NaN/inf weights at step {step}')}. "
+                                 + self._what_to_do())
+                    else:
+                        signs = self.divergence.observe(step, loss_value, grad_norm, weight_norm)
                 self.log.write({"step": state.completed_steps, "epoch": epoch, "loss": loss_value, "lr": lr,
-                                "grad_norm": grad_norm, "skipped_nonfinite": skipped, **self.drift.fields(),
-                                "samples": samples})
+                                "grad_norm": grad_norm, "weight_norm": weight_norm, "skipped_nonfinite": skipped,
+                                "divergence_signs": signs, **self.drift.fields(), "samples": samples})
                 samples = []
                 if error is not None:
-                    raise NonFiniteLossError(error)
+                    raise (NonFiniteLossError if skipped else DivergenceError)(error)
+                if signs:
+                    kept = self._first_sign(f"the first sign of divergence (step {self.divergence.first_sign_step})")
+                    logger.warning(f"Possible divergence at step {step}: {'; '.join(signs)} "
+                                   f"({self.divergence.consecutive} step(s) in a row). The last checkpoint before the "
+                                   f"first sign, {kept}, is kept.")
+                    if self.divergence.diverged:
+                        raise DivergenceError(
+                            f"Training diverged: {self.divergence.consecutive} steps in a row up to step {step} showed "
+                            f"signs of divergence ({'; '.join(signs)}), starting at step "
+                            f"{self.divergence.first_sign_step}. Training stopped; the healthy checkpoint is {kept}. "
+                            + self._what_to_do() + " (--divergence_patience 0 turns this check off.)"
+                        )
                 seconds = time.perf_counter() - step_start
                 state.train_time_s += seconds
                 fitted, late, stop = self._agree(seconds)
@@ -448,7 +602,7 @@ class TrainingLoop:
                         f"(step {state.completed_steps}); the LR schedule now ends there.")
                     state.max_train_steps = max(fitted, state.completed_steps)
                     refit_scheduler(self.guard.scheduler, state.completed_steps, state.max_train_steps)
-                yield Update(state.completed_steps, epoch, loss_value, lr, grad_norm, skipped)
+                yield Update(state.completed_steps, epoch, loss_value, lr, grad_norm, skipped, bool(signs))
                 if late and not state.finished:
                     self.stop_reason = "time budget"
                 elif stop is not None:
