@@ -65,15 +65,23 @@ def _write(path: Path, text: str) -> Path:
 
 BAD_DATA = {  # case: (files to write {split: content}, extra arguments, expected message)
     "empty file": ({"train.jsonl": ""}, (), r"`--train_file` '.*train.jsonl' is empty \(0 bytes\)"),
-    "all-blank documents": ({"train.jsonl": '{"text": ""}\n{"text": "  \\n\\t "}\n'}, (), "all empty or blank"),
+    "all-blank documents": ({"train.jsonl": '{"text": ""}\n{"text": "  \\n\\t "}\n'}, (),
+                            r"`--train_file` '.*train.jsonl': all 2 records have empty text"),
     "all-blank text file": (
         {"train.txt": "\n  \n\n", "validation.txt": "some text " * 20}, (), r"train split .* all empty or blank"
     ),
-    "unknown column": ({}, ("--text_column_name", "content"), r"`--text_column_name` 'content' is not a column"),
+    "unknown column": ({}, ("--text_column_name", "content"),
+                       r"`--train_file` '.*train.jsonl' line 1: no field 'content', chosen by `--text_column_name "
+                       r"content` \(it has \['text'\]\)"),
     "non-text column": (
-        {"train.jsonl": '{"text": 5}\n{"text": 7}\n', "validation.jsonl": '{"text": 1}\n'}, (), "must hold strings"
+        {"train.jsonl": '{"text": 5}\n{"text": 7}\n', "validation.jsonl": '{"text": 1}\n'}, (),
+        r"`--train_file` '.*train.jsonl' line 1: field 'text' must be a string, got int \(5\)"
     ),
-    "column types differ by split": ({"train.jsonl": '{"text": 5}\n'}, (), "Could not read the data files"),
+    "a bad line among good ones": ({"train.jsonl": '{"text": "a b c"}\n\n{"text": "d e f"}\n{"text": "g h\n'}, (),
+                                   r"`--train_file` '.*train.jsonl' line 4: not JSON"),
+    "a binary file": ({"train.txt": "\x00\x01 PK zip"}, (), r"`--train_file` '.*train.txt' line 1: .*binary file"),
+    "tab-separated instead of JSON lines": ({"train.jsonl": "a b c\td e f\n"}, (),
+                                            r"line 1: not JSON \(it looks like tab-separated text\)"),
     "block larger than the data": ({}, ("--block_size", "20000"), r"fewer than `--block_size`=20000 tokens"),
 }
 

@@ -72,6 +72,7 @@ from reformer_rev.training.cli import (
     with_defaults,
 )
 from reformer_rev.training.corpus import load_bundled_lm_dataset
+from reformer_rev.training.datafiles import check_json_lines, check_text_file, datasets_disk_errors
 from reformer_rev.training.loop import (
     DivergenceMonitor,
     GuardedStep,
@@ -231,6 +232,13 @@ def validate_args(args: argparse.Namespace) -> None:
                 raise ValueError(f"`--{name}` {path!r} is empty (0 bytes): there is no text to train on.")
             if _file_format(path) is None:
                 raise ValueError(f"`--{name}` must be a .txt, .json or .jsonl file (optionally .gz), got {path!r}.")
+            # Line by line, before `datasets` reads it: errors name the file, the line and the field.
+            if _file_format(path) == "json":
+                check_json_lines(path, name, [args.text_column_name], field_options={
+                    args.text_column_name: f"--text_column_name {args.text_column_name}"},
+                    hint=f'one JSON object per line with the text in "{args.text_column_name}" (--text_column_name)')
+            else:
+                check_text_file(path, name)
     if (args.validation_file or args.test_file) and not (args.train_file or args.dataset_name):
         raise ValueError("`--validation_file`/`--test_file` need a `--train_file` (or `--dataset_name`).")
     if args.push_to_hub and not args.hub_model_id:
@@ -252,7 +260,8 @@ def _file_format(path: str) -> str | None:
 def load_raw_datasets(args: argparse.Namespace) -> DatasetDict:
     """train/validation(/test) splits of whole documents, each with a `text` column."""
     if args.dataset_name is not None:
-        raw = load_dataset(args.dataset_name, args.dataset_config_name)
+        with datasets_disk_errors():
+            raw = load_dataset(args.dataset_name, args.dataset_config_name)
     elif args.train_file is not None:
         files = {"train": args.train_file}
         if args.validation_file:
@@ -266,8 +275,9 @@ def load_raw_datasets(args: argparse.Namespace) -> DatasetDict:
         # A text file is one document (not one per line), so long-range context survives.
         kwargs = {"sample_by": "document"} if fmt == "text" else {}
         try:
-            raw = load_dataset(fmt, data_files=files, **kwargs)
-        except datasets.exceptions.DatasetGenerationError as e:  # e.g. malformed JSON, columns differing by split
+            with datasets_disk_errors():
+                raw = load_dataset(fmt, data_files=files, **kwargs)
+        except datasets.exceptions.DatasetGenerationError as e:  # e.g. columns whose types differ between the files
             cause = e.__cause__ or e.__context__ or e
             raise ValueError(f"Could not read the data files {files}: {type(cause).__name__}: {str(cause)[:300]}") from e
     else:
@@ -275,11 +285,29 @@ def load_raw_datasets(args: argparse.Namespace) -> DatasetDict:
 
     check_text_splits(raw, args)
     if "validation" not in raw:
-        if raw["train"].num_rows < 2:
-            raise ValueError("The training data has no validation split and fewer than 2 documents to hold one out.")
-        held = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
-        raw = DatasetDict({"train": held["train"], "validation": held["test"], **{k: v for k, v in raw.items() if k not in ("train",)}})
+        rest = {k: v for k, v in raw.items() if k != "train"}
+        if raw["train"].num_rows < 2:  # e.g. one .txt file, which is one document: hold out its end
+            train, validation = hold_out_end(raw["train"][0][args.text_column_name], args.validation_split_percentage)
+            logger.info(f"No validation split and a single training document: its last "
+                        f"{args.validation_split_percentage}% ({len(validation):,} characters) are the validation split.")
+            column = args.text_column_name
+            raw = DatasetDict({"train": datasets.Dataset.from_dict({column: [train]}),
+                               "validation": datasets.Dataset.from_dict({column: [validation]}), **rest})
+        else:
+            held = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
+            raw = DatasetDict({"train": held["train"], "validation": held["test"], **rest})
     return raw
+
+
+def hold_out_end(text: str, percentage: int) -> tuple[str, str]:
+    """(the first 100 - `percentage` % of `text`, the rest), cut at the next line break or space so that no word is
+    split."""
+    cut = len(text) - max(1, len(text) * percentage // 100)
+    for boundary in ("\n", " "):
+        at = text.find(boundary, cut)
+        if 0 < at < len(text) - 1:
+            return text[:at + 1], text[at + 1:]
+    return text[:cut], text[cut:]
 
 
 def check_text_splits(raw: DatasetDict, args: argparse.Namespace) -> None:
@@ -378,7 +406,7 @@ def tokenize_and_group(
         total = (len(concatenated) // block_size) * block_size
         return {"input_ids": [concatenated[i : i + block_size] for i in range(0, total, block_size)]}
 
-    with accelerator.main_process_first():
+    with accelerator.main_process_first(), datasets_disk_errors("the tokenised data into the datasets cache"):
         tokenized = raw.map(
             tokenize,
             batched=True,

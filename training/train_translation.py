@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from reformer_rev.training.cli import (
     validate_training_args,
     with_defaults,
 )
+from reformer_rev.training.datafiles import TRANSLATION_FORMAT, check_json_lines, datasets_disk_errors
 from reformer_rev.training.loop import (
     DivergenceMonitor,
     GuardedStep,
@@ -147,7 +149,44 @@ OPTIONS = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = OptionParser(__doc__, OPTIONS).parse_args(argv)
     validate_training_args(args)
+    if args.dataset_name is not None and args.train_file is not None:
+        raise ValueError("Pass either `--dataset_name` or `--train_file`, not both.")
+    if (args.validation_file or args.test_file) and not args.train_file:
+        raise ValueError("`--validation_file`/`--test_file` need a `--train_file`.")
+    if args.train_file and not args.validation_file:
+        raise ValueError("`--train_file` needs a `--validation_file` (the validation pairs for the loss and BLEU).")
+    if args.source_lang == args.target_lang:
+        raise ValueError(f"`--source_lang` and `--target_lang` are both {args.source_lang!r}.")
+    langs = {f"translation.{args.source_lang}": f"--source_lang {args.source_lang}",
+             f"translation.{args.target_lang}": f"--target_lang {args.target_lang}"}
+    for name in ("train_file", "validation_file", "test_file"):
+        path = getattr(args, name)
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            raise ValueError(f"`--{name}` {path!r} does not exist.")
+        if not re.search(r"\.jsonl?(\.gz)?$", path):
+            raise ValueError(f"`--{name}` must be a .json or .jsonl file (optionally .gz) in the translation format "
+                             f"({TRANSLATION_FORMAT}), got {path!r}.")
+        # Line by line, before `datasets` reads it: errors name the file, the line and the field.
+        counts = check_json_lines(path, name, list(langs), hint=TRANSLATION_FORMAT, field_options=langs)
+        if counts["empty"]:
+            logger.warning(f"`--{name}` {path!r}: {counts['empty']} of {counts['records']} pairs are empty on both "
+                           "sides.")
     return args
+
+
+def split_pairs(raw: Any, split: str, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(sources, targets) of a split; a pair lacking a language, or a split without any text, is a clear error."""
+    try:
+        src, tgt = pairs(raw[split], args.source_lang, args.target_lang)
+    except (KeyError, TypeError) as err:  # `pairs` checks the languages of the first pair only
+        raise ValueError(f"A pair of the {split} split lacks --source_lang {args.source_lang!r} or --target_lang "
+                         f"{args.target_lang!r} ({type(err).__name__}: {err}).") from err
+    if not any(isinstance(a, str) and a.strip() and isinstance(b, str) and b.strip() for a, b in zip(src, tgt)):
+        raise ValueError(f"The {split} split has {len(src)} pairs, none with both a source and a target text: there "
+                         "is nothing to train or evaluate on.")
+    return src, tgt
 
 
 def get_tokenizer(args: argparse.Namespace, train_src: list[str], train_tgt: list[str]) -> PreTrainedTokenizerFast:
@@ -295,13 +334,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget, stop: StopFlag) -> dict[str, Any]:
     out_dir = Path(args.output_dir)
     # ---- data and tokenizer ------------------------------------------------------------------------------------
-    raw = load_translation_data(
-        args.dataset_name, args.dataset_config_name, args.train_file, args.validation_file, args.test_file
-    )
+    with datasets_disk_errors():
+        raw = load_translation_data(
+            args.dataset_name, args.dataset_config_name, args.train_file, args.validation_file, args.test_file
+        )
     if "train" not in raw or "validation" not in raw:
         raise ValueError(f"Need `train` and `validation` splits, got {list(raw)}.")
-    train_src, train_tgt = pairs(raw["train"], args.source_lang, args.target_lang)
-    val_src, val_tgt = pairs(raw["validation"], args.source_lang, args.target_lang)
+    train_src, train_tgt = split_pairs(raw, "train", args)
+    val_src, val_tgt = split_pairs(raw, "validation", args)
     if args.max_train_samples:
         train_src, train_tgt = train_src[: args.max_train_samples], train_tgt[: args.max_train_samples]
     if args.max_eval_samples:

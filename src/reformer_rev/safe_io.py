@@ -230,9 +230,13 @@ class FolderLock:
         if self.record_owner:
             self._check_stale_owner()
             record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "purpose": self.purpose}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(record).encode(), 0)
-            os.fsync(fd)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(record).encode(), 0)
+                os.fsync(fd)
+            except OSError as err:  # e.g. a full disk: no lock file without its owner is left behind
+                self.release()
+                raise _as_write_error(err, self.path, "recording the owner in") from err
         return self
 
     def _check_stale_owner(self) -> None:
