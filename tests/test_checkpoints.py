@@ -500,6 +500,20 @@ def test_concurrent_writers_and_reader_while_writer_never_mix(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_converted_model_saved_and_loaded_through_safe_io_never_mixes(tmp_path):
+    """A model made reversible keeps its stock class (here a LlamaForCausalLM), whose own save_pretrained writes in
+    place: measured 147 mixed loads of 3,712 while a save was writing. `safe_io.save_pretrained_safely` /
+    `from_pretrained_safely` (the documented way for such models): none."""
+    from eval import save_concurrency
+
+    results = save_concurrency.main(["--family", "llama", "--trials", "6", "--reader_seconds", "10", "--no_baseline",
+                                     "--output", str(tmp_path / "r.json")])["safe_io"]
+    writers, reader = results["concurrent_writers"], results["reader_while_writer"]
+    assert writers["torn"] == 0 and writers["errors"] == 0
+    assert reader["torn"] == 0 and reader["errors"] == 0 and reader["saves"] >= 3 and reader["loads"] >= 3
+
+
+@pytest.mark.slow
 def test_ddp_checkpoint_resume_restores_every_rank(corpus, tmp_path):
     """2-process DDP (torchrun, gloo), dropout on: resuming from step_3 reproduces the uninterrupted run's per-step
     losses and final weights exactly, each rank restoring its own RNG state (rng_state_0/1.safetensors)."""

@@ -738,6 +738,10 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
         # Stopped by a signal: keep the state for a resume and skip the (long) final evaluation and save.
         return save_at_stop(accelerator, checkpoints, state, stop, loop.stop_reason, last_skipped)
 
+    # Whatever else ended training, its state is saved first: a final evaluation or save that fails (a full disk) or
+    # is stopped is redone by `--resume_from_checkpoint latest`, which then trains nothing.
+    checkpoints.save_unless_saved(state, last_step_skipped=last_skipped)
+
     # ---- final evaluation (sized to the time left), sample, results, atomic final save ---------------------------
     seconds_per_block = clock.per_block(fitter.seconds_per_step or 1.0)
     try:

@@ -13,6 +13,7 @@ checkpoint for `trust_remote_code=True` loading.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -390,6 +391,7 @@ class RevFormerPreTrainedModel(PreTrainedModel):
         randomly); pass `allow_missing_weights=True` to accept that, e.g. to put a new head on a backbone.
         """
         allow_missing = kwargs.pop("allow_missing_weights", False)
+        allow_nonfinite = kwargs.pop("allow_nonfinite_weights", False)
         want_info = kwargs.pop("output_loading_info", False)
         load = super().from_pretrained
         try:
@@ -413,6 +415,24 @@ class RevFormerPreTrainedModel(PreTrainedModel):
                 f"{cls.__name__}, e.g. {sorted(missing)[:5]}; they would be randomly initialised. Pass "
                 "`allow_missing_weights=True` if that is intended."
             )
+        # A config.json with fewer layers than the weights (edited, or from another save): the extra layers' weights
+        # are dropped by transformers with at most a generic note. Say how many, and which field decides.
+        extra = sorted({int(m.group(2)) for k in info.get("unexpected_keys", [])
+                        if (m := re.search(r"(^|\.)layers\.(\d+)\.", k))})
+        if extra:
+            logger.warning(
+                f"{pretrained_model_name_or_path!s} holds the weights of {len(extra)} more layer(s) (layers "
+                f"{extra[0]}-{extra[-1]}) than its config's num_hidden_layers/encoder_layers/decoder_layers builds: "
+                "they were not loaded. Fix config.json if the checkpoint has more layers than it says."
+            )
+        if not allow_nonfinite:
+            bad = [n for n, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+            if bad:
+                raise ValueError(
+                    f"The weights in {pretrained_model_name_or_path!s} hold NaN/inf values in {len(bad)} tensor(s), "
+                    f"e.g. {bad[:3]}: the model was saved after it diverged, or the file is damaged. Pass "
+                    "`allow_nonfinite_weights=True` to load it anyway."
+                )
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
