@@ -167,6 +167,7 @@ def test_torchrun_signal_to_one_rank_stops_every_rank_at_the_same_step(corpus, t
     assert code == 0, err[-4000:]
     step = steps_logged(out)
     assert f"Stopped by SIGTERM at step {step}" in err  # printed by the main process (rank 0 got no signal)
+    assert err.count("***** Training:") == 1, "INFO lines come from the main process only"
     ckpt = out / "checkpoints" / f"step_{step}"
     verify_manifest(ckpt, ["rng_state_0.safetensors", "rng_state_1.safetensors"])
     resumed = subprocess.run(torchrun("--max_train_steps", str(step + 3), "--resume_from_checkpoint", "latest"), env=environment(pids), cwd=tmp_path, capture_output=True, text=True, timeout=600)
