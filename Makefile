@@ -17,13 +17,18 @@ LOWEST_TESTS ?= tests/test_supported_versions.py tests/test_hf_integration.py te
 
 .PHONY: setup setup-lowest train test test-fast test-lowest clean
 
+# $(call step,MESSAGE,COMMAND): say what is being done, do it, say how long it took (setup is otherwise silent for
+# minutes: pip runs with -q).
+step = @echo "[setup] $(1)"; start=$$(date +%s); $(2) && echo "[setup]   done in $$(( $$(date +%s) - start )) s"
+
 # $(call make_venv,DIR,PIP_OPTIONS): a virtual environment in DIR with torch and an editable install of `.[dev]`.
 define make_venv
-	$(PYTHON) -m venv $(1)
-	$(1)/bin/python -m pip install -q --upgrade pip
-	$(1)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(1)/bin/python -m pip install -q $(2) -e ".[dev]"
-	touch $(1)/.installed
+	$(call step,creating the virtual environment $(1) with $(PYTHON),$(PYTHON) -m venv $(1))
+	$(call step,upgrading pip,$(1)/bin/python -m pip install -q --upgrade pip)
+	$(call step,installing torch ($(TORCH_SPEC)): seconds from a local wheel; a download takes minutes,$(1)/bin/python -m pip install -q "$(TORCH_SPEC)")
+	$(call step,installing reformer_rev (editable) with transformers / accelerate / datasets / peft / lm_eval and the test tools: 1-3 minutes,$(1)/bin/python -m pip install -q $(2) -e ".[dev]")
+	@touch $(1)/.installed
+	@echo "[setup] $(1) is ready"
 endef
 
 setup: $(VENV)/.installed

@@ -135,3 +135,20 @@ def test_a_full_datasets_cache_is_named_as_such(full_disk, tmp_path, monkeypatch
     with pytest.raises(WriteError, match=r"no space left on device while writing the datasets cache \(.*/disk/cache\): "
                                          r"free space there, or set HF_DATASETS_CACHE to a folder on a larger disk"):
         train_lm.load_raw_datasets(args)
+
+
+def test_translation_progress_counts_pairs(capsys):
+    """eval_translation's bar counted batches of 32: a 32-pair run showed 0/1 for its whole duration."""
+    from reformer_rev import RevFormerConfig, RevFormerForConditionalGeneration
+    from reformer_rev.training.translation import train_joint_tokenizer, translate
+
+    texts = ["In the beginning God created the heaven and the earth.", "En el principio crió Dios los cielos."] * 10
+    tokenizer = train_joint_tokenizer(texts, vocab_size=300, min_frequency=1)
+    config = RevFormerConfig(vocab_size=len(tokenizer), hidden_size=32, encoder_layers=1, decoder_layers=1,
+                             num_attention_heads=2, intermediate_size=64, is_encoder_decoder=True,
+                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.bos_token_id)
+    model = RevFormerForConditionalGeneration(config)
+    out = translate(model, tokenizer, texts[:5], batch_size=32, num_beams=1, max_new_tokens=2, progress=True)
+    assert len(out) == 5
+    assert "5/5" in capsys.readouterr().err
