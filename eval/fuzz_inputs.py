@@ -25,16 +25,20 @@ Beyond the models' inputs, three suites feed the training scripts and the loader
   settings or another process count, given to `--resume_from_checkpoint`; clear = the error names the file (or the
   setting) and nothing was trained.
 
-    python eval/fuzz_inputs.py                          # every suite (~700 cases, a few minutes on 2 cores)
-    python eval/fuzz_inputs.py --suites models          # only the models' inputs (~600 cases, about a minute)
-    python eval/fuzz_inputs.py --output_dir DIR         # default: outputs/fuzz (scratch, git-ignored)
+    python -m eval.fuzz_inputs                          # every suite (~700 cases, a few minutes on 2 cores)
+    python -m eval.fuzz_inputs --suites models          # only the models' inputs (~600 cases, about a minute)
+    python -m eval.fuzz_inputs --output_dir DIR         # default: outputs/fuzz (scratch, git-ignored)
+
+Run it from the repository root (the file suites import the scripts in `training/`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import traceback
 from collections import Counter
 from collections.abc import Callable
@@ -69,6 +73,29 @@ class Case:
     # types count as clear (a damaged file is an OSError as much as a ValueError).
     must_name: tuple[str, ...] = field(default=())
     clear_types: tuple[type, ...] = (ValueError, TypeError)
+    timeout: float | None = None  # seconds; a case still running then hangs (classified opaque)
+
+
+class CaseTimeout(Exception):
+    """A case ran longer than its limit: the entry point hung (e.g. an endless loop over a bad data position)."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None):
+    if not seconds:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise CaseTimeout(f"still running after {seconds:g} s: it hangs")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class _WarningCatcher(logging.Handler):
@@ -121,7 +148,7 @@ def classify(case: Case) -> dict[str, Any]:
               "expect": case.expect}
     warnings = _WarningCatcher()
     try:
-        with warnings:
+        with warnings, _time_limit(case.timeout):
             out = case.run()
     except Exception as err:  # noqa: BLE001 - classifying every failure is the point
         message = f"{type(err).__name__}: {err}"
@@ -129,7 +156,9 @@ def classify(case: Case) -> dict[str, Any]:
         names = (case.argument, *case.names)
         clear = (isinstance(err, case.clear_types) and any(n in str(err) for n in names)
                  and all(n in str(err) for n in case.must_name))
-        if case.expect == VALID:
+        if isinstance(err, CaseTimeout):  # accepted, then never finished: nothing told the user anything
+            record.update(category="refused" if case.expect == VALID else "silent", problem=str(err))
+        elif case.expect == VALID:
             record["category"] = "refused"
         else:
             record["category"] = "clear" if clear else "opaque"
@@ -528,6 +557,11 @@ class FileHarness:
         return folder / name
 
     def build(self, suites: tuple[str, ...]) -> list[Case]:
+        try:
+            import training.train_lm  # noqa: F401
+        except ModuleNotFoundError as err:
+            raise SystemExit("The file suites import the training scripts: run `python -m eval.fuzz_inputs` from the "
+                             "repository root (or pass --suites models).") from err
         if "data" in suites:
             self.data_cases()
         if "config" in suites:
@@ -637,6 +671,10 @@ class FileHarness:
 
     def add_config(self, name: str, description: str, edit: Callable | None, raw: str | None = None,
                    expect: str = ERROR, must_name: tuple[str, ...] = ()) -> None:
+        # An absurd depth is only loaded as a config: accepted, the model would be built for hours and exhaust the
+        # memory (it did, in the measurement before issue 24), so accepting the config is the failure.
+        config_only = "10**9" in description or "1000000000" in description
+
         def run(edit=edit, raw=raw):
             folder = self.saved_model()
             path = folder / "config.json"
@@ -646,6 +684,8 @@ class FileHarness:
                 config = json.loads(path.read_text())
                 edit(config)
                 path.write_text(json.dumps(config))
+            if config_only:
+                return torch.tensor([float(RevFormerConfig.from_pretrained(folder).num_hidden_layers)])
             return RevFormerForCausalLM.from_pretrained(folder)(ids((1, 4)).clamp(max=VOCAB - 1)).logits
 
         self.cases.append(Case("causal.config_file", name, description, expect, run, must_name=must_name,
@@ -696,10 +736,10 @@ class FileHarness:
         if not data.exists():
             data.mkdir(parents=True)
             from training import train_lm  # noqa: F401 - imports the script before the first case times itself
-            text = "".join(json.dumps({"text": f"In the beginning {i} God created the heaven and the earth. " * 4})
-                           + "\n" for i in range(60))
-            (data / "train.jsonl").write_text(text)
-            (data / "validation.jsonl").write_text(text[: len(text) // 4])
+            lines = [json.dumps({"text": f"In the beginning {i} God created the heaven and the earth. " * 4}) + "\n"
+                     for i in range(60)]
+            (data / "train.jsonl").write_text("".join(lines))
+            (data / "validation.jsonl").write_text("".join(lines[:15]))
         return ["--train_file", str(data / "train.jsonl"), "--validation_file", str(data / "validation.jsonl"),
                 "--output_dir", str(out), "--block_size", "64", "--hidden_size", "32", "--num_hidden_layers", "1",
                 "--num_attention_heads", "2", "--intermediate_size", "64", "--per_device_train_batch_size", "2",
@@ -728,7 +768,9 @@ class FileHarness:
             ckpt = out / "checkpoints" / "step_2"
             if damage is not None:
                 damage(ckpt / file)
-                if file != "manifest.json":  # the manifest vouches for the damage: only parsing can catch it
+                # Damage to the content is made to pass the manifest (it vouches for it: only parsing can catch it);
+                # flipped bytes are what the manifest itself is there to catch.
+                if file != "manifest.json" and damage is not _flip_bytes:
                     _rewrite_manifest(ckpt)
             _reset_accelerate()
             results = train_lm.main(self._tiny_argv(out) + ["--max_train_steps", "3", *extra,
@@ -737,7 +779,7 @@ class FileHarness:
 
         names = (file,) if file else (extra[0].lstrip("-"),)
         self.cases.append(Case("lm.resume", names[0], description, ERROR, run, names=names,
-                               clear_types=(ValueError, TypeError, OSError)))
+                               clear_types=(ValueError, TypeError, OSError), timeout=120))
 
 
 def _reset_accelerate() -> None:
@@ -790,8 +832,9 @@ def _numpy_position(tensors: dict, meta: dict) -> None:
     meta["numpy"][1] = 10**6
 
 
-def _transpose_exp_avg(tensors: dict, meta: dict) -> None:
-    key = next(k for k in tensors if k.endswith("\x00exp_avg") and tensors[k].dim() == 2)
+def _transpose_exp_avg(tensors: dict, meta: dict) -> None:  # a non-square one: its shape is then wrong
+    key = next(k for k in tensors if k.endswith("\x00exp_avg") and tensors[k].dim() == 2
+               and tensors[k].shape[0] != tensors[k].shape[1])
     tensors[key] = tensors[key].t().contiguous()
 
 

@@ -406,6 +406,12 @@ class RevFormerPreTrainedModel(PreTrainedModel):
                     f"Could not read the weights of {pretrained_model_name_or_path!s}: the safetensors file is "
                     f"truncated or corrupted ({err}). Re-download or re-save the checkpoint."
                 ) from err
+            if "ignore_mismatched_sizes" in str(err):  # transformers: "... For details look at the above report!"
+                raise ValueError(
+                    f"The weights in {pretrained_model_name_or_path!s} do not fit the model its config.json describes"
+                    f"{_shape_mismatches(cls, pretrained_model_name_or_path, kwargs)}. Fix config.json (or pass "
+                    "`ignore_mismatched_sizes=True` to initialise those weights randomly)."
+                ) from err
             raise
         tied = set(model._tied_weights_keys or {}) if model.config.tie_word_embeddings else set()
         missing = [k for k in info.get("missing_keys", []) if k not in tied]
@@ -447,6 +453,34 @@ class RevFormerPreTrainedModel(PreTrainedModel):
             lambda folder: save(folder, *args, **kwargs),
             is_main_process=kwargs.get("is_main_process", True),
         )
+
+
+def _shape_mismatches(cls: Any, path: Any, kwargs: dict[str, Any]) -> str:
+    """': name (checkpoint shape, config shape: `field`=value), ...' for the weights of a local folder whose shapes
+    differ from those the config builds ('' when that cannot be told, e.g. a Hub id)."""
+    try:
+        from safetensors import safe_open
+
+        config = cls.config_class.from_pretrained(path, **{k: v for k, v in kwargs.items() if k == "revision"})
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+        found = {}
+        with safe_open(f"{path}/model.safetensors", framework="pt") as fh:
+            for key in fh.keys():
+                found[key] = tuple(fh.get_slice(key).get_shape())
+    except Exception:  # noqa: BLE001 - best effort: the caller's message stands without the details
+        return ""
+    fields = {n: getattr(config, n) for n in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                                              "num_key_value_heads", "head_dim") if isinstance(getattr(config, n, None), int)}
+    details = []
+    for key, shape in found.items():
+        want = expected.get(key)
+        if want is None or want == shape:
+            continue
+        names = sorted({n for a, b in zip(shape, want) if a != b for n, v in fields.items() if v == b})
+        said = ", ".join(f"`{n}`={fields[n]}" for n in names)
+        details.append(f"{key} has shape {shape} in the checkpoint, {want} from config.json" + (f" ({said})" if said else ""))
+    return (": " + "; ".join(details[:3]) + ("; …" if len(details) > 3 else "")) if details else ""
 
 
 class RevFormerModel(RevFormerPreTrainedModel):
