@@ -712,17 +712,17 @@ class FileHarness:
     def resume_cases(self) -> None:
         self._reference: Path | None = None
         damages = {
-            "manifest entry not an object": ("manifest.json", _json_edit(("files", "model.safetensors"), "big")),
+            "manifest entry not an object": ("manifest.json", json_edit(("files", "model.safetensors"), "big")),
             "manifest lists a path outside the checkpoint": (
-                "manifest.json", _json_edit(("files", "../../x"), {"size": 1, "sha256": "0"})),
+                "manifest.json", json_edit(("files", "../../x"), {"size": 1, "sha256": "0"})),
             "model weights flipped": ("model.safetensors", _flip_bytes),
-            "RNG state of the wrong size": ("rng_state_0.safetensors", _tensors_edit(_short_rng)),
-            "NumPy RNG position out of range": ("rng_state_0.safetensors", _tensors_edit(_numpy_position)),
-            "optimizer tensor of the wrong shape": ("optimizer.safetensors", _tensors_edit(_transpose_exp_avg)),
-            "scheduler last_epoch a string": ("scheduler.json", _json_edit(("last_epoch",), "2")),
-            "scheduler with an unknown schedule": ("scheduler.json", _json_edit(("lr_lambdas", 0, "kind"), "nope")),
-            "trainer state: data position 10**9": ("trainer_state.json", _json_edit(("batches_in_epoch",), 10**9)),
-            "trainer state: run length 10**9": ("trainer_state.json", _json_edit(("max_train_steps",), 10**9)),
+            "RNG state of the wrong size": ("rng_state_0.safetensors", tensors_edit(short_rng_state)),
+            "NumPy RNG position out of range": ("rng_state_0.safetensors", tensors_edit(numpy_position_out_of_range)),
+            "optimizer tensor of the wrong shape": ("optimizer.safetensors", tensors_edit(transpose_exp_avg)),
+            "scheduler last_epoch a string": ("scheduler.json", json_edit(("last_epoch",), "2")),
+            "scheduler with an unknown schedule": ("scheduler.json", json_edit(("lr_lambdas", 0, "kind"), "nope")),
+            "trainer state: data position 10**9": ("trainer_state.json", json_edit(("batches_in_epoch",), 10**9)),
+            "trainer state: run length 10**9": ("trainer_state.json", json_edit(("max_train_steps",), 10**9)),
         }
         for description, (file, damage) in damages.items():
             self.add_resume(description, file, damage, ())
@@ -799,7 +799,7 @@ def _rewrite_manifest(folder: Path) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
-def _json_edit(keys: tuple, value: Any) -> Callable[[Path], None]:
+def json_edit(keys: tuple, value: Any) -> Callable[[Path], None]:
     def edit(path: Path) -> None:
         data = json.loads(path.read_text())
         target = data
@@ -810,7 +810,7 @@ def _json_edit(keys: tuple, value: Any) -> Callable[[Path], None]:
     return edit
 
 
-def _tensors_edit(edit: Callable[[dict, dict], None]) -> Callable[[Path], None]:
+def tensors_edit(edit: Callable[[dict, dict], None]) -> Callable[[Path], None]:
     def damage(path: Path) -> None:
         from safetensors.torch import load, save
 
@@ -824,15 +824,15 @@ def _tensors_edit(edit: Callable[[dict, dict], None]) -> Callable[[Path], None]:
     return damage
 
 
-def _short_rng(tensors: dict, meta: dict) -> None:
+def short_rng_state(tensors: dict, meta: dict) -> None:
     tensors["torch_cpu"] = tensors["torch_cpu"][:100].clone()
 
 
-def _numpy_position(tensors: dict, meta: dict) -> None:
+def numpy_position_out_of_range(tensors: dict, meta: dict) -> None:
     meta["numpy"][1] = 10**6
 
 
-def _transpose_exp_avg(tensors: dict, meta: dict) -> None:  # a non-square one: its shape is then wrong
+def transpose_exp_avg(tensors: dict, meta: dict) -> None:  # a non-square one: its shape is then wrong
     key = next(k for k in tensors if k.endswith("\x00exp_avg") and tensors[k].dim() == 2
                and tensors[k].shape[0] != tensors[k].shape[1])
     tensors[key] = tensors[key].t().contiguous()

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import gzip
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from conftest import small_tmpfs
 from reformer_rev.safe_io import FolderLock, WriteError
 from reformer_rev.training.datafiles import DataFileError
 from training import train_lm, train_translation
@@ -93,15 +93,10 @@ def test_a_single_text_file_holds_out_its_end_for_validation():
 @pytest.fixture
 def full_disk(tmp_path):
     """A 64 KB tmpfs when mounting is allowed (root in a container), else skip."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip("no permission to mount a small tmpfs")
-    try:
+    with small_tmpfs(tmp_path / "disk", "64k") as mount:
+        if mount is None:
+            pytest.skip("no permission to mount a small tmpfs")
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def fill(folder: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cut_bundled_corpus
+from conftest import cut_bundled_corpus, tiny_lm_args
 from reformer_rev.training.checkpointing import list_checkpoints, verify_manifest
 from reformer_rev.training.loop import TRAIN_LOG_NAME
 
@@ -31,13 +31,8 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
 
 
 def lm_args(corpus, out: Path, *extra: str) -> list[str]:
-    return [
-        "--train_file", str(corpus["train"]), "--validation_file", str(corpus["validation"]), "--output_dir", str(out),
-        "--block_size", "64", "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2",
-        "--intermediate_size", "64", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "8",
-        "--max_train_steps", "2000", "--num_warmup_steps", "2", "--eval_steps", "0", "--max_eval_blocks", "4",
-        "--logging_steps", "50", "--time_budget_minutes", "0", "--hidden_dropout", "0.1", "--cpu", *extra,
-    ]
+    return tiny_lm_args(corpus, out, "--max_train_steps", "2000", "--logging_steps", "50", "--hidden_dropout", "0.1",
+                        *extra)
 
 
 def free_port() -> int:

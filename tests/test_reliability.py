@@ -207,7 +207,8 @@ def test_a_fixed_point_overflow_goes_through_the_guard(corpus, tmp_path):
     assert [p.name for p in list_checkpoints(out)] == ["step_1"]
 
 
-def _scale_training_loss(monkeypatch, calls: set[int], factor: float) -> None:
+def _change_training_loss(monkeypatch, calls: set[int], change) -> None:
+    """Replace the loss of the given training forward calls (1-based) by `change(loss)`, like a bad batch would."""
     original = RevFormerForCausalLM.forward
     count = {"n": 0}
 
@@ -216,51 +217,36 @@ def _scale_training_loss(monkeypatch, calls: set[int], factor: float) -> None:
         if self.training and out.loss is not None:
             count["n"] += 1
             if count["n"] in calls:
-                out.loss = out.loss * factor
-        return out
-
-    monkeypatch.setattr(RevFormerForCausalLM, "forward", forward)
-
-
-def _poison_training_gradient(monkeypatch, calls: set[int]) -> None:
-    """A finite loss whose gradient is inf (a loss term `x * 0` with `x` inf in backward only)."""
-    original = RevFormerForCausalLM.forward
-    count = {"n": 0}
-
-    class InfGrad(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad * float("inf")
-
-    def forward(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        if self.training and out.loss is not None:
-            count["n"] += 1
-            if count["n"] in calls:
-                out.loss = InfGrad.apply(out.loss)
+                out.loss = change(out.loss)
         return out
 
     monkeypatch.setattr(RevFormerForCausalLM, "forward", forward)
 
 
 def _poison_training_forward(monkeypatch, calls: set[int]) -> None:
-    """Make the loss of the given training forward calls (1-based) NaN, like a bad batch would."""
-    original = RevFormerForCausalLM.forward
-    count = {"n": 0}
+    """A NaN loss in the given training forward calls."""
+    _change_training_loss(monkeypatch, calls, lambda loss: loss * float("nan"))
 
-    def forward(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        if self.training and out.loss is not None:
-            count["n"] += 1
-            if count["n"] in calls:
-                out.loss = out.loss * float("nan")
-        return out
 
-    monkeypatch.setattr(RevFormerForCausalLM, "forward", forward)
+def _scale_training_loss(monkeypatch, calls: set[int], factor: float) -> None:
+    _change_training_loss(monkeypatch, calls, lambda loss: loss * factor)
+
+
+class _InfGrad(torch.autograd.Function):
+    """The identity, whose gradient is inf."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def _poison_training_gradient(monkeypatch, calls: set[int]) -> None:
+    """A finite loss whose gradient is inf."""
+    _change_training_loss(monkeypatch, calls, _InfGrad.apply)
 
 
 def test_nonfinite_step_is_skipped_with_accumulation(corpus, tmp_path, monkeypatch):

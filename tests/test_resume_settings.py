@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cut_bundled_corpus
+from conftest import cut_bundled_corpus, tiny_lm_args
 from reformer_rev.safe_io import FolderLock
 from reformer_rev.training.checkpointing import PREVIOUS_RUN_DIR, list_checkpoints
 from reformer_rev.training.loop import TRAIN_LOG_NAME, TrainLog
@@ -32,14 +32,8 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
 
 
 def tiny(corpus, out: Path, *extra: str) -> list[str]:
-    return [
-        "--train_file", str(corpus["train"]), "--validation_file", str(corpus["validation"]), "--output_dir", str(out),
-        "--block_size", "64", "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2",
-        "--intermediate_size", "64", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "8",
-        "--max_train_steps", "6", "--num_warmup_steps", "2", "--learning_rate", "1e-2", "--eval_steps", "0",
-        "--max_eval_blocks", "4", "--sample_tokens", "0", "--time_budget_minutes", "0", "--cpu",
-        "--checkpointing_steps", "3", "--checkpoints_total_limit", "5", *extra,
-    ]
+    return tiny_lm_args(corpus, out, "--max_train_steps", "6", "--max_eval_blocks", "4", "--checkpointing_steps", "3",
+                        "--checkpoints_total_limit", "5", *extra)
 
 
 def reset() -> None:
