@@ -253,7 +253,7 @@ def config_from_args(args: argparse.Namespace, fields: Iterable[str], **fixed: A
 TRAINING_OPTIONS = [
     Option("per_device_train_batch_size", 8, "Training examples per process and micro-batch.", minimum=1),
     Option("per_device_eval_batch_size", 8, "Evaluation examples per process and batch.", minimum=1, fingerprint=False),
-    Option("learning_rate", 1e-3, "Peak learning rate (after warmup).", minimum=1e-300),
+    Option("learning_rate", 1e-3, "Peak learning rate (after warmup)."),
     Option("weight_decay", 0.01, "AdamW weight decay, applied to matrices only (not norms, biases, gates).", minimum=0),
     Option("adam_beta1", 0.9, "AdamW beta1 (momentum of the gradient mean).", minimum=0),
     Option("adam_beta2", 0.999, "AdamW beta2 (momentum of the squared gradient).", minimum=0),
@@ -310,6 +310,8 @@ CHECKPOINT_OPTIONS = [
 
 def validate_training_args(args: argparse.Namespace) -> None:
     """The checks every script shares beyond each option's range; fail before any work, naming the argument."""
+    if args.learning_rate <= 0:
+        raise ValueError(f"`--learning_rate` must be > 0, got {args.learning_rate}.")
     if args.time_budget_minutes == 0:
         args.time_budget_minutes = None
     resume = args.resume_from_checkpoint

@@ -557,7 +557,9 @@ class TrainingLoop:
                     state, where, lambda: f"{self._first_sign(f'the non-finite step {step}')}. {self._what_to_do()}")
                 state.completed_steps += 1
                 weight_norm, signs = None, []
-                if not skipped:
+                if skipped:  # a skipped non-finite step is a sign too: keep the checkpoint taken before it
+                    self._first_sign(f"the non-finite step {step}")
+                else:
                     weight_norm = parameter_norm(self.model, acc)
                     if weight_norm is not None and not math.isfinite(weight_norm):
                         error = (f"The weights became NaN/inf at step {step} ({where}; loss {loss_value}, gradient "
