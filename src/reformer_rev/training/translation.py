@@ -160,8 +160,8 @@ def translate(
     encoded = tokenizer(list(sources), max_length=max_source_length, truncation=True)["input_ids"]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc="translating", disable=not progress):
+    bar = tqdm(total=len(order), desc="translating", unit="pair", disable=not progress)  # pairs, not batches
+    for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = collate([{"input_ids": encoded[i]} for i in idx], tokenizer.pad_token_id)
         generated = model.generate(
@@ -175,6 +175,8 @@ def translate(
         )
         for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True)):
             outputs[i] = text.strip()
+        bar.update(len(idx))
+    bar.close()
     model.train(was_training)
     return outputs
 
