@@ -23,6 +23,8 @@ import argparse
 import json
 import logging
 import math
+import os
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -49,15 +51,24 @@ from reformer_rev.training.cli import (
 )
 from reformer_rev.training.loop import GuardedStep, StopFlag, TrainingLoop, TrainLog, stop_on_signals
 from reformer_rev.training.models import build_model
-from reformer_rev.training.reporting import plot_loss_curve
+from reformer_rev.training.reporting import plot_loss_curve, plot_translation_curve
 from reformer_rev.training.state import TrainingState
 from reformer_rev.training.translation import (
+    ARCHITECTURES,
+    TOKENIZER_MODELS,
+    build_marian,
     collate,
+    document_ids,
+    group_into_documents,
     length_grouped_batches,
     load_translation_data,
     pairs,
+    peak_step_bytes,
+    seq2seq_loss,
+    token_budget_batches,
     tokenize_pairs,
     train_joint_tokenizer,
+    trainable_parameters,
     translate,
     translation_scores,
 )
@@ -66,6 +77,8 @@ logger = logging.getLogger(__name__)
 
 SUMMARY_NAME = "train_summary.json"
 LOSS_CURVE_NAME = "loss_curve.png"
+SCORE_CURVE_NAME = "translation_curve.png"
+SAMPLES_NAME = "eval_samples.jsonl"
 TOKENIZER_DIR = "tokenizer"
 FINAL_SAVE_SECONDS = 20.0
 # At most this share of a time budget is held back for the final evaluation (it gets whatever is left anyway).
@@ -103,18 +116,79 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--num_threads", type=int, default=None, help="torch intra-op threads (CPU).")
     r = p.add_argument_group("evaluation")
-    r.add_argument("--eval_steps", type=int, default=500)
+    r.add_argument("--eval_steps", type=int, default=500, help="Validate every N steps (see --num_evaluations).")
     r.add_argument("--extra_eval_steps", type=int, nargs="*", default=[], help="Also validate at these steps.")
     r.add_argument("--num_beams", type=int, default=1, help="Beams for the validation BLEU decode.")
     r.add_argument("--max_new_tokens", type=int, default=160)
     r.add_argument("--logging_steps", type=int, default=50)
     add_checkpoint_arguments(p, output_dir=None, checkpointing_steps=500)
+    add_recipe_arguments(p)
     args = p.parse_args(argv)
     validate_training_args(args)
+    validate_recipe_arguments(args)
     for name in ("eval_steps", "logging_steps"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ValueError(f"`--{name}` must be positive, got {getattr(args, name)}.")
     return args
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """The translation recipe, the standard baseline and document-level translation (docs/translation.md)."""
+    g = p.add_argument_group("recipe, baseline and documents")
+    g.add_argument(
+        "--architecture", choices=ARCHITECTURES, default="reformer_rev",
+        help="reformer_rev: the reversible encoder-decoder (--no_reversible: its plain-autograd twin); marian: the "
+        "standard baseline, a randomly initialised MarianMTModel (post-norm, sinusoidal positions) with the same "
+        "width, depth, heads, dropout and tokenizer whose feed-forward width matches the reformer_rev model's "
+        "parameter count.",
+    )
+    g.add_argument("--tokenizer_model", choices=TOKENIZER_MODELS, default="byte_bpe",
+                   help="Joint tokenizer learnt on the training split: byte-level BPE, or a SentencePiece-style "
+                   "unigram model with byte fallback (--bpe_vocab_size is its size, byte tokens included).")
+    g.add_argument("--label_smoothing", type=float, default=0.0,
+                   help="Label smoothing of the training loss (validation loss is never smoothed).")
+    g.add_argument("--max_tokens_per_batch", type=int, default=0,
+                   help="Batch by tokens: at most this many source + target tokens (padding included) per "
+                   "micro-batch, at most --per_device_train_batch_size pairs. 0: batches of "
+                   "--per_device_train_batch_size pairs.")
+    g.add_argument("--num_evaluations", type=int, default=0,
+                   help="Validate this many times, evenly spread over the (time-fitted) run, instead of every "
+                   "--eval_steps. 0: every --eval_steps.")
+    g.add_argument("--num_sample_translations", type=int, default=3,
+                   help="Validation translations printed (and kept in eval_samples.jsonl) at each evaluation.")
+    g.add_argument("--max_length_ratio", type=float, default=2.0,
+                   help="Decoding stops after this times the source length + 10 tokens (at most --max_new_tokens): "
+                   "an untrained model's repetitions cost no more than a translation.")
+    g.add_argument("--document_level", action="store_true",
+                   help="Train and translate whole chapters: consecutive verses of a chapter (from the `ref` column, "
+                   "'Book Chapter:Verse') joined into one pair; a chapter longer than --max_document_tokens tokens is "
+                   "cut between verses. --max_train_samples/--max_eval_samples count verses.")
+    g.add_argument("--max_document_tokens", type=int, default=4096,
+                   help="With --document_level: the longest document (source or target tokens).")
+
+
+def validate_recipe_arguments(args: argparse.Namespace) -> None:
+    if args.architecture == "marian":
+        if not args.reversible:
+            raise ValueError("`--no_reversible` selects the reformer_rev twin; `--architecture marian` has no "
+                             "reversible mode to switch off.")
+        if args.model_name_or_path:
+            raise ValueError("`--architecture marian` builds a new model; `--model_name_or_path` fine-tunes a "
+                             "reformer_rev checkpoint.")
+    if not 0.0 <= args.label_smoothing < 1.0:
+        raise ValueError(f"`--label_smoothing` must be in [0, 1), got {args.label_smoothing}.")
+    for name in ("max_tokens_per_batch", "num_evaluations", "num_sample_translations"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}.")
+    if args.max_document_tokens <= 0:
+        raise ValueError(f"`--max_document_tokens` must be positive, got {args.max_document_tokens}.")
+    if args.max_length_ratio <= 0:
+        raise ValueError(f"`--max_length_ratio` must be positive, got {args.max_length_ratio}.")
+    if args.document_level:
+        # Documents are as long as --max_document_tokens; shorter limits would truncate them.
+        args.max_source_length = max(args.max_source_length, args.max_document_tokens)
+        args.max_target_length = max(args.max_target_length, args.max_document_tokens)
+        args.max_new_tokens = max(args.max_new_tokens, args.max_document_tokens)
 
 
 def get_tokenizer(args: argparse.Namespace, train_src: list[str], train_tgt: list[str]) -> PreTrainedTokenizerFast:
@@ -124,7 +198,7 @@ def get_tokenizer(args: argparse.Namespace, train_src: list[str], train_tgt: lis
         return PreTrainedTokenizerFast.from_pretrained(saved)
     if args.tokenizer_name or args.model_name_or_path:
         return PreTrainedTokenizerFast.from_pretrained(args.tokenizer_name or args.model_name_or_path)
-    return train_joint_tokenizer(train_src + train_tgt, vocab_size=args.bpe_vocab_size)
+    return train_joint_tokenizer(train_src + train_tgt, vocab_size=args.bpe_vocab_size, model=args.tokenizer_model)
 
 
 def get_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) -> torch.nn.Module:
@@ -136,9 +210,34 @@ def get_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) -> t
             eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.bos_token_id,
         )
 
+    if args.architecture == "marian":
+        # The standard model gets the parameter count of the reformer_rev model these arguments describe.
+        config = new_config()
+        with torch.device("meta"):
+            target = trainable_parameters(build_model(args, "translation", lambda: config))
+        return build_marian(
+            target, vocab_size=config.vocab_size, hidden_size=config.hidden_size, encoder_layers=config.encoder_layers,
+            decoder_layers=config.decoder_layers, num_attention_heads=config.num_attention_heads,
+            dropout=config.hidden_dropout, attention_dropout=config.attention_dropout,
+            max_position_embeddings=config.max_position_embeddings, pad_token_id=config.pad_token_id,
+            eos_token_id=config.eos_token_id, decoder_start_token_id=config.decoder_start_token_id,
+        )
     model = build_model(args, "translation", new_config)
     model.config.reversible = args.reversible
     return model
+
+
+def as_documents(args: argparse.Namespace, split, sources: list[str], targets: list[str], tokenizer):
+    """`--document_level`: the split's verses joined into chapters (at most `--max_document_tokens` tokens each).
+    Returns the joined sources and targets and how many verses each holds."""
+
+    def count(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    sources, targets, groups = group_into_documents(
+        sources, targets, document_ids(split)[: len(sources)], count, args.max_document_tokens
+    )
+    return sources, targets, [len(g) for g in groups]
 
 
 @torch.no_grad()
@@ -158,13 +257,23 @@ def validation_loss(model, examples, batch_size: int, pad_id: int, accelerator: 
     return total / max(count, 1)
 
 
-class Evaluator:
-    """Validation loss + BLEU/chrF, timing itself per pair so the final evaluation can be sized to a time budget."""
+def spread(n: int, k: int) -> list[int]:
+    """`k` indices spread evenly over `range(n)` (all of them if `k >= n`)."""
+    return list(range(n)) if k >= n else [i * n // k for i in range(k)]
 
-    def __init__(self, args, accelerator, model, tokenizer, val_examples, val_src, val_tgt) -> None:
+
+class Evaluator:
+    """Validation loss + BLEU/chrF, timing itself per pair so the final evaluation can be sized to a time budget.
+
+    BLEU/chrF are computed on `--val_bleu_samples` pairs spread evenly over the validation split (all its books),
+    decoded greedily (`--num_beams`); the copy-the-source baseline on the same pairs is computed once.
+    """
+
+    def __init__(self, args, accelerator, model, tokenizer, val_examples, val_src, val_tgt, budget) -> None:
         self.args, self.accelerator, self.model, self.tokenizer = args, accelerator, model, tokenizer
-        self.val_examples, self.val_src, self.val_tgt = val_examples, val_src, val_tgt
+        self.val_examples, self.val_src, self.val_tgt, self.budget = val_examples, val_src, val_tgt, budget
         self.seconds_per_pair = {"loss": None, "bleu": None}
+        self.copy_scores: dict[str, float] | None = None
 
     def estimate(self, seconds_per_step: float, loss_pairs: int, bleu_pairs: int) -> float:
         """Seconds for an evaluation of that many pairs (measured after the first one; guessed before)."""
@@ -183,15 +292,24 @@ class Evaluator:
         record = {"step": step, "val_loss": round(loss, 5), "loss_pairs": len(examples)}
         k = min(args.val_bleu_samples if bleu_pairs is None else bleu_pairs, len(self.val_src))
         if k > 0:
+            chosen = spread(len(self.val_src), k)
+            sources, references = [self.val_src[i] for i in chosen], [self.val_tgt[i] for i in chosen]
             start = time.perf_counter()
-            hyps = translate(unwrapped, self.tokenizer, self.val_src[:k], batch_size=args.per_device_eval_batch_size,
+            hyps = translate(unwrapped, self.tokenizer, sources, batch_size=args.per_device_eval_batch_size,
                              num_beams=args.num_beams, max_source_length=args.max_source_length,
-                             max_new_tokens=args.max_new_tokens)
+                             max_new_tokens=args.max_new_tokens, max_length_ratio=args.max_length_ratio)
             self.seconds_per_pair["bleu"] = (time.perf_counter() - start) / k
-            record.update({f"val_{name}": v for name, v in translation_scores(hyps, self.val_tgt[:k]).items()})
+            record.update({f"val_{name}": v for name, v in translation_scores(hyps, references).items()})
             record["bleu_pairs"] = k
-            record["val_example"] = {"source": self.val_src[0], "prediction": hyps[0], "reference": self.val_tgt[0]}
+            if self.copy_scores is None or k != self.copy_scores["pairs"]:
+                self.copy_scores = {**translation_scores(sources, references), "pairs": k}
+            record["copy_source_bleu"], record["copy_source_chrf"] = self.copy_scores["bleu"], self.copy_scores["chrf"]
+            shown = spread(k, min(args.num_sample_translations, k))
+            record["samples"] = [{"source": sources[i], "prediction": hyps[i], "reference": references[i]}
+                                 for i in shown]
         record["eval_seconds"] = round(time.perf_counter() - start_all, 1)
+        record["minutes"] = round(self.budget.elapsed() / 60, 2)
+        record["load_average"] = round(os.getloadavg()[0], 2)
         return record
 
 
@@ -223,26 +341,45 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
     )
     if "train" not in raw or "validation" not in raw:
         raise ValueError(f"Need `train` and `validation` splits, got {list(raw)}.")
-    train_src, train_tgt = pairs(raw["train"], args.source_lang, args.target_lang)
-    val_src, val_tgt = pairs(raw["validation"], args.source_lang, args.target_lang)
+    train_split, val_split = raw["train"], raw["validation"]
     if args.max_train_samples:
-        train_src, train_tgt = train_src[: args.max_train_samples], train_tgt[: args.max_train_samples]
+        train_split = train_split.select(range(min(args.max_train_samples, len(train_split))))
     if args.max_eval_samples:
-        val_src, val_tgt = val_src[: args.max_eval_samples], val_tgt[: args.max_eval_samples]
-    tokenizer = get_tokenizer(args, train_src, train_tgt)
+        val_split = val_split.select(range(min(args.max_eval_samples, len(val_split))))
+    train_src, train_tgt = pairs(train_split, args.source_lang, args.target_lang)
+    val_src, val_tgt = pairs(val_split, args.source_lang, args.target_lang)
+    tokenizer = get_tokenizer(args, train_src, train_tgt)  # learnt on verses, also in document mode
     if accelerator.is_main_process:
         save_model_folder(out_dir / TOKENIZER_DIR, tokenizer.save_pretrained)
+    verses = {"train": [1] * len(train_src), "validation": [1] * len(val_src)}
+    if args.document_level:
+        train_src, train_tgt, verses["train"] = as_documents(args, train_split, train_src, train_tgt, tokenizer)
+        val_src, val_tgt, verses["validation"] = as_documents(args, val_split, val_src, val_tgt, tokenizer)
+        logger.info(f"Document level: {len(train_src)} training and {len(val_src)} validation documents of "
+                    f"{sum(verses['train']) / len(train_src):.1f} verses on average (at most "
+                    f"{args.max_document_tokens} tokens).")
     train_examples = tokenize_pairs(tokenizer, train_src, train_tgt, args.max_source_length, args.max_target_length)
     val_examples = tokenize_pairs(tokenizer, val_src, val_tgt, args.max_source_length, args.max_target_length)
-    lengths = [len(e["input_ids"]) + len(e["labels"]) for e in train_examples]
+    src_lengths = [len(e["input_ids"]) for e in train_examples]
+    tgt_lengths = [len(e["labels"]) for e in train_examples]
 
     # ---- model, optimizer, schedule, checkpoints ---------------------------------------------------------------
     model = get_model(args, tokenizer)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = trainable_parameters(model)
     optimizer = make_optimizer(model, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     prepare_distributed_model(model, accelerator)
-    batches_per_epoch = math.ceil(len(train_examples) / args.per_device_train_batch_size / accelerator.num_processes)
+
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        # Deterministic in (seed, epoch): a resumed run rebuilds the epoch's order and skips what it already saw.
+        if args.max_tokens_per_batch:
+            return token_budget_batches(src_lengths, tgt_lengths, args.max_tokens_per_batch, args.seed + epoch,
+                                        max_pairs=args.per_device_train_batch_size)
+        lengths = [a + b for a, b in zip(src_lengths, tgt_lengths)]
+        return length_grouped_batches(lengths, args.per_device_train_batch_size, args.seed + epoch)
+
+    first_epoch = epoch_batches(0)
+    batches_per_epoch = math.ceil(len(first_epoch) / accelerator.num_processes)
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     requested_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     lr_scheduler = make_scheduler(optimizer, args.lr_scheduler_type, args.num_warmup_steps, requested_steps)
@@ -257,16 +394,28 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
         logger.info(f"Resuming at step {state.completed_steps} (epoch {state.epoch}, batch {state.batches_in_epoch}).")
 
     # ---- train -------------------------------------------------------------------------------------------------
-    evaluator = Evaluator(args, accelerator, model, tokenizer, val_examples, val_src, val_tgt)
+    evaluator = Evaluator(args, accelerator, model, tokenizer, val_examples, val_src, val_tgt, budget)
     full_eval = (len(val_examples), min(args.val_bleu_samples, len(val_src)))
 
-    def reserve(seconds_per_step: float) -> float:  # the final evaluation and save
-        share = FINAL_EVAL_SHARE * 60 * args.time_budget_minutes if budget.bounded else math.inf
-        return FINAL_SAVE_SECONDS + min(evaluator.estimate(seconds_per_step, *full_eval), share)
+    def evaluations_left() -> int:  # periodic ones, with --num_evaluations (the final one is not periodic)
+        return max(0, args.num_evaluations - 1 - len(state.eval_history)) if args.num_evaluations else 0
 
-    def overhead(seconds_per_step: float) -> float:  # periodic evaluations and checkpoints, per step
+    def reserve(seconds_per_step: float) -> float:  # the final evaluation, the memory measurement and the save
+        one_eval = evaluator.estimate(seconds_per_step, *full_eval)
+        share = FINAL_EVAL_SHARE * 60 * args.time_budget_minutes if budget.bounded else math.inf
+        return FINAL_SAVE_SECONDS + 3 * seconds_per_step + min(one_eval, share) + evaluations_left() * one_eval
+
+    def overhead(seconds_per_step: float) -> float:  # periodic evaluations (every --eval_steps) and checkpoints
         saves = (checkpoints.last_save_seconds or 1.0) / args.checkpointing_steps if args.checkpointing_steps else 0.0
-        return evaluator.estimate(seconds_per_step, *full_eval) / args.eval_steps + saves
+        evals = 0.0 if args.num_evaluations else evaluator.estimate(seconds_per_step, *full_eval) / args.eval_steps
+        return evals + saves
+
+    def evaluation_due(step: int) -> bool:
+        if step in args.extra_eval_steps:
+            return True
+        if args.num_evaluations:  # evenly spread over the run as currently fitted
+            return step >= (len(state.eval_history) + 1) * state.max_train_steps / args.num_evaluations
+        return step % args.eval_steps == 0
 
     fitter = StepFitter(budget, requested_steps, reserve=reserve, overhead=overhead)
     guard = GuardedStep(accelerator, model, optimizer, lr_scheduler, args.max_grad_norm, args.skip_nonfinite_steps)
@@ -275,33 +424,44 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
                         last_checkpoint=lambda: str(checkpoints.newest() or "none"))
 
     def batches_for_epoch(epoch: int, skip: int):
-        # Deterministic in (seed, epoch): a resumed run rebuilds the epoch's order and skips what it already saw.
-        order = length_grouped_batches(lengths, args.per_device_train_batch_size, args.seed + epoch)
-        order = order[accelerator.process_index :: accelerator.num_processes][:batches_per_epoch]
+        order = first_epoch if epoch == 0 else epoch_batches(epoch)
+        if args.max_tokens_per_batch:  # the number of batches varies by epoch: every process gets as many
+            order = order[accelerator.process_index :: accelerator.num_processes][: len(order) // accelerator.num_processes]
+        else:
+            order = order[accelerator.process_index :: accelerator.num_processes][:batches_per_epoch]
         return (collate([train_examples[i] for i in idx], tokenizer.pad_token_id) for idx in order[skip:]), len(order)
 
     def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
-            loss = model(**batch).loss
+            loss = seq2seq_loss(model, batch, args.label_smoothing)
         n_tokens = int((batch["labels"] != -100).sum())
         return loss, float(n_tokens), n_tokens
 
     def evaluate_now(step: int, **sizes: int) -> None:
         record = evaluator(step, **sizes)
-        state.eval_history.append({k: v for k, v in record.items() if k != "val_example"})
+        samples = record.pop("samples", [])
+        state.eval_history.append(record)
         # Best model: highest validation BLEU (lowest loss when BLEU is not computed).
         score = record.get("val_bleu", -record["val_loss"])
         if state.extra["best_score"] is None or score > state.extra["best_score"]:
             state.extra.update(best_score=score, best_step=step)
             save_model(out_dir / "best", model, tokenizer, accelerator)
         accelerator.print(json.dumps(record))
+        for sample in samples:
+            accelerator.print("  source:     " + sample["source"] + "\n  prediction: " + sample["prediction"]
+                              + "\n  reference:  " + sample["reference"])
+        if accelerator.is_main_process and samples:
+            with open(out_dir / SAMPLES_NAME, "a") as fh:
+                fh.write(json.dumps({"step": step, "minutes": record["minutes"], "samples": samples}) + "\n")
 
     logger.info(
-        f"***** Training: {n_params / 1e6:.2f}M parameters, {len(train_examples)} pairs ({steps_per_epoch} steps per "
-        f"epoch), {state.max_train_steps} steps, {accelerator.num_processes} process(es)"
+        f"***** Training {model_description(args)}: {n_params / 1e6:.2f}M parameters, {len(train_examples)} "
+        f"{'documents' if args.document_level else 'pairs'} ({steps_per_epoch} steps per epoch), "
+        f"{state.max_train_steps} steps, {accelerator.num_processes} process(es)"
         + (f", time budget {args.time_budget_minutes} min" if budget.bounded else "") + " *****"
     )
+    load_at_start = os.getloadavg()
     window, update = [], None
     for update in loop.updates(batches_for_epoch, compute_loss):
         window += [] if update.skipped else [update.loss]
@@ -309,7 +469,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
             accelerator.print(f"step {update.step}/{state.max_train_steps}: train loss {sum(window) / len(window):.4f}, "
                               f"lr {update.lr:.3e}, {budget.elapsed() / 60:.1f} min")
             window = []
-        if (update.step % args.eval_steps == 0 or update.step in args.extra_eval_steps) and not state.finished:
+        if evaluation_due(update.step) and not state.finished:
             evaluate_now(update.step)
         if args.checkpointing_steps and update.step % args.checkpointing_steps == 0 and not update.skipped:
             checkpoints.save(state)
@@ -334,23 +494,48 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
                                f"the loss and {sizes['bleu_pairs']} for BLEU.")
         evaluate_now(state.completed_steps, **sizes)
     save_model(out_dir / "final", model, tokenizer, accelerator)
+    # Peak memory of one training step (forward + backward, the profiler's running sum of allocations) on the
+    # epoch's largest batch; the RNG is forked so that it does not change a resumed run's randomness.
+    largest = max(first_epoch, key=lambda idx: len(idx) * (max(src_lengths[i] for i in idx)
+                                                          + max(tgt_lengths[i] for i in idx)))
+    batch = {k: v.to(accelerator.device)
+             for k, v in collate([train_examples[i] for i in largest], tokenizer.pad_token_id).items()}
+    step_bytes = peak_step_bytes(accelerator.unwrap_model(model), batch, args.label_smoothing, accelerator)
     steps_log = TrainLog.read(out_dir) if accelerator.is_main_process else []
     drift = loop.drift.summary(steps_log, accelerator)  # a collective: every process
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     summary = {"event": "end", "stop_reason": loop.stop_reason or "max_steps", "step": state.completed_steps,
                "max_train_steps": state.max_train_steps, "requested_steps": requested_steps, "parameters": n_params,
-               "minutes": round(budget.elapsed() / 60, 2), "best_step": state.extra["best_step"],
-               "best_score": state.extra["best_score"], "last_eval": state.eval_history[-1],
-               "budget_fits": [vars(f) for f in fitter.fits], "train_pairs": len(train_examples),
-               "val_pairs": len(val_examples), "vocab_size": len(tokenizer),
+               "model": model_description(args), "minutes": round(budget.elapsed() / 60, 2),
+               "best_step": state.extra["best_step"], "best_score": state.extra["best_score"],
+               "last_eval": state.eval_history[-1], "budget_fits": [vars(f) for f in fitter.fits],
+               "train_pairs": len(train_examples), "val_pairs": len(val_examples),
+               "train_verses": sum(verses["train"]), "vocab_size": len(tokenizer),
                "tokens_per_second": state.tokens_seen / max(state.train_time_s, 1e-9),
+               "target_tokens_seen": state.tokens_seen, "train_time_s": round(state.train_time_s, 1),
+               # What the machine gave this run: on a shared machine wall-clock figures alone mislead.
+               "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "torch_threads": torch.get_num_threads(),
+               "load_average_start": [round(v, 2) for v in load_at_start],
+               "load_average_end": [round(v, 2) for v in os.getloadavg()],
+               "peak_step_memory_mb": round(step_bytes["peak_bytes"] / 2**20, 1),
+               "peak_step_batch": {"pairs": len(largest), "source_tokens": step_bytes["source_tokens"],
+                                   "target_tokens": step_bytes["target_tokens"]},
+               "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
                "reversal_drift": drift, "args": vars(args)}
     if accelerator.is_main_process:
         atomic_write_json(out_dir / SUMMARY_NAME, {**summary, "evals": state.eval_history})
         evals = [{"step": e["step"], "loss": e["val_loss"]} for e in state.eval_history]
-        plot_loss_curve(out_dir / LOSS_CURVE_NAME, steps_log, evals,
-                        f"{n_params / 1e6:.1f}M-parameter reversible encoder-decoder")
+        title = f"{n_params / 1e6:.1f}M-parameter {model_description(args)}"
+        plot_loss_curve(out_dir / LOSS_CURVE_NAME, steps_log, evals, title)
+        plot_translation_curve(out_dir / SCORE_CURVE_NAME, state.eval_history, title)
         accelerator.print(json.dumps(summary))
     return summary
+
+
+def model_description(args: argparse.Namespace) -> str:
+    if args.architecture == "marian":
+        return "MarianMTModel (standard)"
+    return "reversible encoder-decoder" if args.reversible else "encoder-decoder twin (plain autograd)"
 
 
 if __name__ == "__main__":
