@@ -202,12 +202,20 @@ def get_tokenizer(args: argparse.Namespace, train_src: list[str], train_tgt: lis
 
 
 def get_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) -> torch.nn.Module:
+    return build_translation_model(args, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
+                                   tokenizer.eos_token_id)
+
+
+def build_translation_model(args: argparse.Namespace, vocab_size: int, pad_token_id: int, bos_token_id: int,
+                            eos_token_id: int) -> torch.nn.Module:
+    """The model these arguments describe (also what `eval/bench_translation_memory.py` measures)."""
+
     def new_config():
         return config_from_args(
-            args, MODEL_FIELDS, vocab_size=len(tokenizer), num_hidden_layers=args.decoder_layers,
+            args, MODEL_FIELDS, vocab_size=vocab_size, num_hidden_layers=args.decoder_layers,
             max_position_embeddings=max(args.max_source_length, args.max_target_length + args.max_new_tokens, 512),
-            is_encoder_decoder=True, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.bos_token_id,
+            is_encoder_decoder=True, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id, decoder_start_token_id=bos_token_id,
         )
 
     if args.architecture == "marian":
@@ -309,6 +317,9 @@ class Evaluator:
                                  for i in shown]
         record["eval_seconds"] = round(time.perf_counter() - start_all, 1)
         record["minutes"] = round(self.budget.elapsed() / 60, 2)
+        # Processor time of this process (all threads) and the machine's load: on a shared machine the wall clock
+        # alone does not say how much computing a score took.
+        record["cpu_minutes"] = round(time.process_time() / 60, 2)
         record["load_average"] = round(os.getloadavg()[0], 2)
         return record
 

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import re
@@ -92,21 +93,25 @@ def group_into_documents(
     sources: Sequence[str],
     targets: Sequence[str],
     documents: Sequence[str],
-    count_tokens: Callable[[list[str]], list[int]],
-    max_tokens: int,
+    count_tokens: Callable[[list[str]], list[int]] | None = None,
+    max_tokens: int | None = None,
 ) -> tuple[list[str], list[str], list[list[int]]]:
     """Join consecutive pairs of the same document into one pair (texts joined by a space), in input order.
 
-    A document whose source or target would exceed `max_tokens` tokens (`count_tokens(texts)` gives each text's
-    length without special tokens; one more is kept for `</s>`) is cut between verses into consecutive pieces that
-    fit; a single verse longer than that stays one piece (and is truncated by the tokenizer). Returns the joined
-    sources, the joined targets and, per piece, the indices of the pairs it holds.
+    With `max_tokens`, a document whose source or target would exceed `max_tokens` tokens (`count_tokens(texts)`
+    gives each text's length without special tokens; one more is kept for `</s>`) is cut between verses into
+    consecutive pieces that fit; a single verse longer than that stays one piece (and is truncated by the tokenizer).
+    Returns the joined sources, the joined targets and, per piece, the indices of the pairs it holds.
     """
     if not len(sources) == len(targets) == len(documents):
         raise ValueError(f"{len(sources)} sources, {len(targets)} targets and {len(documents)} document ids.")
-    if max_tokens < 2:
-        raise ValueError(f"`max_tokens` must be at least 2, got {max_tokens}.")
-    src_len, tgt_len = count_tokens(list(sources)), count_tokens(list(targets))
+    if max_tokens is not None and (max_tokens < 2 or count_tokens is None):
+        raise ValueError(f"`max_tokens` ({max_tokens}) must be at least 2 and comes with `count_tokens`.")
+    if max_tokens is None:
+        src_len = tgt_len = [0] * len(sources)
+        max_tokens = 1
+    else:
+        src_len, tgt_len = count_tokens(list(sources)), count_tokens(list(targets))
     groups: list[list[int]] = []
     used = (0, 0)
     for i, doc in enumerate(documents):
@@ -267,8 +272,10 @@ def seq2seq_loss(model: Any, batch: dict[str, torch.Tensor], label_smoothing: fl
     extra = {"return_logits": True} if getattr(unwrapped.config, "model_type", None) == "reformer_rev" else {}
     logits = model(**batch, **extra).logits
     labels = batch["labels"].to(logits.device)
+    # At least float32 (bf16 logits under autocast would lose the loss's precision).
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
         label_smoothing=label_smoothing,
     )
 
@@ -278,30 +285,27 @@ def seq2seq_loss(model: Any, batch: dict[str, torch.Tensor], label_smoothing: fl
 # --------------------------------------------------------------------------------------------------------------
 
 
-def peak_step_bytes(model: Any, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
-                    accelerator: Any = None) -> dict[str, int]:
+def peak_step_bytes(model: Any, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0, accelerator: Any = None,
+                    warmup_batch: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
     """Peak memory of one training forward + backward on `batch`: the profiler's running sum of allocations
-    (`reformer_rev.profiling`, docs/design.md §7), after a warm-up pass so that gradient buffers already exist and
-    only activations and temporaries count. The RNG is forked (dropout draws do not shift the run's randomness) and
-    the gradients are cleared afterwards."""
+    (`reformer_rev.profiling`, docs/design.md §7), after a warm-up pass (on `warmup_batch`, default `batch`) so that
+    gradient buffers already exist and only activations and temporaries count. The RNG is forked (dropout draws do not
+    shift the run's randomness) and the gradients are cleared afterwards."""
     from ..profiling import peak_allocated_bytes
 
     device = next(model.parameters()).device
     was_training = model.training
     model.train()
 
-    def step() -> None:
-        if accelerator is not None:
-            with accelerator.autocast():
-                loss = seq2seq_loss(model, batch, label_smoothing)
-        else:
-            loss = seq2seq_loss(model, batch, label_smoothing)
+    def step(inputs: dict[str, torch.Tensor]) -> None:
+        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+            loss = seq2seq_loss(model, inputs, label_smoothing)
         loss.backward()
 
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-        step()
+        step(batch if warmup_batch is None else warmup_batch)
         model.zero_grad(set_to_none=False)
-        peak = peak_allocated_bytes(step, device=str(device))
+        peak = peak_allocated_bytes(lambda: step(batch), device=str(device))
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return {"peak_bytes": peak, "source_tokens": int(batch["input_ids"].numel()),
