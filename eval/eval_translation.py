@@ -49,14 +49,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_repeat_ngram_size", type=int, default=0, help="Forbid repeating n-grams (0: off).")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--max_source_length", type=int, default=128)
-    p.add_argument("--max_new_tokens", type=int, default=160)
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help="Longest translation (default: 160, or --max_document_tokens with --document_level).")
     p.add_argument("--max_length_ratio", type=float, default=2.0,
                    help="Stop after this times the source length + 10 new tokens (at most --max_new_tokens).")
     p.add_argument("--document_level", action="store_true",
                    help="Translate whole chapters (verses of a chapter joined; needs the `ref` column).")
     p.add_argument("--max_document_tokens", type=int, default=4096,
-                   help="With --document_level: the longest document in tokens; also raises --max_source_length "
-                   "and --max_new_tokens to it.")
+                   help="With --document_level: the longest document in tokens (also the default --max_new_tokens; "
+                   "--max_source_length is raised to it).")
     p.add_argument("--no_copy_baseline", action="store_true")
     p.add_argument("--num_threads", type=int, default=None)
     p.add_argument("--output_dir", required=True)
@@ -67,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("`--max_length_ratio` and `--max_document_tokens` must be positive.")
     if args.document_level:
         args.max_source_length = max(args.max_source_length, args.max_document_tokens)
-        args.max_new_tokens = max(args.max_new_tokens, args.max_document_tokens)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = args.max_document_tokens if args.document_level else 160
     return args
 
 

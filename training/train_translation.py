@@ -119,7 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--eval_steps", type=int, default=500, help="Validate every N steps (see --num_evaluations).")
     r.add_argument("--extra_eval_steps", type=int, nargs="*", default=[], help="Also validate at these steps.")
     r.add_argument("--num_beams", type=int, default=1, help="Beams for the validation BLEU decode.")
-    r.add_argument("--max_new_tokens", type=int, default=160)
+    r.add_argument("--max_new_tokens", type=int, default=None,
+                   help="Longest validation translation (default: 160, or --max_document_tokens with "
+                   "--document_level).")
     r.add_argument("--logging_steps", type=int, default=50)
     add_checkpoint_arguments(p, output_dir=None, checkpointing_steps=500)
     add_recipe_arguments(p)
@@ -188,7 +190,10 @@ def validate_recipe_arguments(args: argparse.Namespace) -> None:
         # Documents are as long as --max_document_tokens; shorter limits would truncate them.
         args.max_source_length = max(args.max_source_length, args.max_document_tokens)
         args.max_target_length = max(args.max_target_length, args.max_document_tokens)
-        args.max_new_tokens = max(args.max_new_tokens, args.max_document_tokens)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = args.max_document_tokens if args.document_level else 160
+    elif args.max_new_tokens <= 0:
+        raise ValueError(f"`--max_new_tokens` must be positive, got {args.max_new_tokens}.")
 
 
 def get_tokenizer(args: argparse.Namespace, train_src: list[str], train_tgt: list[str]) -> PreTrainedTokenizerFast:
