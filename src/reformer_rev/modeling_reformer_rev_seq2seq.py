@@ -390,6 +390,7 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
         output_hidden_states: bool | None = None,
         logits_to_keep: int = 0,
         return_logits: bool | None = None,
+        label_smoothing: float = 0.0,
         **kwargs: Any,
     ) -> RevFormerSeq2SeqLMOutput:
         """
@@ -397,6 +398,8 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
         logits_to_keep: if > 0, only the last `logits_to_keep` positions' logits are computed (generation).
         return_logits: with `labels`, whether to return the logits as well: by default in eval mode only (metrics,
             `predict_with_generate=False` evaluation); in training the chunked loss never materialises them.
+        label_smoothing: with `labels`, the loss's label smoothing (`F.cross_entropy`'s), computed by the chunked
+            loss, so that long targets (document-level translation) still never materialise the logits.
         """
         if labels is not None:
             labels = check_labels(labels, self.config.vocab_size, None)
@@ -425,7 +428,9 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
             if labels.shape != hidden.shape[:2]:
                 raise ValueError(f"`labels` must have shape {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}.")
             chunk = resolve_chunk_size(self.config.loss_chunk_size, self.config.vocab_size)
-            loss = chunked_cross_entropy(hidden, self.lm_head, labels, chunk, kwargs.get("num_items_in_batch"))
+            loss = chunked_cross_entropy(
+                hidden, self.lm_head, labels, chunk, kwargs.get("num_items_in_batch"), label_smoothing
+            )
             if outputs.jacobian_loss is not None:
                 loss = loss + self.config.deq_jacobian_reg * outputs.jacobian_loss
         if labels is None or wants_logits(self, return_logits):

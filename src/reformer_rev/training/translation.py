@@ -262,15 +262,16 @@ def collate(features: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict
 def seq2seq_loss(model: Any, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean (label-smoothed) cross-entropy of a seq2seq model over the batch's non-ignored target tokens.
 
-    Without smoothing it is the model's own loss (for `reformer_rev`, chunked: the logits never exist at once). With
-    smoothing it is computed from the logits as `transformers.Trainer`'s `label_smoothing_factor` does: uniform
-    smoothing over the vocabulary, ignored targets (`-100`) excluded.
+    `reformer_rev` models smooth inside their chunked loss (the logits never exist at once, whatever the target
+    length); other models (the Marian baseline) from their logits, as `transformers.Trainer`'s
+    `label_smoothing_factor` does: uniform smoothing over the vocabulary, ignored targets (`-100`) excluded.
     """
+    unwrapped = getattr(model, "module", model)  # DDP
+    if getattr(unwrapped.config, "model_type", None) == "reformer_rev":
+        return model(**batch, label_smoothing=label_smoothing).loss
     if label_smoothing == 0.0:
         return model(**batch).loss
-    unwrapped = getattr(model, "module", model)  # DDP
-    extra = {"return_logits": True} if getattr(unwrapped.config, "model_type", None) == "reformer_rev" else {}
-    logits = model(**batch, **extra).logits
+    logits = model(**batch).logits
     labels = batch["labels"].to(logits.device)
     # At least float32 (bf16 logits under autocast would lose the loss's precision).
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -278,11 +279,6 @@ def seq2seq_loss(model: Any, batch: dict[str, torch.Tensor], label_smoothing: fl
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
         label_smoothing=label_smoothing,
     )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The standard baseline: MarianMTModel at equal parameters
-# --------------------------------------------------------------------------------------------------------------
 
 
 def peak_step_bytes(model: Any, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0, accelerator: Any = None,
