@@ -11,7 +11,8 @@ same loss (label smoothing included), after a warm-up pass at 64 tokens:
 
 Memory is the profiler's peak of the running sum of allocations (`reformer_rev.profiling.peak_allocated_bytes`,
 docs/design.md §7): activations and temporaries, not the weights, gradients or optimizer state (the same for all
-lengths). Also reported: processor seconds of the step (one thread) and the process's peak RSS.
+lengths). Also reported: the process's peak RSS and, with `--time_steps`, processor seconds of one more step without
+the profiler (one thread).
 
     python -m eval.bench_translation_memory                        # writes outputs/benchmarks/translation_memory.*
     python -m eval.bench_translation_memory --update_docs          # the committed figures (docs/benchmarks/)
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train_args", default="",
                    help="Extra arguments of training/train_translation.py that shape the model (quoted).")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker.")
+    p.add_argument("--time_steps", action="store_true",
+                   help="Also time one more step without the profiler (processor seconds; doubles the cost).")
     p.add_argument("--timeout", type=float, default=1800.0, help="Seconds per configuration.")
     p.add_argument("--memory_limit_gb", type=float, default=8.0, help="Data-segment cap of each worker.")
     p.add_argument("--output_dir", type=Path, default=SCRATCH_DIR)
@@ -106,12 +109,13 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
 
     start = time.process_time()
     peak = peak_step_bytes(model, batch(length), args.label_smoothing, warmup_batch=batch(WARMUP_TOKENS))
-    # The measured pass runs under the profiler; time one more pass without it.
-    timed = batch(length)
-    model.train()
-    step_start = time.process_time()
-    seq2seq_loss(model, timed, args.label_smoothing).backward()
-    step_seconds = time.process_time() - step_start
+    step_seconds = None
+    if spec.get("time_steps"):  # the measured pass runs under the profiler; time one more pass without it
+        timed = batch(length)
+        model.train()
+        step_start = time.process_time()
+        seq2seq_loss(model, timed, args.label_smoothing).backward()
+        step_seconds = time.process_time() - step_start
     return {
         "candidate": spec["candidate"], "length": length, "status": "ok",
         "parameters": trainable_parameters(model), "peak_activation_bytes": peak["peak_bytes"],
@@ -133,7 +137,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         row = [f"{length:,}"]
         for name in results["candidates"]:
             r = by_key.get((name, length))
-            row.append(fmt(r["peak_activation_bytes"] / MB, 0) if r and r["status"] == "ok" else (r or {}).get("status", "–"))
+            row.append(fmt(r["peak_activation_bytes"] / MB, 1) if r and r["status"] == "ok" else (r or {}).get("status", "–"))
         rev, std = by_key.get(("reversible", length)), by_key.get(("marian", length))
         ok = rev and std and rev["status"] == std["status"] == "ok"
         row.append(fmt(std["peak_activation_bytes"] / rev["peak_activation_bytes"], 1) + "×" if ok else "–")
@@ -145,7 +149,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         row = [f"{length:,}"]
         for name in results["candidates"]:
             r = by_key.get((name, length))
-            row.append(fmt(2 * length / r["step_cpu_seconds"], 0) if r and r["status"] == "ok" else "–")
+            timed = r and r["status"] == "ok" and r.get("step_cpu_seconds")
+            row.append(fmt(2 * length / r["step_cpu_seconds"], 0) if timed else "–")
         speed_rows.append(row)
     params = {r["candidate"]: r["parameters"] for r in results["records"] if r["status"] == "ok"}
     lines = [
@@ -153,9 +158,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         "length), MB, torch profiler:",
         "",
         markdown_table(header, rows),
-        "Training throughput of the same step, source + target tokens per processor-second (one thread, no profiler):",
-        "",
-        markdown_table(["source = target tokens"] + [CANDIDATES[c][0] for c in results["candidates"]], speed_rows),
+        *(["Training throughput of the same step, source + target tokens per processor-second (one thread, no "
+           "profiler):", "", markdown_table(["source = target tokens"] + [CANDIDATES[c][0] for c in
+                                             results["candidates"]], speed_rows)] if results.get("time_steps") else []),
         "Parameters: " + ", ".join(f"{CANDIDATES[c][0]} {params[c]:,}" for c in results["candidates"] if c in params)
         + f". Model arguments: `{results['train_args'] or '(training/train_translation.py defaults)'}`.",
         "",
@@ -197,10 +202,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     train_args = shlex.split(args.train_args)
     results = {"lengths": args.lengths, "candidates": args.candidates, "train_args": args.train_args,
-               "environment": environment(), "records": []}
+               "time_steps": args.time_steps, "environment": environment(), "records": []}
     for length in args.lengths:
         for name in args.candidates:
-            spec = {"candidate": name, "length": length, "threads": args.threads,
+            spec = {"candidate": name, "length": length, "threads": args.threads, "time_steps": args.time_steps,
                     "train_args": [*CANDIDATES[name][1], *train_args]}
             record = run_worker(spec, timeout=args.timeout, memory_limit_bytes=int(args.memory_limit_gb * GB),
                                 module="eval.bench_translation_memory")

@@ -309,3 +309,20 @@ def test_document_level_run_trains_and_translates_chapters(tmp_path, fresh_accel
     assert scores["document_level"] and scores["num_verses"] == 60 and scores["num_pairs"] < 10
     lines = (tmp_path / "t" / "sources.txt").read_text().splitlines()
     assert len(lines) == scores["num_pairs"] and lines[0].startswith("Now King David was old")  # 1 Kings 1
+
+
+@pytest.mark.slow
+def test_memory_benchmark_reversible_below_twin_and_marian(tmp_path):
+    from eval import bench_translation_memory
+
+    results = bench_translation_memory.main([
+        "--lengths", "192", "--output_dir", str(tmp_path), "--train_args",
+        "--hidden_size 32 --intermediate_size 64 --encoder_layers 3 --decoder_layers 3 --bpe_vocab_size 400"])
+    records = {r["candidate"]: r for r in results["records"]}
+    assert all(r["status"] == "ok" for r in records.values()), records
+    peak = {name: r["peak_activation_bytes"] for name, r in records.items()}
+    # Three blocks per stack: the reversible model keeps one block's activations, the others all of them.
+    assert peak["reversible"] < 0.8 * peak["twin"] and peak["reversible"] < 0.8 * peak["marian"]
+    assert records["marian"]["model_type"] == "marian"
+    assert abs(records["marian"]["parameters"] / records["reversible"]["parameters"] - 1) < 0.03
+    assert (tmp_path / "translation_memory.md").read_text().count("| 192 |") == 1
