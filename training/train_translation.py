@@ -85,7 +85,7 @@ FINAL_SAVE_SECONDS = 20.0
 FINAL_EVAL_SHARE = 0.15
 MODEL_FIELDS = {
     "hidden_size": 256, "encoder_layers": 3, "decoder_layers": 3, "num_attention_heads": 4, "intermediate_size": 768,
-    "hidden_dropout": 0.1, "attention_dropout": 0.0, "chunk_size_feed_forward": 0, "tie_word_embeddings": True,
+    "hidden_dropout": 0.0, "attention_dropout": 0.0, "chunk_size_feed_forward": 0, "tie_word_embeddings": True,
     "reversible": True,
 }
 
@@ -104,19 +104,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--max_target_length", type=int, default=128)
     d.add_argument("--max_train_samples", type=int, default=None, help="Use the first N training pairs (debugging).")
     d.add_argument("--max_eval_samples", type=int, default=None, help="Use the first N validation pairs for the loss.")
-    d.add_argument("--val_bleu_samples", type=int, default=300, help="Validation pairs decoded for BLEU/chrF.")
+    d.add_argument("--val_bleu_samples", type=int, default=200,
+                   help="Validation pairs decoded for BLEU/chrF, spread evenly over the split.")
     t = p.add_argument_group("tokenizer")
     t.add_argument("--tokenizer_name", default=None, help="Existing tokenizer path; default: learn a joint BPE.")
     t.add_argument("--bpe_vocab_size", type=int, default=8000)
     p.add_argument("--model_name_or_path", default=None, help="Fine-tune this checkpoint instead of a new model.")
     add_model_arguments(p, MODEL_FIELDS)
     add_training_arguments(
-        p, per_device_train_batch_size=48, per_device_eval_batch_size=64, learning_rate=1.5e-3, adam_beta2=0.98,
-        num_train_epochs=20, lr_scheduler_type="inverse_sqrt", num_warmup_steps=300, mixed_precision="no",
+        p, per_device_train_batch_size=128, per_device_eval_batch_size=64, learning_rate=3e-3, adam_beta2=0.98,
+        num_train_epochs=20, lr_scheduler_type="linear", num_warmup_steps=100, mixed_precision="no",
     )
     p.add_argument("--num_threads", type=int, default=None, help="torch intra-op threads (CPU).")
     r = p.add_argument_group("evaluation")
-    r.add_argument("--eval_steps", type=int, default=500, help="Validate every N steps (see --num_evaluations).")
+    r.add_argument("--eval_steps", type=int, default=None,
+                   help="Validate every N steps (default: --num_evaluations times, evenly spread).")
     r.add_argument("--extra_eval_steps", type=int, nargs="*", default=[], help="Also validate at these steps.")
     r.add_argument("--num_beams", type=int, default=1, help="Beams for the validation BLEU decode.")
     r.add_argument("--max_new_tokens", type=int, default=None,
@@ -147,15 +149,15 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer_model", choices=TOKENIZER_MODELS, default="byte_bpe",
                    help="Joint tokenizer learnt on the training split: byte-level BPE, or a SentencePiece-style "
                    "unigram model with byte fallback (--bpe_vocab_size is its size, byte tokens included).")
-    g.add_argument("--label_smoothing", type=float, default=0.0,
+    g.add_argument("--label_smoothing", type=float, default=0.1,
                    help="Label smoothing of the training loss (validation loss is never smoothed).")
-    g.add_argument("--max_tokens_per_batch", type=int, default=0,
+    g.add_argument("--max_tokens_per_batch", type=int, default=4096,
                    help="Batch by tokens: at most this many source + target tokens (padding included) per "
                    "micro-batch, at most --per_device_train_batch_size pairs. 0: batches of "
                    "--per_device_train_batch_size pairs.")
-    g.add_argument("--num_evaluations", type=int, default=0,
-                   help="Validate this many times, evenly spread over the (time-fitted) run, instead of every "
-                   "--eval_steps. 0: every --eval_steps.")
+    g.add_argument("--num_evaluations", type=int, default=5,
+                   help="Without --eval_steps: validate this many times, evenly spread over the (time-fitted) run, "
+                   "the last one at its end.")
     g.add_argument("--num_sample_translations", type=int, default=3,
                    help="Validation translations printed (and kept in eval_samples.jsonl) at each evaluation.")
     g.add_argument("--max_length_ratio", type=float, default=2.0,
@@ -287,10 +289,11 @@ class Evaluator:
         self.val_examples, self.val_src, self.val_tgt, self.budget = val_examples, val_src, val_tgt, budget
         self.seconds_per_pair = {"loss": None, "bleu": None}
         self.copy_scores: dict[str, float] | None = None
+        self.pairs_per_step = float(args.per_device_train_batch_size)  # the caller sets the measured mean
 
     def estimate(self, seconds_per_step: float, loss_pairs: int, bleu_pairs: int) -> float:
         """Seconds for an evaluation of that many pairs (measured after the first one; guessed before)."""
-        guess = seconds_per_step / self.args.per_device_train_batch_size
+        guess = seconds_per_step / self.pairs_per_step
         loss = self.seconds_per_pair["loss"] or guess / 3
         bleu = self.seconds_per_pair["bleu"] or guess * self.args.max_new_tokens / 8
         return loss_pairs * loss + bleu_pairs * bleu
@@ -299,6 +302,7 @@ class Evaluator:
         args, unwrapped = self.args, self.accelerator.unwrap_model(self.model)
         examples = self.val_examples[:loss_pairs] if loss_pairs is not None else self.val_examples
         start = start_all = time.perf_counter()
+        cpu_start = time.process_time()
         loss = validation_loss(unwrapped, examples, args.per_device_eval_batch_size, self.tokenizer.pad_token_id,
                                self.accelerator)
         self.seconds_per_pair["loss"] = (time.perf_counter() - start) / max(1, len(examples))
@@ -321,6 +325,7 @@ class Evaluator:
             record["samples"] = [{"source": sources[i], "prediction": hyps[i], "reference": references[i]}
                                  for i in shown]
         record["eval_seconds"] = round(time.perf_counter() - start_all, 1)
+        record["eval_cpu_seconds"] = round(time.process_time() - cpu_start, 1)
         record["minutes"] = round(self.budget.elapsed() / 60, 2)
         # Processor time of this process (all threads) and the machine's load: on a shared machine the wall clock
         # alone does not say how much computing a score took.
@@ -411,10 +416,13 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
 
     # ---- train -------------------------------------------------------------------------------------------------
     evaluator = Evaluator(args, accelerator, model, tokenizer, val_examples, val_src, val_tgt, budget)
+    evaluator.pairs_per_step = len(train_examples) / max(1, len(first_epoch)) * args.gradient_accumulation_steps
     full_eval = (len(val_examples), min(args.val_bleu_samples, len(val_src)))
 
-    def evaluations_left() -> int:  # periodic ones, with --num_evaluations (the final one is not periodic)
-        return max(0, args.num_evaluations - 1 - len(state.eval_history)) if args.num_evaluations else 0
+    spread_evaluations = args.eval_steps is None  # else every --eval_steps
+
+    def evaluations_left() -> int:  # periodic ones still to come when spread (the final one is not periodic)
+        return max(0, args.num_evaluations - 1 - len(state.eval_history)) if spread_evaluations else 0
 
     def reserve(seconds_per_step: float) -> float:  # the final evaluation, the memory measurement and the save
         one_eval = evaluator.estimate(seconds_per_step, *full_eval)
@@ -423,14 +431,15 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
 
     def overhead(seconds_per_step: float) -> float:  # periodic evaluations (every --eval_steps) and checkpoints
         saves = (checkpoints.last_save_seconds or 1.0) / args.checkpointing_steps if args.checkpointing_steps else 0.0
-        evals = 0.0 if args.num_evaluations else evaluator.estimate(seconds_per_step, *full_eval) / args.eval_steps
+        evals = 0.0 if spread_evaluations else evaluator.estimate(seconds_per_step, *full_eval) / args.eval_steps
         return evals + saves
 
     def evaluation_due(step: int) -> bool:
         if step in args.extra_eval_steps:
             return True
-        if args.num_evaluations:  # evenly spread over the run as currently fitted
-            return step >= (len(state.eval_history) + 1) * state.max_train_steps / args.num_evaluations
+        if spread_evaluations:  # --num_evaluations, evenly spread over the run as currently fitted
+            done = len(state.eval_history)
+            return args.num_evaluations > 0 and step >= (done + 1) * state.max_train_steps / args.num_evaluations
         return step % args.eval_steps == 0
 
     fitter = StepFitter(budget, requested_steps, reserve=reserve, overhead=overhead)
