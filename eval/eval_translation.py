@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     verses = len(sources)
     if args.document_level:
         def count(texts: list[str]) -> list[int]:
-            return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+            return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
 
         sources, references, groups = group_into_documents(sources, references, documents, count,
                                                            args.max_document_tokens)

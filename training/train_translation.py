@@ -246,8 +246,8 @@ def as_documents(args: argparse.Namespace, split, sources: list[str], targets: l
     """`--document_level`: the split's verses joined into chapters (at most `--max_document_tokens` tokens each).
     Returns the joined sources and targets and how many verses each holds."""
 
-    def count(texts: list[str]) -> list[int]:
-        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    def count(texts: list[str]) -> list[int]:  # whole chapters: longer than model_max_length is expected
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
 
     sources, targets, groups = group_into_documents(
         sources, targets, document_ids(split)[: len(sources)], count, args.max_document_tokens
@@ -370,6 +370,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
     train_src, train_tgt = pairs(train_split, args.source_lang, args.target_lang)
     val_src, val_tgt = pairs(val_split, args.source_lang, args.target_lang)
     tokenizer = get_tokenizer(args, train_src, train_tgt)  # learnt on verses, also in document mode
+    if args.document_level:  # the saved tokenizer must not warn about (or truncate) whole chapters
+        tokenizer.model_max_length = max(tokenizer.model_max_length, args.max_document_tokens)
     if accelerator.is_main_process:
         save_model_folder(out_dir / TOKENIZER_DIR, tokenizer.save_pretrained)
     verses = {"train": [1] * len(train_src), "validation": [1] * len(val_src)}
