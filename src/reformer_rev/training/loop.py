@@ -271,7 +271,9 @@ class TrainingLoop:
                  last_checkpoint: Callable[[], str] = lambda: "none",
                  fingerprint: Callable[[Any], list[str]] | None = None) -> None:
         self.accelerator, self.model, self.guard, self.state, self.log = accelerator, model, guard, state, log
-        self.fitter, self.stop, self.last_checkpoint = fitter, stop or StopFlag(), last_checkpoint
+        # `is None`, not `or`: an unset StopFlag is falsy, and replacing it would lose every later signal.
+        self.fitter, self.stop = fitter, stop if stop is not None else StopFlag()
+        self.last_checkpoint = last_checkpoint
         self.fingerprint = fingerprint
         self.stop_reason: str | None = None
         self.drift = DriftLog()
