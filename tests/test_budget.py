@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 
 import pytest
 import torch
@@ -183,3 +184,30 @@ def test_the_budget_holds_when_the_final_evaluation_runs_long(tmp_path):
     assert results["total_time_s"] <= 70
     assert "ran late and ended after" in done.stderr
     assert 0 < results["eval_blocks"]["validation"]["evaluated"] < results["eval_blocks"]["validation"]["in_split"]
+
+
+def test_a_signal_after_the_loop_is_built_stops_it_at_a_step_boundary(tmp_path, fresh_accelerate_state):
+    """The stop flag is unset (falsy) when the loop is built; a signal arriving later must still end the run."""
+    from accelerate import Accelerator
+
+    from reformer_rev.training.loop import GuardedStep, StopFlag, TrainingLoop, TrainLog
+    from reformer_rev.training.state import TrainingState
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = make_scheduler(optimizer, "constant", 0, 10)
+    flag = StopFlag()
+    state = TrainingState(max_train_steps=10, requested_steps=10)
+    loop = TrainingLoop(accelerator, model, GuardedStep(accelerator, model, optimizer, scheduler, 1.0, 0), state,
+                        TrainLog(tmp_path, 0), stop=flag)
+    calls = []
+
+    def compute_loss(model, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            flag.request("SIGTERM", signal.SIGTERM)  # what the handler of `stop_on_signals` does, during step 3
+        return model(batch).pow(2).mean(), 1.0, 1
+
+    steps = [u.step for u in loop.updates(lambda epoch, skip: ([torch.ones(4, 2)] * 5, 5), compute_loss)]
+    assert steps == [1, 2, 3] and loop.stop_reason == "SIGTERM" and state.completed_steps == 3

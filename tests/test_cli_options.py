@@ -59,8 +59,8 @@ def test_the_contradictions_of_issue_24_are_gone():
     targs = train_translation.parse_args(["--output_dir", "x"])
     assert targs.tie_word_embeddings is True
     assert train_translation.parse_args(["--output_dir", "x", "--no_tie_word_embeddings"]).tie_word_embeddings is False
-    assert "(default: 48)" in mt["per_device_train_batch_size"] and targs.per_device_train_batch_size == 48
-    assert "(default: inverse_sqrt)" in mt["lr_scheduler_type"]
+    assert "(default: 128)" in mt["per_device_train_batch_size"] and targs.per_device_train_batch_size == 128
+    assert "(default: linear)" in mt["lr_scheduler_type"] and targs.lr_scheduler_type == "linear"
 
 
 @pytest.mark.parametrize("argv, match", [
