@@ -26,14 +26,19 @@ NEWEST_TORCH_TESTS ?= tests/test_distributed.py
 
 .PHONY: setup setup-lowest setup-newest-torch fetch-pretrained train test test-fast test-lowest test-newest-torch clean
 
+# $(call step,MESSAGE,COMMAND): say what is being done, do it, say how long it took (setup is otherwise silent for
+# minutes: pip runs with -q).
+step = @echo "[setup] $(1)"; start=$$(date +%s); $(2) && echo "[setup]   done in $$(( $$(date +%s) - start )) s"
+
 # $(call make_venv,DIR,TORCH,PIP_OPTIONS): a virtual environment in DIR with torch (TORCH: pip arguments) and an
 # editable install of `.[dev]`.
 define make_venv
-	$(PYTHON) -m venv $(1)
-	$(1)/bin/python -m pip install -q --upgrade pip
-	$(1)/bin/python -m pip install -q $(2)
-	$(1)/bin/python -m pip install -q $(3) -e ".[dev]"
-	touch $(1)/.installed
+	$(call step,creating the virtual environment $(1) with $(PYTHON),$(PYTHON) -m venv $(1))
+	$(call step,upgrading pip,$(1)/bin/python -m pip install -q --upgrade pip)
+	$(call step,installing torch ($(2)): seconds from a local wheel; a download takes minutes,$(1)/bin/python -m pip install -q $(2))
+	$(call step,installing reformer_rev (editable) with transformers / accelerate / datasets / peft / lm_eval and the test tools: 1-3 minutes,$(1)/bin/python -m pip install -q $(3) -e ".[dev]")
+	@touch $(1)/.installed
+	@echo "[setup] $(1) is ready"
 endef
 
 setup: $(VENV)/.installed
