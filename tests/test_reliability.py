@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from conftest import cut_bundled_corpus
 from reformer_rev import RevFormerConfig, RevFormerForCausalLM
 from reformer_rev.training.checkpointing import list_checkpoints
-from reformer_rev.training.loop import DRIFT_LOG_FIELDS, TRAIN_LOG_NAME
+from reformer_rev.training.loop import MONITOR_LOG_FIELDS, TRAIN_LOG_NAME
 from reformer_rev.training.tokenization import build_byte_tokenizer, train_bpe_tokenizer
 from training import train_lm
 
@@ -50,7 +50,7 @@ def tiny(corpus, out, *extra: str, train_file: Path | None = None) -> list[str]:
 def read_log(out: Path) -> list[dict]:
     """The per-step training records, without the drift monitor's fields (a resumed process probes its own steps)."""
     lines = (out / TRAIN_LOG_NAME).read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in DRIFT_LOG_FIELDS} for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if k not in MONITOR_LOG_FIELDS} for line in lines]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -45,6 +45,10 @@ TRAIN_LOG_NAME = "train_log.jsonl"
 # The drift monitor's fields of each log line: monitoring, not training state (a resumed process probes its own first
 # steps, so they differ from an uninterrupted run's while losses and weights are identical).
 DRIFT_LOG_FIELDS = ("drift_last_rel_err", "drift_worst_rel_err", "drift_probes")
+# The same for `make_reversible`'s fidelity probe (a converted model only): how far the training-time coupling moves
+# the loss, measured on the training batches (`reformer_rev.conversion.FidelityProbe`).
+FIDELITY_LOG_FIELDS = ("fidelity_last_rel_change", "fidelity_mean_rel_change", "fidelity_probes")
+MONITOR_LOG_FIELDS = DRIFT_LOG_FIELDS + FIDELITY_LOG_FIELDS
 
 
 class NonFiniteLossError(RuntimeError):
@@ -101,6 +105,15 @@ class TrainLog:
         return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def _unwrapped(model: Any) -> Any:
+    """The model inside DDP/FSDP/`torch.compile` wrappers (what `Accelerator.unwrap_model` returns)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
 class DriftLog:
     """The engine's reconstruction-drift monitor (`reversible.default_drift_monitor`) as seen by one training run.
 
@@ -116,9 +129,14 @@ class DriftLog:
         self.monitor = monitor = monitor or reversible.default_drift_monitor
         monitor.calls, monitor.probes, monitor.last, monitor.worst = 0, 0, None, 0.0
 
-    def fields(self) -> dict[str, Any]:
+    def fields(self, model: Any = None) -> dict[str, Any]:
+        """The drift fields of a log line, and the fidelity probe's when `model` was converted by `make_reversible`."""
         s = self.monitor.state_dict()
-        return dict(zip(DRIFT_LOG_FIELDS, (s["last"], s["worst"] if s["probes"] else None, s["probes"])))
+        out = dict(zip(DRIFT_LOG_FIELDS, (s["last"], s["worst"] if s["probes"] else None, s["probes"])))
+        conversion = getattr(_unwrapped(model), "_reversible_conversion", None) if model is not None else None
+        if conversion is not None:
+            out.update(conversion.probe.state_dict())
+        return out
 
     def summary(self, steps_log: list[dict[str, Any]], accelerator: Any = None) -> dict[str, Any]:
         """The worst drift over the whole run: this process's probes, the other processes' (one all-reduce, so every
@@ -570,7 +588,7 @@ class TrainingLoop:
                         signs = self.divergence.observe(step, loss_value, grad_norm, weight_norm)
                 self.log.write({"step": state.completed_steps, "epoch": epoch, "loss": loss_value, "lr": lr,
                                 "grad_norm": grad_norm, "weight_norm": weight_norm, "skipped_nonfinite": skipped,
-                                "divergence_signs": signs, **self.drift.fields(), "samples": samples})
+                                "divergence_signs": signs, **self.drift.fields(self.model), "samples": samples})
                 samples = []
                 if error is not None:
                     raise (NonFiniteLossError if skipped else DivergenceError)(error)
