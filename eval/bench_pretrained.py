@@ -55,6 +55,17 @@ RESULT_MARKER = "@@PRETRAINED_RESULT@@"
 DTYPES = ("fp32", "autocast", "bf16")
 DTYPE_LABELS = {"fp32": "float32", "autocast": "bf16 autocast (fp32 weights)", "bf16": "bf16 weights"}
 SECTIONS = ("fidelity", "finetune", "memory", "speed")
+# The options each section depends on: recorded with the section, so sections measured by separate runs (`--skip`,
+# `--merge_from`) each keep the settings they ran with.
+SECTION_OPTIONS = {
+    "fidelity": ("fidelity_variants", "fidelity_dtypes", "fidelity_blocks", "fidelity_seq_len", "fidelity_draws",
+                 "seed"),
+    "finetune": ("finetune_domains", "candidates", "steps", "batch_size", "seq_len", "learning_rate", "warmup_steps",
+                 "valid_blocks", "seed"),
+    "memory": ("memory_candidates", "memory_dtypes", "memory_seq_lens", "memory_dtype_seq_lens",
+               "memory_plain_max_seq_len"),
+    "speed": ("speed_candidates", "speed_seq_len", "speed_rounds"),
+}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -63,11 +74,17 @@ SECTIONS = ("fidelity", "finetune", "memory", "speed")
 
 
 def code_files(split: str) -> list[str]:
-    """This repository's Python files (Apache-2.0, present in every checkout): every fifth file (sorted by path) is
-    the validation split, the rest trains."""
-    files = sorted(p for p in REPO.rglob("*.py") if ".venv" not in p.parts and "outputs" not in p.parts)
+    """This repository's tracked Python files (Apache-2.0, present in every checkout; not the virtual environments,
+    whose packages hold files in other encodings): every fifth file (sorted by path) is the validation split, the rest
+    trains."""
+    listed = subprocess.run(["git", "ls-files", "*.py"], cwd=REPO, capture_output=True, text=True, check=False)
+    if listed.returncode == 0 and listed.stdout.strip():
+        files = sorted(REPO / name for name in listed.stdout.split())
+    else:  # not a git checkout: the same files, found by walking the tree
+        files = sorted(p for p in REPO.rglob("*.py")
+                       if not any(part.startswith(".") or part == "outputs" for part in p.relative_to(REPO).parts))
     chosen = [p for i, p in enumerate(files) if (i % 5 == 4) == (split == "validation")]
-    return [p.read_text(encoding="utf-8") for p in chosen]
+    return [p.read_text(encoding="utf-8", errors="replace") for p in chosen]
 
 
 def domain_texts(domain: str, split: str) -> list[str]:
@@ -109,7 +126,7 @@ def autocast_for(dtype: str):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def fidelity(path: str, domains: dict[str, torch.Tensor], args) -> dict[str, Any]:
+def fidelity(path: str, domains: dict[str, torch.Tensor], args, on_progress=None) -> dict[str, Any]:
     from reformer_rev import make_reversible
     from reformer_rev.conversion import fidelity_report
 
@@ -129,6 +146,8 @@ def fidelity(path: str, domains: dict[str, torch.Tensor], args) -> dict[str, Any
                                         "relative_change": report.relative_change}
                 del model
             out[dtype][domain] = row
+            if on_progress is not None:
+                on_progress(out)  # what is measured survives a run that is stopped later
             print(f"[fidelity] {dtype} {domain}: " + ", ".join(
                 f"{k} {100 * v['relative_change']:+.3f}%" for k, v in row["variants"].items()), flush=True)
         del original
@@ -295,11 +314,13 @@ def measure_speed(path: str, args) -> dict[str, Any]:
 
 
 def report(results: dict[str, Any]) -> str:
-    env, settings = results["environment"], results["settings"]
+    env = results["environment"]
+    by_section = results.get("section_settings", {})
     lines = [f"`make_reversible` on {results['checkpoint']['name']} ({results['checkpoint'].get('class', '?')}, "
              f"{results['checkpoint'].get('num_parameters', 0) / 1e6:.1f} M parameters); {env['date_utc']} UTC, "
-             f"torch {env['torch']}, transformers {env['transformers']}, {settings['threads']} thread(s).\n"]
+             f"torch {env['torch']}, transformers {env['transformers']}, {results['settings']['threads']} thread(s).\n"]
     if "fidelity" in results:
+        settings = by_section.get("fidelity", results["settings"])
         fid = results["fidelity"]
         lines.append(f"\n### Step-0 fidelity: training-mode loss vs the original (mean of {settings['fidelity_draws']} "
                      "sign draws, dropout off)\n")
@@ -314,6 +335,7 @@ def report(results: dict[str, Any]) -> str:
             lines.append(f"\n{DTYPE_LABELS[dtype]} ({sizes} tokens):\n")
             lines.append(markdown_table(["function"] + domains, rows))
     if "finetune" in results:
+        settings = by_section.get("finetune", results["settings"])
         lines.append(f"\n### Fine-tuning: {settings['steps']} steps x {settings['batch_size']} x {settings['seq_len']} "
                      f"tokens, AdamW {settings['learning_rate']:g} cosine, same batches and RNG; validation of the "
                      "plainly reloaded checkpoint\n")
@@ -326,6 +348,7 @@ def report(results: dict[str, Any]) -> str:
             lines.append(markdown_table(["candidate", "val loss (plain reload)", "vs (a)", "tokens/s vs (a)",
                                          "probe: mean training-mode change %"], rows))
     if "memory" in results:
+        settings = by_section.get("memory", results["settings"])
         pts = results["memory"]["points"]
         lines.append("\n### Peak activation memory of one decoder training step (MB, batch 1, real weights)\n")
         for dtype in DTYPES:
@@ -432,23 +455,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for folder in args.merge_from:  # sections measured by earlier runs, with the settings they ran with
         earlier = json.loads((folder / "results.json").read_text())
         for section in SECTIONS:
-            if section == "finetune" and section in earlier:  # domains may come from separate runs
+            if section not in earlier:
+                continue
+            if section == "finetune":  # domains may come from separate runs
                 results.setdefault("finetune", {}).update(earlier["finetune"])
-            elif section in earlier:
+            else:
                 results[section] = earlier[section]
-        # Run the parts with the same options apart from which parts run, so that one settings record describes all.
-        own = ("skip", "merge_from", "output_dir", "write_docs", "finetune_domains")
-        differ = sorted(k for k, v in earlier["settings"].items() if k not in own and results["settings"].get(k) != v)
-        if differ:
-            raise SystemExit(f"--merge_from {folder}: that run had other settings: {differ}")
+            results.setdefault("section_settings", {})[section] = earlier.get("section_settings", {}).get(
+                section, {k: earlier["settings"].get(k) for k in SECTION_OPTIONS[section]})
 
     def save() -> None:
         atomic_write_json(out_dir / "results.json", results)
 
+    def measured(section: str) -> None:
+        results.setdefault("section_settings", {})[section] = {k: getattr(args, k) for k in SECTION_OPTIONS[section]}
+
     if "fidelity" not in args.skip:
         domains = {d: blocks_of(tokenizer, domain_texts(d, "validation"), args.fidelity_seq_len, args.fidelity_blocks)
                    for d in ("english", "spanish", "code")}
-        results["fidelity"] = fidelity(path, domains, args)
+        results["fidelity"] = fidelity(path, domains, args, lambda partial: (results.update(fidelity=partial), save()))
+        measured("fidelity")
         save()
     if "finetune" not in args.skip:
         results.setdefault("finetune", {})
@@ -456,15 +482,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             train = blocks_of(tokenizer, domain_texts(domain, "train"), args.seq_len)
             valid = blocks_of(tokenizer, domain_texts(domain, "validation"), args.seq_len, args.valid_blocks)
             results["finetune"][domain] = finetune(path, domain, train, valid, out_dir, args)
+            results["finetune"][domain]["settings"] = {k: getattr(args, k) for k in SECTION_OPTIONS["finetune"]}
+            measured("finetune")
             save()
     if results.get("finetune"):
         plot = plot_curves(results["finetune"], out_dir / "pretrained_finetune.png")
         results["finetune_plot"] = str(plot) if plot else None
     if "memory" not in args.skip:
         results["memory"] = measure_memory(path, args)
+        measured("memory")
         save()
     if "speed" not in args.skip:
         results["speed"] = measure_speed(path, args)
+        measured("speed")
         save()
     text = report(results)
     atomic_write_text(out_dir / "results.md", text + "\n")
