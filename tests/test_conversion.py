@@ -11,11 +11,10 @@ import copy
 import json
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
-from _tiny_hf import FAMILIES, VOCAB, random_ids, tiny_model
+from _tiny_hf import FAMILIES, LOAD_WITHOUT_PACKAGE, VOCAB, random_ids, tiny_model
 
 from conftest import max_grad_rel_err, rel_err
 from reformer_rev import is_reversible, make_reversible, revert_reversible, run_reversible_stack
@@ -308,28 +307,6 @@ def test_activation_memory_grows_by_the_side_bits_only(family, dropout):
 # --------------------------------------------------------------------------------------------------------------
 
 
-_LOAD_WITHOUT_PACKAGE = textwrap.dedent(
-    """
-    import json, sys
-    sys.modules["reformer_rev"] = None  # `import reformer_rev` now raises ImportError
-    import torch
-    from transformers import AutoModelForCausalLM
-    path = sys.argv[1]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
-    ids = torch.load(path + "/ids.pt")
-    ref = torch.load(path + "/logits.pt")
-    logits = model(ids).logits
-    try:
-        import reformer_rev  # noqa: F401
-        importable = True
-    except ImportError:
-        importable = False
-    print(json.dumps({"class": type(model).__name__, "equal": bool(torch.equal(logits, ref)),
-                      "reformer_rev_importable": importable}))
-    """
-)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_saved_checkpoint_is_plain_original_class(family, tmp_path):
     model = make_reversible(tiny_model(family, dropout=0.1)).train()
@@ -345,7 +322,7 @@ def test_saved_checkpoint_is_plain_original_class(family, tmp_path):
     assert "reformer" not in config_text.lower() and "auto_map" not in json.loads(config_text)
     assert not list(tmp_path.glob("*.py"))  # no remote code
     proc = subprocess.run(
-        [sys.executable, "-c", _LOAD_WITHOUT_PACKAGE, str(tmp_path)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", LOAD_WITHOUT_PACKAGE, str(tmp_path)], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
