@@ -62,8 +62,10 @@ def random_ids(batch: int = 2, length: int = 16, seed: int = 1) -> torch.Tensor:
 # tables, Granite's multipliers, Phi-3's branch dropouts, SmolLM3's NoPE layers, a MoE block with a dense layer.
 ALL_FAMILIES = (
     "llama", "qwen2", "mistral", "gpt2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "phi3", "olmo2", "granite",
-    "smollm3", "cohere2",
+    "smollm3", "cohere2", "gemma", "mixtral", "olmo3", "cohere", "phi", "gptj",
 )
+# Mixture-of-experts families: float64 on CPU needs the eager experts kernel (grouped_mm has no float64).
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
 # Gemma 2/3 give NaN with left padding even in plain transformers (a padded query row with no visible key).
 NO_LEFT_PADDING = ("gemma2", "gemma3_text")
 
@@ -72,6 +74,11 @@ def _family_config(model_type: str, depth: int, dropout: float):
     from transformers import AutoConfig
 
     alternating = [("sliding_attention", "full_attention")[i % 2] for i in range(depth)]
+    if model_type == "gptj":
+        return AutoConfig.for_model(
+            "gptj", n_embd=32, n_layer=depth, n_head=4, rotary_dim=4, n_positions=128, vocab_size=VOCAB,
+            resid_pdrop=dropout, attn_pdrop=dropout, embd_pdrop=dropout, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )
     common = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=depth, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=VOCAB, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
@@ -90,6 +97,11 @@ def _family_config(model_type: str, depth: int, dropout: float):
         "granite": dict(residual_multiplier=0.5, embedding_multiplier=2.0, attention_multiplier=0.3, logits_scaling=4.0),
         "smollm3": dict(use_sliding_window=True, sliding_window=6, layer_types=alternating, no_rope_layer_interval=2),
         "cohere2": dict(sliding_window=6, layer_types=alternating, logit_scale=0.5),
+        "gemma": dict(head_dim=8),
+        "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=6),
+        "olmo3": dict(sliding_window=6, layer_types=alternating),
+        "cohere": dict(logit_scale=0.5, use_qk_norm=True),
+        "phi": dict(resid_pdrop=dropout, embd_pdrop=dropout, qk_layernorm=True, partial_rotary_factor=0.5),
     }[model_type]
     return AutoConfig.for_model(model_type, **common, **extra)
 
@@ -103,8 +115,8 @@ def family_model(model_type: str, depth: int = 3, dropout: float = 0.0, dtype: t
         model = tiny_model(model_type, depth=depth, dropout=dropout, dtype=dtype, seed=seed)
     else:
         torch.manual_seed(seed)
-        extra = {"experts_implementation": "eager"} if model_type == "qwen3_moe" else {}
-        attn = "eager" if model_type.startswith("gemma") else "sdpa"  # Gemma: soft-capping needs eager attention
+        extra = {"experts_implementation": "eager"} if model_type in MOE_FAMILIES else {}
+        attn = "eager" if model_type in ("gemma2", "gemma3_text") else "sdpa"  # soft-capping needs eager attention
         model = AutoModelForCausalLM.from_config(
             _family_config(model_type, depth, dropout), dtype=dtype, attn_implementation=attn, **extra
         )

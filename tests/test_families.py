@@ -17,7 +17,15 @@ import sys
 
 import pytest
 import torch
-from _tiny_hf import ALL_FAMILIES, LOAD_WITHOUT_PACKAGE, NO_LEFT_PADDING, VOCAB, family_model, random_ids
+from _tiny_hf import (
+    ALL_FAMILIES,
+    LOAD_WITHOUT_PACKAGE,
+    MOE_FAMILIES,
+    NO_LEFT_PADDING,
+    VOCAB,
+    family_model,
+    random_ids,
+)
 from torch import nn
 
 from conftest import max_grad_rel_err, rel_err
@@ -151,7 +159,11 @@ def test_parallel_layers_pair_into_blocks():
 
 def test_saved_checkpoints_reload_without_reformer_rev(tmp_path):
     """Every family, after a reversible training step: `save_pretrained` writes a plain checkpoint of the original
-    class, loaded in one subprocess where `reformer_rev` cannot be imported, with the same logits."""
+    class holding the trained weights, which loads in one subprocess where `reformer_rev` cannot be imported and
+    gives the logits of the same checkpoint loaded here. (The reference is a reload, not the trained model itself:
+    GPT-J recomputes its non-persistent rotary table at load, 7e-8 off the one of a model built in float64.)"""
+    from transformers import AutoModelForCausalLM
+
     paths, classes = [], []
     for model_type in ALL_FAMILIES:
         model = make_reversible(family_model(model_type, dropout=0.1)).train()
@@ -160,14 +172,18 @@ def test_saved_checkpoints_reload_without_reformer_rev(tmp_path):
         torch.optim.SGD(model.parameters(), lr=0.1).step()
         path = tmp_path / model_type
         model.eval().save_pretrained(path)
-        torch.save(ids, path / "ids.pt")
-        torch.save(model(ids).logits, path / "logits.pt")
-        # Not part of a checkpoint: the attention kernel the logits were computed with (Gemma 3: eager, not the
-        # default sdpa) and the MoE experts kernel (the default grouped_mm has no float64 on CPU).
+        # Not part of a checkpoint: the attention kernel (Gemma 3: eager, not the default sdpa) and the MoE experts
+        # kernel (the default grouped_mm has no float64 on CPU).
         load_kwargs = {"attn_implementation": model.config._attn_implementation}
-        if model_type == "qwen3_moe":
+        if model_type in MOE_FAMILIES:
             load_kwargs["experts_implementation"] = "eager"
         (path / "load_kwargs.json").write_text(json.dumps(load_kwargs))
+        reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, **load_kwargs).eval()
+        assert not is_reversible(reloaded)
+        trained, loaded = model.state_dict(), reloaded.state_dict()
+        assert trained.keys() == loaded.keys() and all(torch.equal(trained[k], loaded[k]) for k in trained)
+        torch.save(ids, path / "ids.pt")
+        torch.save(reloaded(ids).logits, path / "logits.pt")
         config = json.loads((path / "config.json").read_text())
         assert "reformer" not in json.dumps(config).lower() and "auto_map" not in config
         assert not list(path.glob("*.py"))
@@ -281,7 +297,8 @@ def _tiny(model_type: str, **kwargs):
         ("bert", dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                       is_decoder=True), "post-norm on the residual stream"),
         ("mamba", dict(hidden_size=16, num_hidden_layers=1, state_size=4), "state-space"),
-        ("gptj", dict(n_embd=16, n_layer=1, n_head=2, rotary_dim=4), "not described"),
+        ("gpt_neox", dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+         "not described"),
     ],
 )
 def test_unsupported_families_are_refused_with_the_reason(model_type, kwargs, match):

@@ -1,8 +1,8 @@
 """Make a pretrained `transformers` causal LM train reversibly, without changing its class, weights or inference.
 
 `make_reversible(model)` takes a loaded decoder-only causal LM of a supported family (Llama, Qwen2, Mistral, GPT-2,
-Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 text, Phi-3, OLMo 2, Granite, SmolLM3, Cohere2; `conversion_families.py` describes
-each by the structure of its layers) and returns the *same object*. In eval mode, under `torch.no_grad()` and in
+Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 text, Phi-3, OLMo 2, Granite, SmolLM3, Cohere2, Gemma, Mixtral, OLMo 3, Cohere,
+Phi, GPT-J; `conversion_families.py` describes each by the structure of its layers) and returns the *same object*. In eval mode, under `torch.no_grad()` and in
 `generate()` nothing changes: every decoder layer runs its own forward. In training with gradients enabled the decoder
 stack runs through the reversible engine (`reversible.py`) with a coupling that is the original residual update at
 `gamma = 0` (`couplings_twostep.py`; docs/design.md §9): every residual sub-layer `x <- x + b(x)` of every layer is
@@ -609,7 +609,8 @@ def make_reversible(
     """Train a pretrained causal LM with a reversible decoder stack; returns the same `model` object.
 
     Supported: the causal LM classes of `SUPPORTED_MODEL_CLASSES` (Llama, Qwen2, Mistral, GPT-2, Qwen3, Qwen3-MoE,
-    Gemma 2, Gemma 3 text, Phi-3, OLMo 2, Granite, SmolLM3, Cohere2), also inside a PEFT model; other families are
+    Gemma 2, Gemma 3 text, Phi-3, OLMo 2, Granite, SmolLM3, Cohere2, Gemma, Mixtral, OLMo 3, Cohere, Phi, GPT-J), also
+    inside a PEFT model; other families are
     refused with what blocks them (`conversion_families.REFUSED_MODEL_TYPES`). Nothing changes in eval mode, under `torch.no_grad()` or in `generate()`; `save_pretrained` writes an
     ordinary checkpoint of the original class. Calling it again on a converted model changes the options it is given
     and keeps the others (every option's default, None, means "as it is"; at the first call, the defaults below).

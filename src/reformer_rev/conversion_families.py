@@ -127,6 +127,12 @@ POST_NORM_IN_BRANCH = LayerSpec((
     BranchSpec("mlp", post_norm="post_feedforward_layernorm"),
 ))
 PARALLEL_SHARED_NORM = LayerSpec((_ATTN, BranchSpec("mlp", "input_layernorm")), parallel=True)
+PARALLEL_SHARED_NORM_DROPOUT = LayerSpec(
+    (BranchSpec("self_attn", "input_layernorm", dropout="resid_dropout", takes_layer_kwargs=True),
+     BranchSpec("mlp", "input_layernorm", dropout="resid_dropout")),
+    parallel=True,
+)
+GPTJ_PARALLEL = LayerSpec((BranchSpec("attn", "ln_1", takes_layer_kwargs=True), BranchSpec("mlp", "ln_1")), parallel=True)
 GPT2_PRE_NORM = LayerSpec(
     (BranchSpec("attn", "ln_1", takes_layer_kwargs=True), BranchSpec("mlp", "ln_2")),
     refused_args=("encoder_hidden_states", "encoder_attention_mask"),
@@ -150,6 +156,13 @@ SUPPORTED_FAMILIES: dict[str, FamilySpec] = {
     "granite": FamilySpec(PRE_NORM_MULTIPLIER, "pre-norm, both branches times residual_multiplier"),
     "smollm3": FamilySpec(PRE_NORM, _PRE + "; NoPE layers"),
     "cohere2": FamilySpec(PARALLEL_SHARED_NORM, "parallel: x + attn(n x) + mlp(n x), one residual sub-layer"),
+    # Beyond the list: the same patterns, each tested like the others (tests/test_families.py).
+    "gemma": FamilySpec(PRE_NORM, _PRE + "; Gemma RMSNorm (1 + w)"),
+    "mixtral": FamilySpec(PRE_NORM, _PRE + "; the MLP is a sparse MoE block"),
+    "olmo3": FamilySpec(POST_NORM_IN_BRANCH, "post-norm inside the branch (as OLMo 2); sliding-window layers"),
+    "cohere": FamilySpec(PARALLEL_SHARED_NORM, "parallel: x + attn(n x) + mlp(n x) (as Cohere2)"),
+    "phi": FamilySpec(PARALLEL_SHARED_NORM_DROPOUT, "parallel: x + drop(attn(n x)) + drop(mlp(n x))"),
+    "gptj": FamilySpec(GPTJ_PARALLEL, "parallel: x + attn(ln_1 x) + mlp(ln_1 x)", "transformer", "h"),
 }
 
 
