@@ -29,28 +29,11 @@ from eval._bench_common import REPO_ROOT, environment, markdown_table, write_ben
 
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the tiny family configs the tests use
 from _tiny_hf import ALL_FAMILIES, family_model  # noqa: E402
-from test_families import batch, training_logits_error  # noqa: E402
+from test_families import batch, training_logits_error, twin_gradient_errors  # noqa: E402
 
 from reformer_rev import make_reversible  # noqa: E402
 from reformer_rev.conversion import SUPPORTED_MODEL_CLASSES  # noqa: E402
 from reformer_rev.conversion_families import SUPPORTED_FAMILIES  # noqa: E402
-
-
-def grad_error(model_type: str) -> tuple[float, float]:
-    """(largest relative gradient difference, |loss difference|) between the reversible model and its twin."""
-    model = make_reversible(family_model(model_type, dropout=0.1)).train()
-    twin = make_reversible(family_model(model_type, dropout=0.1), reversible=False).train()
-    ids, mask, labels = batch(model_type)
-    losses = []
-    for m in (model, twin):
-        torch.manual_seed(11)
-        loss = m(ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        losses.append(loss.item())
-    worst = 0.0
-    for p, q in zip(model.parameters(), twin.parameters()):
-        worst = max(worst, ((p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-30)).item())
-    return worst, abs(losses[0] - losses[1])
 
 
 def eval_error(model_type: str) -> float:
@@ -71,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     for model_type in ALL_FAMILIES:
         t0 = time.process_time()
         spec = SUPPORTED_FAMILIES[model_type]
-        grad, loss = grad_error(model_type)
+        loss, grad = twin_gradient_errors(model_type)
         r = {
             "class": classes[model_type], "pattern": spec.pattern, "eval_logit_max_abs_err": eval_error(model_type),
             "structure_max_abs_err": training_logits_error(model_type), "grad_max_rel_err_vs_twin": grad,

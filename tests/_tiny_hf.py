@@ -154,3 +154,33 @@ LOAD_WITHOUT_PACKAGE = textwrap.dedent(
                           "reformer_rev_importable": importable}))
     """
 )
+
+
+def lora_model(base, lora_config):
+    """`get_peft_model` with a seeded initialisation and non-zero B matrices (so every adapter's A gets a gradient)."""
+    from peft import get_peft_model
+
+    torch.manual_seed(5)
+    peft_model = get_peft_model(base, lora_config)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return peft_model
+
+
+def twin_trainable_errors(models, ids, mask, labels, seed: int = 13) -> tuple[float, float]:
+    """One backward of each of (reversible, twin) on the same batch and seed: (|loss difference|, largest relative
+    difference of a trainable parameter's gradient). Every trainable parameter must have a gradient."""
+    losses = []
+    for m in models:
+        torch.manual_seed(seed)
+        loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        losses.append(loss.item())
+    trainable = [(n, p, q) for (n, p), (_, q) in zip(models[0].named_parameters(), models[1].named_parameters())
+                 if p.requires_grad]
+    assert trainable, "no trainable parameters"
+    for n, p, q in trainable:
+        assert p.grad is not None and q.grad is not None, f"missing gradient for {n}"
+    worst = max(((p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-30)).item() for _, p, q in trainable)
+    return abs(losses[0] - losses[1]), worst

@@ -24,11 +24,13 @@ from _tiny_hf import (
     NO_LEFT_PADDING,
     VOCAB,
     family_model,
+    lora_model,
     random_ids,
+    twin_trainable_errors,
 )
 from torch import nn
 
-from conftest import max_grad_rel_err, rel_err
+from conftest import rel_err
 from reformer_rev import is_reversible, make_reversible
 from reformer_rev.conversion_families import SUPPORTED_FAMILIES, BranchSpec, FamilySpec, LayerSpec
 from reformer_rev.couplings_twostep import HeavyBallCoupling
@@ -119,32 +121,24 @@ def test_a_wrong_description_is_caught(model_type):
     assert training_logits_error(model_type, wrong) > 1e-3
 
 
+def twin_gradient_errors(model_type: str, **options) -> tuple[float, float]:
+    """(|loss difference|, largest relative parameter-gradient difference) between the reversible model and its
+    ordinary-autograd twin: same weights, dropout 0.1 on, same seed, padded batch."""
+    models = [make_reversible(family_model(model_type, dropout=0.1), reversible=r, **options).train()
+              for r in (True, False)]
+    return twin_trainable_errors(models, *batch(model_type), seed=11)
+
+
 @pytest.mark.parametrize("model_type", ALL_FAMILIES)
 def test_float64_gradients_equal_the_twin_with_dropout(model_type):
-    model = make_reversible(family_model(model_type, dropout=0.1)).train()
-    twin = make_reversible(family_model(model_type, dropout=0.1), reversible=False).train()
-    ids, mask, labels = batch(model_type)
-    losses = []
-    for m in (model, twin):
-        torch.manual_seed(11)
-        loss = m(ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        losses.append(loss.item())
-    assert abs(losses[0] - losses[1]) <= 1e-12
-    err, name = max_grad_rel_err(model, twin)
-    assert err <= 1e-6, (name, err)
+    loss_diff, grad_err = twin_gradient_errors(model_type)
+    assert loss_diff <= 1e-12 and grad_err <= 1e-6, (loss_diff, grad_err)
 
 
 def test_moe_chunked_experts_gradients_equal_the_twin():
     """The MoE block is position-wise (per-token routing): recomputed 5 positions at a time, the same gradients."""
-    model = make_reversible(family_model("qwen3_moe", dropout=0.1), chunk_size_feed_forward=5).train()
-    twin = make_reversible(family_model("qwen3_moe", dropout=0.1), chunk_size_feed_forward=5, reversible=False)
-    ids, mask, labels = batch("qwen3_moe")
-    for m in (model, twin.train()):
-        torch.manual_seed(2)
-        m(ids, attention_mask=mask, labels=labels).loss.backward()
-    err, name = max_grad_rel_err(model, twin)
-    assert err <= 1e-6, (name, err)
+    loss_diff, grad_err = twin_gradient_errors("qwen3_moe", chunk_size_feed_forward=5)
+    assert loss_diff <= 1e-12 and grad_err <= 1e-6, (loss_diff, grad_err)
 
 
 def test_parallel_layers_pair_into_blocks():
@@ -239,29 +233,16 @@ LORA_CASES = {
 
 @pytest.mark.parametrize("model_type", list(LORA_CASES))
 def test_lora_with_dropout_matches_the_twin(model_type):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=LORA_CASES[model_type])
     models = []
     for reversible in (True, False):
-        torch.manual_seed(5)  # the same LoRA initialisation
-        peft_model = get_peft_model(family_model(model_type, dropout=0.1), lora)
-        for name, p in peft_model.named_parameters():  # non-zero B so every adapter gets a gradient through A
-            if "lora_B" in name:
-                nn.init.normal_(p, std=0.1)
+        peft_model = lora_model(family_model(model_type, dropout=0.1), lora)
         assert make_reversible(peft_model, reversible=reversible) is peft_model
         models.append(peft_model.train())
-    ids, mask, labels = batch(model_type)
-    losses = []
-    for m in models:
-        torch.manual_seed(13)
-        loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        losses.append(loss.item())
-    assert abs(losses[0] - losses[1]) <= 1e-12
-    trainable = [(p, q) for p, q in zip(models[0].parameters(), models[1].parameters()) if p.requires_grad]
-    assert trainable and all(p.grad is not None for p, _ in trainable)
-    assert max(rel_err(p.grad, q.grad) for p, q in trainable) <= 1e-6
+    loss_diff, grad_err = twin_trainable_errors(models, *batch(model_type))
+    assert loss_diff <= 1e-12 and grad_err <= 1e-6, (loss_diff, grad_err)
 
 
 # --------------------------------------------------------------------------------------------------------------
