@@ -30,7 +30,7 @@ from _tiny_hf import (
 )
 from torch import nn
 
-from conftest import rel_err
+from conftest import max_grad_rel_err, rel_err
 from reformer_rev import is_reversible, make_reversible
 from reformer_rev.conversion_families import SUPPORTED_FAMILIES, BranchSpec, FamilySpec, LayerSpec
 from reformer_rev.couplings_twostep import HeavyBallCoupling
@@ -59,9 +59,10 @@ class ZeroCoefficient(HeavyBallCoupling):
         return type(self)(self.gamma, torch.zeros(num_steps, batch_size, dtype=torch.long, device=device))
 
 
-def training_logits_error(model_type: str, spec: FamilySpec | None = None) -> float:
+def training_logits_error(model_type: str, spec: FamilySpec | None = None, verify: bool = True) -> float:
     """Max abs difference of the training-mode logits (dropout on, same seed) between the original model and its
-    conversion at coefficient 0: the structural description against the layers' own forward."""
+    conversion at coefficient 0: the structural description against the layers' own forward. `verify=False` skips
+    the conversion's own check of the first layer (`ReversibleConversion._verify`)."""
     original = family_model(model_type, dropout=0.1).train()
     model = copy.deepcopy(original)
     if spec is not None:
@@ -69,6 +70,7 @@ def training_logits_error(model_type: str, spec: FamilySpec | None = None) -> fl
     try:
         # 52 fractional bits: the fixed-point streams keep every bit of these small float64 hidden values.
         make_reversible(model, coupling=ZeroCoefficient(), reversible=False, fixed_point_bits=52)
+        model._reversible_conversion.verified = not verify
     finally:
         if spec is not None:
             SUPPORTED_FAMILIES[model_type] = saved
@@ -116,9 +118,28 @@ _WRONG_DESCRIPTIONS = {
 @pytest.mark.parametrize("model_type", list(_WRONG_DESCRIPTIONS))
 def test_a_wrong_description_is_caught(model_type):
     """Negative control: descriptions that pass the structure check (same sub-modules) but compute something else
-    than the layer are caught by the comparison with the original layers (measured: 2.6e-2, 0.17, 9.9e-3)."""
+    than the layer. The conversion's check of the first layer at the first training call refuses them, and so does
+    the comparison of whole models with the check off (measured: 2.6e-2, 0.17, 9.9e-3)."""
     wrong = FamilySpec(_WRONG_DESCRIPTIONS[model_type], "wrong")
-    assert training_logits_error(model_type, wrong) > 1e-3
+    with pytest.raises(RuntimeError, match="does not reproduce the layer's own forward"):
+        training_logits_error(model_type, wrong)
+    assert training_logits_error(model_type, wrong, verify=False) > 1e-3
+
+
+def test_first_training_call_verifies_the_description_once():
+    model = make_reversible(family_model("gemma3_text", dropout=0.1)).train()
+    conversion = model._reversible_conversion
+    ids = random_ids()
+    model.eval()(ids)
+    assert not conversion.verified  # inference runs the original layers: nothing to check
+    model.train()(ids, labels=ids).loss.backward()
+    assert conversion.verified
+    # The check drew no random numbers of its own: the same seed gives the same loss with and without it.
+    conversion.verified = False
+    torch.manual_seed(0)
+    first = model(ids, labels=ids).loss.item()
+    torch.manual_seed(0)
+    assert model(ids, labels=ids).loss.item() == first
 
 
 def twin_gradient_errors(model_type: str, **options) -> tuple[float, float]:
@@ -139,6 +160,24 @@ def test_moe_chunked_experts_gradients_equal_the_twin():
     """The MoE block is position-wise (per-token routing): recomputed 5 positions at a time, the same gradients."""
     loss_diff, grad_err = twin_gradient_errors("qwen3_moe", chunk_size_feed_forward=5)
     assert loss_diff <= 1e-12 and grad_err <= 1e-6, (loss_diff, grad_err)
+
+
+@pytest.mark.parametrize("model_type", ["cohere2", "phi", "gptj", "gemma3_text"])
+def test_bf16_autocast_matches_the_layer_and_the_twin(model_type):
+    """Under bf16 autocast a parallel layer's branch sum is rounded as the layer rounds it (Cohere: into the float32
+    stream one by one; Phi, GPT-J: in bf16 first), so the first-layer check sees only float32 rounding; gradients
+    equal the twin's to float32 rounding."""
+    models = [make_reversible(family_model(model_type, dropout=0.1, dtype=torch.float32), reversible=r).train()
+              for r in (True, False)]
+    ids = random_ids(3, 20)
+    for m in models:
+        torch.manual_seed(4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(ids, labels=ids).loss
+        loss.backward()
+    assert models[0]._reversible_conversion.verification_error <= 1e-5
+    err, name = max_grad_rel_err(*models)
+    assert err <= 1e-5, (name, err)
 
 
 def test_parallel_layers_pair_into_blocks():

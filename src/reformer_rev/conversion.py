@@ -102,11 +102,12 @@ class _SubLayer:
     layer's branches. Its layer's call arguments for the current stack call arrive through the engine's kwargs under
     the layer's key."""
 
-    def __init__(self, layer: nn.Module, index: int, branches: tuple[BranchSpec, ...]) -> None:
+    def __init__(self, layer: nn.Module, index: int, branches: tuple[BranchSpec, ...], sum_branches_first: bool) -> None:
         self.layer = layer
         self.index = index
         self.key = str(index)
         self.branches = branches
+        self.sum_branches_first = sum_branches_first
         self.takes_layer_kwargs = any(b.takes_layer_kwargs for b in branches)
         # Position-wise (MLP, MoE): the engine may apply it a chunk of positions at a time.
         self.position_wise = not self.takes_layer_kwargs
@@ -125,9 +126,15 @@ class _SubLayer:
         if self.takes_layer_kwargs:
             static, diff_names = kwargs[self.key]
             layer_kwargs = {**static, **{n: kwargs[f"{self.key}.{n}"] for n in diff_names}}
+        if len(self.branches) == 1:
+            return branch_output(self.layer, self.branches[0], x, layer_kwargs)
+        # A parallel layer: every branch reads x; their outputs are summed in the precision the layer sums them in
+        # (under autocast a bf16 sum differs from a float32 one by 2e-3 relative).
         out = None
-        for branch in self.branches:  # a parallel layer's branches all read x, summed in the layer's order
+        for branch in self.branches:
             y = branch_output(self.layer, branch, x, layer_kwargs)
+            if not self.sum_branches_first:
+                y = y.to(torch.promote_types(y.dtype, x.dtype))
             out = y if out is None else out + y
         return out
 
@@ -268,7 +275,9 @@ class ReversibleConversion:
             _check_layer_structure(layer, family)
         # One residual sub-layer per branch (per layer for a parallel layer), two per engine block.
         self.sublayers = [
-            _SubLayer(layer, i, branches) for i, layer in enumerate(self.layers) for branches in family.layer.sublayers()
+            _SubLayer(layer, i, branches, family.layer.sum_branches_first)
+            for i, layer in enumerate(self.layers)
+            for branches in family.layer.sublayers()
         ]
         steps = self.sublayers
         self.blocks = [_LayerBlock(steps[k], steps[k + 1] if k + 1 < len(steps) else None) for k in range(0, len(steps), 2)]
@@ -282,6 +291,8 @@ class ReversibleConversion:
         self.calibration: FidelityReport | None = None
         self._probing = False
         self._handles: list[Any] = []
+        self.verified = False  # the description was checked against the first layer's own forward (`_verify`)
+        self.verification_error: float | None = None  # relative difference of the first layer's update found then
         self.model = model
 
     # ---- options -------------------------------------------------------------------------------------------------
@@ -496,9 +507,50 @@ class ReversibleConversion:
                 static[name] = value
         call.static[key] = (static, tuple(diff_names))
 
+    def _verify(self, call: _StackCall) -> None:
+        """Once per conversion, at the first training call: the first layer's own forward and its description
+        (`x + b(x)` per residual sub-layer) on the real input and arguments, same RNG state (same dropout masks), no
+        gradient. A transformers release that changed the layer (a new norm, scale or branch) raises here instead of
+        training a different function. Tolerance: rounding of a different summation order (parallel layers), relative
+        to the layer's update."""
+        layer = self.layers[0]
+        x = call.hidden
+        static, diff_names = call.static["0"]
+        kwargs = {**static, **{n: call.diff[f"0.{n}"] for n in diff_names}}
+        engine_kwargs = {"0": (static, diff_names), **{f"0.{n}": call.diff[f"0.{n}"] for n in diff_names}}
+        outputs = []
+        with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices_of(x)):
+            rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in _cuda_devices_of(x)]
+            for described in (False, True):
+                torch.set_rng_state(rng[0])
+                for d, state in zip(_cuda_devices_of(x), rng[1]):
+                    torch.cuda.set_rng_state(state, d)
+                if described:
+                    out = x
+                    for step in self.sublayers:
+                        if step.layer is layer:
+                            out = out + step(out, engine_kwargs)
+                else:
+                    out = type(layer).forward(layer, x, **kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                outputs.append((out.float() - x.float()))
+        original, described = outputs
+        err = float((described - original).norm() / original.norm().clamp_min(1e-30))
+        self.verification_error = err
+        tol = 1e-3 if x.dtype in (torch.float32, torch.float64) else 5e-2
+        if not err <= tol:  # also catches NaN
+            raise RuntimeError(
+                f"`make_reversible`: the structural description of {type(layer).__name__} ({self.family.pattern}) does "
+                f"not reproduce the layer's own forward (relative difference of the update {err:.2e} > {tol:g}); this "
+                "transformers release computes the layer differently. Undo the conversion with `revert_reversible`."
+            )
+        self.verified = True
+
     def _run_stack(self, call: _StackCall) -> torch.Tensor:
         call.done = True
         hidden = call.hidden
+        if not self.verified:
+            self._verify(call)
         coupling = self.coupling
         if isinstance(coupling, TwoStepCoupling):
             coupling = coupling.start(2 * len(self.blocks), hidden.shape[0], hidden.device)

@@ -60,6 +60,10 @@ class LayerSpec:
 
     branches: tuple[BranchSpec, ...]
     parallel: bool = False
+    # Parallel layers only: the layer adds its branch outputs together before the stream (`attn + mlp + residual`:
+    # Phi, GPT-J), in the branches' dtype (bf16 under autocast); otherwise each is added to the stream in its precision
+    # (`residual + attn + mlp`: Cohere). Matches the layer's rounding, not only its math.
+    sum_branches_first: bool = False
     # Layer arguments the layer consumes itself (never forwarded to attention) that the conversion refuses when set,
     # with the sub-modules only they use (GPT-2's cross-attention).
     refused_args: tuple[str, ...] = ()
@@ -131,8 +135,11 @@ PARALLEL_SHARED_NORM_DROPOUT = LayerSpec(
     (BranchSpec("self_attn", "input_layernorm", dropout="resid_dropout", takes_layer_kwargs=True),
      BranchSpec("mlp", "input_layernorm", dropout="resid_dropout")),
     parallel=True,
+    sum_branches_first=True,
 )
-GPTJ_PARALLEL = LayerSpec((BranchSpec("attn", "ln_1", takes_layer_kwargs=True), BranchSpec("mlp", "ln_1")), parallel=True)
+GPTJ_PARALLEL = LayerSpec(
+    (BranchSpec("attn", "ln_1", takes_layer_kwargs=True), BranchSpec("mlp", "ln_1")), parallel=True, sum_branches_first=True
+)
 GPT2_PRE_NORM = LayerSpec(
     (BranchSpec("attn", "ln_1", takes_layer_kwargs=True), BranchSpec("mlp", "ln_2")),
     refused_args=("encoder_hidden_states", "encoder_attention_mask"),
