@@ -94,7 +94,9 @@ def _family_config(model_type: str, depth: int, dropout: float):
                             attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
         "phi3": dict(resid_pdrop=dropout, embd_pdrop=dropout, sliding_window=6),
         "olmo2": {},
-        "granite": dict(residual_multiplier=0.5, embedding_multiplier=2.0, attention_multiplier=0.3, logits_scaling=4.0),
+        "granite": dict(
+            residual_multiplier=0.5, embedding_multiplier=2.0, attention_multiplier=0.3, logits_scaling=4.0
+        ),
         "smollm3": dict(use_sliding_window=True, sliding_window=6, layer_types=alternating, no_rope_layer_interval=2),
         "cohere2": dict(sliding_window=6, layer_types=alternating, logit_scale=0.5),
         "gemma": dict(head_dim=8),
@@ -106,7 +108,9 @@ def _family_config(model_type: str, depth: int, dropout: float):
     return AutoConfig.for_model(model_type, **common, **extra)
 
 
-def family_model(model_type: str, depth: int = 3, dropout: float = 0.0, dtype: torch.dtype = torch.float64, seed: int = 0):
+def family_model(
+    model_type: str, depth: int = 3, dropout: float = 0.0, dtype: torch.dtype = torch.float64, seed: int = 0
+):
     """A tiny random causal LM of any supported family, its norm weights randomised (they initialise to 1 or 0, which
     would hide a missing or swapped norm). MoE experts run eagerly (the grouped kernel has no float64 on CPU)."""
     from transformers import AutoModelForCausalLM

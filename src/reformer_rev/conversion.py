@@ -2,10 +2,10 @@
 
 `make_reversible(model)` takes a loaded decoder-only causal LM of a supported family (Llama, Qwen2, Mistral, GPT-2,
 Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 text, Phi-3, OLMo 2, Granite, SmolLM3, Cohere2, Gemma, Mixtral, OLMo 3, Cohere,
-Phi, GPT-J; `conversion_families.py` describes each by the structure of its layers) and returns the *same object*. In eval mode, under `torch.no_grad()` and in
-`generate()` nothing changes: every decoder layer runs its own forward. In training with gradients enabled the decoder
-stack runs through the reversible engine (`reversible.py`) with a coupling that is the original residual update at
-`gamma = 0` (`couplings_twostep.py`; docs/design.md §9): every residual sub-layer `x <- x + b(x)` of every layer is
+Phi, GPT-J; `conversion_families.py` describes each by the structure of its layers) and returns the *same object*.
+In eval mode, under `torch.no_grad()` and in `generate()` nothing changes: every decoder layer runs its own forward.
+In training with gradients enabled the decoder stack runs through the reversible engine (`reversible.py`) with a
+coupling that is the original residual update at `gamma = 0` (`couplings_twostep.py`; docs/design.md §9): every residual sub-layer `x <- x + b(x)` of every layer is
 one coupling step (an engine block holds two: `f` and `g`), so activation memory grows with depth only by the
 coupling's side bits (`m` bits per element per sub-layer with gamma = 2^-m).
 
@@ -102,7 +102,9 @@ class _SubLayer:
     layer's branches. Its layer's call arguments for the current stack call arrive through the engine's kwargs under
     the layer's key."""
 
-    def __init__(self, layer: nn.Module, index: int, branches: tuple[BranchSpec, ...], sum_branches_first: bool) -> None:
+    def __init__(
+        self, layer: nn.Module, index: int, branches: tuple[BranchSpec, ...], sum_branches_first: bool
+    ) -> None:
         self.layer = layer
         self.index = index
         self.key = str(index)
@@ -147,7 +149,9 @@ class _LayerBlock:
     Sub-modules are looked up at call time, so adapters injected later (PEFT LoRA) are used.
     """
 
-    def __init__(self, f_step: _SubLayer, g_step: _SubLayer | None, g_chunk_size: int = DEFAULT_FEED_FORWARD_CHUNK) -> None:
+    def __init__(
+        self, f_step: _SubLayer, g_step: _SubLayer | None, g_chunk_size: int = DEFAULT_FEED_FORWARD_CHUNK
+    ) -> None:
         self.f_step = f_step
         self.g_step = g_step
         self.layers = list({id(s.layer): s.layer for s in (f_step, g_step) if s is not None}.values())
@@ -280,7 +284,9 @@ class ReversibleConversion:
             for branches in family.layer.sublayers()
         ]
         steps = self.sublayers
-        self.blocks = [_LayerBlock(steps[k], steps[k + 1] if k + 1 < len(steps) else None) for k in range(0, len(steps), 2)]
+        self.blocks = [
+            _LayerBlock(steps[k], steps[k + 1] if k + 1 < len(steps) else None) for k in range(0, len(steps), 2)
+        ]
         # A layer that still takes `output_attentions` returns a tuple `(hidden, ...)` (older releases).
         self.returns_tuple = ["output_attentions" in _signature(type(layer)).parameters for layer in self.layers]
         self.coupling: TwoStepCoupling | MomentumCoupling = HeavyBallCoupling(DEFAULT_GAMMA)  # the defaults
@@ -586,9 +592,10 @@ def _check_layer_structure(layer: nn.Module, family: FamilySpec) -> None:
             else:
                 ok = isinstance(value, nn.Module)
             if not ok:
+                kind = "attribute" if name == branch.scale else "sub-module"
                 raise ValueError(
-                    f"`make_reversible`: decoder layer {type(layer).__name__} has no {'attribute' if name == branch.scale else 'sub-module'} "
-                    f"`{name}`; its structure differs from the description of its family ({family.pattern})."
+                    f"`make_reversible`: decoder layer {type(layer).__name__} has no {kind} `{name}`; its structure "
+                    f"differs from the description of its family ({family.pattern})."
                 )
             if isinstance(value, nn.Module):
                 covered.update(id(p) for p in value.parameters())
@@ -662,9 +669,9 @@ def make_reversible(
 
     Supported: the causal LM classes of `SUPPORTED_MODEL_CLASSES` (Llama, Qwen2, Mistral, GPT-2, Qwen3, Qwen3-MoE,
     Gemma 2, Gemma 3 text, Phi-3, OLMo 2, Granite, SmolLM3, Cohere2, Gemma, Mixtral, OLMo 3, Cohere, Phi, GPT-J), also
-    inside a PEFT model; other families are
-    refused with what blocks them (`conversion_families.REFUSED_MODEL_TYPES`). Nothing changes in eval mode, under `torch.no_grad()` or in `generate()`; `save_pretrained` writes an
-    ordinary checkpoint of the original class. Calling it again on a converted model changes the options it is given
+    inside a PEFT model; other families are refused with what blocks them (`conversion_families.REFUSED_MODEL_TYPES`).
+    Nothing changes in eval mode, under `torch.no_grad()` or in `generate()`; `save_pretrained` writes an ordinary
+    checkpoint of the original class. Calling it again on a converted model changes the options it is given
     and keeps the others (every option's default, None, means "as it is"; at the first call, the defaults below).
 
     The default is faithful on real pretrained LLMs: heavy-ball with gamma = +-1/32 changes SmolLM2-135M's training-mode

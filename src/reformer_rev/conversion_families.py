@@ -138,7 +138,9 @@ PARALLEL_SHARED_NORM_DROPOUT = LayerSpec(
     sum_branches_first=True,
 )
 GPTJ_PARALLEL = LayerSpec(
-    (BranchSpec("attn", "ln_1", takes_layer_kwargs=True), BranchSpec("mlp", "ln_1")), parallel=True, sum_branches_first=True
+    (BranchSpec("attn", "ln_1", takes_layer_kwargs=True), BranchSpec("mlp", "ln_1")),
+    parallel=True,
+    sum_branches_first=True,
 )
 GPT2_PRE_NORM = LayerSpec(
     (BranchSpec("attn", "ln_1", takes_layer_kwargs=True), BranchSpec("mlp", "ln_2")),
