@@ -5,9 +5,10 @@ Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 text, Phi-3, OLMo 2, Granite, SmolLM3, Cohere
 Phi, GPT-J; `conversion_families.py` describes each by the structure of its layers) and returns the *same object*.
 In eval mode, under `torch.no_grad()` and in `generate()` nothing changes: every decoder layer runs its own forward.
 In training with gradients enabled the decoder stack runs through the reversible engine (`reversible.py`) with a
-coupling that is the original residual update at `gamma = 0` (`couplings_twostep.py`; docs/design.md §9): every residual sub-layer `x <- x + b(x)` of every layer is
-one coupling step (an engine block holds two: `f` and `g`), so activation memory grows with depth only by the
-coupling's side bits (`m` bits per element per sub-layer with gamma = 2^-m).
+coupling that is the original residual update at `gamma = 0` (`couplings_twostep.py`; docs/design.md §9): every
+residual sub-layer `x <- x + b(x)` of every layer is one coupling step (an engine block holds two: `f` and `g`), so
+activation memory grows with depth only by the coupling's side bits (`m` bits per element per sub-layer with
+gamma = 2^-m).
 
 How the stack is hooked, without copying any `transformers` forward code: the decoder layers' `forward` is replaced
 on the instances (the classes are untouched, `state_dict` keys too). In a reversible call every layer but the last
