@@ -11,11 +11,10 @@ import copy
 import json
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
-from _tiny_hf import FAMILIES, VOCAB, random_ids, tiny_model
+from _tiny_hf import FAMILIES, LOAD_WITHOUT_PACKAGE, VOCAB, lora_model, random_ids, tiny_model, twin_trainable_errors
 
 from conftest import max_grad_rel_err, rel_err
 from reformer_rev import is_reversible, make_reversible, revert_reversible, run_reversible_stack
@@ -308,28 +307,6 @@ def test_activation_memory_grows_by_the_side_bits_only(family, dropout):
 # --------------------------------------------------------------------------------------------------------------
 
 
-_LOAD_WITHOUT_PACKAGE = textwrap.dedent(
-    """
-    import json, sys
-    sys.modules["reformer_rev"] = None  # `import reformer_rev` now raises ImportError
-    import torch
-    from transformers import AutoModelForCausalLM
-    path = sys.argv[1]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
-    ids = torch.load(path + "/ids.pt")
-    ref = torch.load(path + "/logits.pt")
-    logits = model(ids).logits
-    try:
-        import reformer_rev  # noqa: F401
-        importable = True
-    except ImportError:
-        importable = False
-    print(json.dumps({"class": type(model).__name__, "equal": bool(torch.equal(logits, ref)),
-                      "reformer_rev_importable": importable}))
-    """
-)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_saved_checkpoint_is_plain_original_class(family, tmp_path):
     model = make_reversible(tiny_model(family, dropout=0.1)).train()
@@ -345,7 +322,7 @@ def test_saved_checkpoint_is_plain_original_class(family, tmp_path):
     assert "reformer" not in config_text.lower() and "auto_map" not in json.loads(config_text)
     assert not list(tmp_path.glob("*.py"))  # no remote code
     proc = subprocess.run(
-        [sys.executable, "-c", _LOAD_WITHOUT_PACKAGE, str(tmp_path)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", LOAD_WITHOUT_PACKAGE, str(tmp_path)], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -355,7 +332,7 @@ def test_saved_checkpoint_is_plain_original_class(family, tmp_path):
 @pytest.mark.parametrize("family,targets", [("llama", ["q_proj", "v_proj", "down_proj"]), ("gpt2", ["c_attn", "c_fc"])])
 @pytest.mark.parametrize("convert_first", [True, False])
 def test_lora_with_dropout_matches_the_twin(family, targets, convert_first):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=targets, fan_in_fan_out=family == "gpt2")
     models = []
@@ -363,27 +340,12 @@ def test_lora_with_dropout_matches_the_twin(family, targets, convert_first):
         base = tiny_model(family, dropout=0.1)
         if convert_first:
             make_reversible(base, reversible=reversible)
-        torch.manual_seed(5)  # the same LoRA initialisation
-        peft_model = get_peft_model(base, lora)
-        for name, p in peft_model.named_parameters():  # non-zero B so every adapter gets a gradient through A
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.1)
+        peft_model = lora_model(base, lora)
         if not convert_first:
             assert make_reversible(peft_model, reversible=reversible) is peft_model
         models.append(peft_model.train())
-    ids, mask, labels = padded_batch()
-    losses = []
-    for m in models:
-        torch.manual_seed(13)
-        loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        losses.append(loss.item())
-    assert abs(losses[0] - losses[1]) <= 1e-12
-    trainable = [(n, p, q) for (n, p), (_, q) in zip(models[0].named_parameters(), models[1].named_parameters())
-                 if p.requires_grad]
-    assert len(trainable) > 0 and all(p.grad is not None for _, p, _ in trainable)
-    worst = max(rel_err(p.grad, q.grad) for _, p, q in trainable)
-    assert worst <= 1e-6, worst
+    loss_diff, grad_err = twin_trainable_errors(models, *padded_batch())
+    assert loss_diff <= 1e-12 and grad_err <= 1e-6, (loss_diff, grad_err)
 
 
 def test_trainer_trains_converted_model_like_its_twin(tmp_path):

@@ -1,12 +1,14 @@
 """Make a pretrained `transformers` causal LM train reversibly, without changing its class, weights or inference.
 
-`make_reversible(model)` takes a loaded Llama, Qwen2, Mistral or GPT-2 causal LM and returns the *same object*. In
-eval mode, under `torch.no_grad()` and in `generate()` nothing changes: every decoder layer runs its own forward. In
-training with gradients enabled the decoder stack runs through the reversible engine (`reversible.py`) with a
-coupling that is the original residual update at `gamma = 0` (`couplings_twostep.py`; docs/design.md §9): each
-decoder layer is one engine block whose `f` is its pre-norm attention sub-layer and whose `g` its pre-norm MLP
-sub-layer, so activation memory grows with depth only by the coupling's side bits (one bit per element per sub-layer
-with gamma = 1/2).
+`make_reversible(model)` takes a loaded decoder-only causal LM of a supported family (Llama, Qwen2, Mistral, GPT-2,
+Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 text, Phi-3, OLMo 2, Granite, SmolLM3, Cohere2, Gemma, Mixtral, OLMo 3, Cohere,
+Phi, GPT-J; `conversion_families.py` describes each by the structure of its layers) and returns the *same object*.
+In eval mode, under `torch.no_grad()` and in `generate()` nothing changes: every decoder layer runs its own forward.
+In training with gradients enabled the decoder stack runs through the reversible engine (`reversible.py`) with a
+coupling that is the original residual update at `gamma = 0` (`couplings_twostep.py`; docs/design.md §9): every
+residual sub-layer `x <- x + b(x)` of every layer is one coupling step (an engine block holds two: `f` and `g`), so
+activation memory grows with depth only by the coupling's side bits (`m` bits per element per sub-layer with
+gamma = 2^-m).
 
 How the stack is hooked, without copying any `transformers` forward code: the decoder layers' `forward` is replaced
 on the instances (the classes are untouched, `state_dict` keys too). In a reversible call every layer but the last
@@ -32,6 +34,15 @@ from transformers.utils import logging
 
 from .couplings_twostep import DEFAULT_GAMMA, BDIACoupling, HeavyBallCoupling, TwoStepCoupling, gamma_shift
 from .couplings import Coupling, MomentumCoupling
+from .conversion_families import (
+    REFUSED_MODEL_TYPES,
+    SUPPORTED_FAMILIES,
+    BranchSpec,
+    FamilySpec,
+    branch_output,
+    causal_lm_class_name,
+    get_attr,
+)
 from .reversible import run_reversible_stack
 
 logger = logging.get_logger(__name__)
@@ -45,40 +56,34 @@ DEFAULT_FEED_FORWARD_CHUNK = 256
 # Argument names a decoder layer has used for its KV cache across transformers releases.
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
-
-@dataclass(frozen=True)
-class _Family:
-    """Where the decoder stack and the residual sub-layers of one model family live (attribute names)."""
-
-    decoder: str  # attribute of the LM holding the decoder module (its forward runs the layer loop)
-    layers: str  # attribute of the decoder holding the `ModuleList` of layers
-    attn_norm: str
-    attn: str
-    mlp_norm: str
-    mlp: str
-    # Layer arguments the layer consumes itself instead of forwarding them to its attention module.
-    layer_only_args: tuple[str, ...] = ()
+# The causal LM class of every supported family, by name -> its model_type (`conversion_families.py` describes them).
+SUPPORTED_MODEL_CLASSES: dict[str, str] = {causal_lm_class_name(t): t for t in SUPPORTED_FAMILIES}
 
 
-_LLAMA_LIKE = _Family("model", "layers", "input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
-_GPT2 = _Family("transformer", "h", "ln_1", "attn", "ln_2", "mlp", ("encoder_hidden_states", "encoder_attention_mask"))
-
-# One adapter per family: Llama, Qwen2 and Mistral decoder layers share one structure (docs/design.md §9).
-SUPPORTED_MODEL_CLASSES: dict[str, _Family] = {
-    "LlamaForCausalLM": _LLAMA_LIKE,
-    "Qwen2ForCausalLM": _LLAMA_LIKE,
-    "MistralForCausalLM": _LLAMA_LIKE,
-    "GPT2LMHeadModel": _GPT2,
-}
-
-
-def _family_of(model: nn.Module) -> _Family:
-    for cls in type(model).__mro__:
-        if cls.__name__ in SUPPORTED_MODEL_CLASSES and cls.__module__.startswith("transformers."):
-            return SUPPORTED_MODEL_CLASSES[cls.__name__]
+def _family_of(model: nn.Module) -> tuple[str, FamilySpec]:
+    """The model's `config.model_type` and its structural description; a clear refusal otherwise."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    spec = SUPPORTED_FAMILIES.get(model_type)
+    if spec is not None:
+        expected = causal_lm_class_name(model_type)
+        if any(c.__name__ == expected and c.__module__.startswith("transformers.") for c in type(model).__mro__):
+            return model_type, spec
+    supported = f"supports the transformers classes {', '.join(SUPPORTED_MODEL_CLASSES)} (or a PEFT model wrapping one)"
+    if model_type in REFUSED_MODEL_TYPES:
+        raise ValueError(
+            f"`make_reversible` cannot convert {type(model).__name__} (model_type {model_type!r}): "
+            f"{REFUSED_MODEL_TYPES[model_type]}. It {supported}."
+        )
+    if spec is not None:
+        raise ValueError(
+            f"`make_reversible` converts the causal LM class of model_type {model_type!r} "
+            f"({causal_lm_class_name(model_type)}), got {type(model).__name__}. It {supported}."
+        )
     raise ValueError(
-        f"`make_reversible` supports the transformers classes {', '.join(SUPPORTED_MODEL_CLASSES)} "
-        f"(or a PEFT model wrapping one), got {type(model).__name__}."
+        f"`make_reversible` {supported}, got {type(model).__name__}"
+        + (f" (model_type {model_type!r}, not described)" if model_type else "")
+        + ". A decoder whose layers are residual sub-layers x + b(x) is added by a `FamilySpec` entry in "
+        "`reformer_rev.conversion_families.SUPPORTED_FAMILIES`."
     )
 
 
@@ -89,51 +94,98 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# One decoder layer as an engine block
+# Residual sub-layers as engine blocks
 # --------------------------------------------------------------------------------------------------------------
 
 
-class _LayerBlock:
-    """A decoder layer seen by the engine: `f` = pre-norm attention sub-layer, `g` = pre-norm MLP sub-layer.
+class _SubLayer:
+    """One residual sub-layer `x <- x + h(x)` of one decoder layer: `h` is one branch, or the sum of a parallel
+    layer's branches. Its layer's call arguments for the current stack call arrive through the engine's kwargs under
+    the layer's key."""
 
-    Sub-modules are looked up at call time, so adapters injected later (PEFT LoRA) are used. The layer's call
-    arguments for the current stack call arrive through the engine's kwargs under this block's key.
+    def __init__(
+        self, layer: nn.Module, index: int, branches: tuple[BranchSpec, ...], sum_branches_first: bool
+    ) -> None:
+        self.layer = layer
+        self.index = index
+        self.key = str(index)
+        self.branches = branches
+        self.sum_branches_first = sum_branches_first
+        self.takes_layer_kwargs = any(b.takes_layer_kwargs for b in branches)
+        # Position-wise (MLP, MoE): the engine may apply it a chunk of positions at a time.
+        self.position_wise = not self.takes_layer_kwargs
+        self.name = "+".join("attention" if b.takes_layer_kwargs else "mlp" for b in branches)
+
+    def parameters(self) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = {}
+        for b in self.branches:
+            for name in b.module_names():
+                for p in get_attr(self.layer, name).parameters():
+                    seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def __call__(self, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        layer_kwargs = {}
+        if self.takes_layer_kwargs:
+            static, diff_names = kwargs[self.key]
+            layer_kwargs = {**static, **{n: kwargs[f"{self.key}.{n}"] for n in diff_names}}
+        if len(self.branches) == 1:
+            return branch_output(self.layer, self.branches[0], x, layer_kwargs)
+        # A parallel layer: every branch reads x; their outputs are summed in the precision the layer sums them in
+        # (under autocast a bf16 sum differs from a float32 one by 2e-3 relative).
+        out = None
+        for branch in self.branches:
+            y = branch_output(self.layer, branch, x, layer_kwargs)
+            if not self.sum_branches_first:
+                y = y.to(torch.promote_types(y.dtype, x.dtype))
+            out = y if out is None else out + y
+        return out
+
+
+class _LayerBlock:
+    """Two consecutive residual sub-layers as one engine block: `f` then `g`. A sequential decoder layer of two
+    branches is one block (attention, MLP); parallel layers are paired (layer 2k as `f`, layer 2k+1 as `g`), and an
+    odd last one gets a zero `g` (the coupling then only moves the stream by its mean-zero training-time term).
+
+    Sub-modules are looked up at call time, so adapters injected later (PEFT LoRA) are used.
     """
 
-    def __init__(self, layer: nn.Module, family: _Family, key: str, g_chunk_size: int = DEFAULT_FEED_FORWARD_CHUNK) -> None:
-        self.layer = layer
-        self.family = family
-        self.key = key
+    def __init__(
+        self, f_step: _SubLayer, g_step: _SubLayer | None, g_chunk_size: int = DEFAULT_FEED_FORWARD_CHUNK
+    ) -> None:
+        self.f_step = f_step
+        self.g_step = g_step
+        self.layers = list({id(s.layer): s.layer for s in (f_step, g_step) if s is not None}.values())
         self.recorder: list[tuple[float, float]] | None = None  # fidelity_report: (rms of input, rms of update)
-        # The MLP is position-wise: the engine applies it (and recomputes it in backward) this many positions at a time.
-        self.g_chunk_size = g_chunk_size
+        self._g_chunk_size = g_chunk_size
+
+    @property
+    def g_chunk_size(self) -> int:
+        """Positions of `g` applied (and recomputed) at a time; 0 (whole sequence) unless `g` is position-wise."""
+        return self._g_chunk_size if self.g_step is not None and self.g_step.position_wise else 0
+
+    @g_chunk_size.setter
+    def g_chunk_size(self, value: int) -> None:
+        self._g_chunk_size = value
 
     @property
     def training(self) -> bool:
-        return self.layer.training
+        return self.f_step.layer.training
 
     def parameters(self):
-        return self.layer.parameters()
+        for layer in self.layers:
+            yield from layer.parameters()
 
     def branch_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """The parameters of `f` and of `g` (the engine frees each branch's gradients as soon as it is done)."""
-        fam = self.family
-        return tuple(
-            [p for name in names for p in getattr(self.layer, name).parameters()]
-            for names in ((fam.attn_norm, fam.attn), (fam.mlp_norm, fam.mlp))
-        )
-
-    def _attn_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        static, diff_names = kwargs[self.key]
-        return {**static, **{n: kwargs[f"{self.key}.{n}"] for n in diff_names}}
+        return self.f_step.parameters(), (self.g_step.parameters() if self.g_step is not None else [])
 
     def f(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        fam = self.family
-        out = getattr(self.layer, fam.attn)(getattr(self.layer, fam.attn_norm)(x), **self._attn_kwargs(kwargs))
-        return self._record(x, out[0] if isinstance(out, tuple) else out)
+        return self._record(x, self.f_step(x, kwargs))
 
     def g(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return self._record(x, getattr(self.layer, self.family.mlp)(getattr(self.layer, self.family.mlp_norm)(x)))
+        # `x * 0` rather than a constant: the engine differentiates every branch output with respect to its input.
+        return self._record(x, self.g_step(x, kwargs) if self.g_step is not None else x * 0)
 
     def _record(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.recorder is not None:
@@ -216,7 +268,8 @@ class ReversibleConversion:
     """The state `make_reversible` attaches to a model (as `model._reversible_conversion`); not a `nn.Module`, so
     `state_dict`, `save_pretrained` and the config never see it."""
 
-    def __init__(self, model: nn.Module, family: _Family) -> None:
+    def __init__(self, model: nn.Module, model_type: str, family: FamilySpec) -> None:
+        self.model_type = model_type
         self.family = family
         self.decoder: nn.Module = getattr(model, family.decoder)
         layer_list = getattr(self.decoder, family.layers)
@@ -224,13 +277,17 @@ class ReversibleConversion:
         count = min(len(layer_list), getattr(model.config, "num_hidden_layers", len(layer_list)))
         self.layers: list[nn.Module] = list(layer_list)[:count]
         for layer in self.layers:
-            for name in (family.attn_norm, family.attn, family.mlp_norm, family.mlp):
-                if not isinstance(getattr(layer, name, None), nn.Module):
-                    raise ValueError(
-                        f"`make_reversible`: decoder layer {type(layer).__name__} has no sub-module `{name}`; "
-                        "its structure differs from the supported families."
-                    )
-        self.blocks = [_LayerBlock(layer, family, str(i)) for i, layer in enumerate(self.layers)]
+            _check_layer_structure(layer, family)
+        # One residual sub-layer per branch (per layer for a parallel layer), two per engine block.
+        self.sublayers = [
+            _SubLayer(layer, i, branches, family.layer.sum_branches_first)
+            for i, layer in enumerate(self.layers)
+            for branches in family.layer.sublayers()
+        ]
+        steps = self.sublayers
+        self.blocks = [
+            _LayerBlock(steps[k], steps[k + 1] if k + 1 < len(steps) else None) for k in range(0, len(steps), 2)
+        ]
         # A layer that still takes `output_attentions` returns a tuple `(hidden, ...)` (older releases).
         self.returns_tuple = ["output_attentions" in _signature(type(layer)).parameters for layer in self.layers]
         self.coupling: TwoStepCoupling | MomentumCoupling = HeavyBallCoupling(DEFAULT_GAMMA)  # the defaults
@@ -241,6 +298,8 @@ class ReversibleConversion:
         self.calibration: FidelityReport | None = None
         self._probing = False
         self._handles: list[Any] = []
+        self.verified = False  # the description was checked against the first layer's own forward (`_verify`)
+        self.verification_error: float | None = None  # relative difference of the first layer's update found then
         self.model = model
 
     # ---- options -------------------------------------------------------------------------------------------------
@@ -280,7 +339,7 @@ class ReversibleConversion:
         if isinstance(fixed_point_bits, bool) or not isinstance(fixed_point_bits, int) or not 8 <= fixed_point_bits <= 52:
             raise ValueError(f"`fixed_point_bits` must be an integer in [8, 52], got {fixed_point_bits!r}.")
         if chunk_size_feed_forward is None:
-            chunk_size_feed_forward = self.blocks[0].g_chunk_size if self.blocks else DEFAULT_FEED_FORWARD_CHUNK
+            chunk_size_feed_forward = self.blocks[0]._g_chunk_size if self.blocks else DEFAULT_FEED_FORWARD_CHUNK
         if (
             isinstance(chunk_size_feed_forward, bool)
             or not isinstance(chunk_size_feed_forward, int)
@@ -310,10 +369,14 @@ class ReversibleConversion:
         cost = (
             f"{bits} side bits per hidden element per sub-layer" if bits is not None else "an information buffer"
         )
+        kinds = " / ".join(dict.fromkeys(step.name for step in self.sublayers))
+        zero = 2 * len(self.blocks) - len(self.sublayers)
         return (
-            f"{len(self.layers)} decoder layers -> {2 * len(self.layers)} reversible residual sub-layers (attention, "
-            f"MLP), each with {self.coupling!r} in training ({cost}), int64 streams with {self.fixed_point_bits} "
-            f"fractional bits, MLP chunks of {self.blocks[0].g_chunk_size if self.blocks else 0} positions; "
+            f"{self.model_type} ({self.family.pattern}): {len(self.layers)} decoder layers -> "
+            f"{len(self.sublayers)} reversible residual sub-layers ({kinds})"
+            + (f" and {zero} empty one (odd count)" if zero else "")
+            + f", each with {self.coupling!r} in training ({cost}), int64 streams with {self.fixed_point_bits} "
+            f"fractional bits, MLP chunks of {self.blocks[0]._g_chunk_size if self.blocks else 0} positions; "
             + ("reversible" if self.reversible else "plain autograd (twin)")
             + "; inference unchanged"
         )
@@ -371,6 +434,14 @@ class ReversibleConversion:
                     "stack runs as one reversible step and keeps no per-layer outputs. Call it in eval mode or under "
                     "torch.no_grad(), or undo the conversion with `revert_reversible(model)`."
                 )
+        if kwargs.get("output_router_logits", getattr(config, "output_router_logits", False)):
+            raise ValueError(
+                "`output_router_logits=True` is not available while a model converted by `make_reversible` trains: "
+                "the routers' logits are recorded by hooks during the forward, which runs without a graph, so the "
+                "load-balancing loss would be added to the loss but give the routers no gradient. Train with "
+                "`output_router_logits=False` (`model.config.output_router_logits = False`), or undo the conversion "
+                "with `revert_reversible(model)`."
+            )
         for name in _CACHE_ARGS:
             cache = kwargs.get(name)
             if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
@@ -420,7 +491,7 @@ class ReversibleConversion:
         return (out,) if self.returns_tuple[index] else out
 
     def _record(self, call: _StackCall, key: str, bound: dict[str, Any]) -> None:
-        for name in self.family.layer_only_args:
+        for name in self.family.layer.refused_args:
             if bound.pop(name, None) is not None:
                 raise ValueError(f"`{name}` (cross-attention) is not supported by `make_reversible`.")
         if bound.get("use_cache") or any(bound.get(name) is not None for name in _CACHE_ARGS):
@@ -443,9 +514,50 @@ class ReversibleConversion:
                 static[name] = value
         call.static[key] = (static, tuple(diff_names))
 
+    def _verify(self, call: _StackCall) -> None:
+        """Once per conversion, at the first training call: the first layer's own forward and its description
+        (`x + b(x)` per residual sub-layer) on the real input and arguments, same RNG state (same dropout masks), no
+        gradient. A transformers release that changed the layer (a new norm, scale or branch) raises here instead of
+        training a different function. Tolerance: rounding of a different summation order (parallel layers), relative
+        to the layer's update."""
+        layer = self.layers[0]
+        x = call.hidden
+        static, diff_names = call.static["0"]
+        kwargs = {**static, **{n: call.diff[f"0.{n}"] for n in diff_names}}
+        engine_kwargs = {"0": (static, diff_names), **{f"0.{n}": call.diff[f"0.{n}"] for n in diff_names}}
+        outputs = []
+        with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices_of(x)):
+            rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in _cuda_devices_of(x)]
+            for described in (False, True):
+                torch.set_rng_state(rng[0])
+                for d, state in zip(_cuda_devices_of(x), rng[1]):
+                    torch.cuda.set_rng_state(state, d)
+                if described:
+                    out = x
+                    for step in self.sublayers:
+                        if step.layer is layer:
+                            out = out + step(out, engine_kwargs)
+                else:
+                    out = type(layer).forward(layer, x, **kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                outputs.append((out.float() - x.float()))
+        original, described = outputs
+        err = float((described - original).norm() / original.norm().clamp_min(1e-30))
+        self.verification_error = err
+        tol = 1e-3 if x.dtype in (torch.float32, torch.float64) else 5e-2
+        if not err <= tol:  # also catches NaN
+            raise RuntimeError(
+                f"`make_reversible`: the structural description of {type(layer).__name__} ({self.family.pattern}) does "
+                f"not reproduce the layer's own forward (relative difference of the update {err:.2e} > {tol:g}); this "
+                "transformers release computes the layer differently. Undo the conversion with `revert_reversible`."
+            )
+        self.verified = True
+
     def _run_stack(self, call: _StackCall) -> torch.Tensor:
         call.done = True
         hidden = call.hidden
+        if not self.verified:
+            self._verify(call)
         coupling = self.coupling
         if isinstance(coupling, TwoStepCoupling):
             coupling = coupling.start(2 * len(self.blocks), hidden.shape[0], hidden.device)
@@ -463,6 +575,42 @@ class ReversibleConversion:
             fixed_point_bits=self.fixed_point_bits,
         )
         return coupling.merge_streams(y1, y2)
+
+
+def _check_layer_structure(layer: nn.Module, family: FamilySpec) -> None:
+    """The layer has every sub-module the description names, and no parameter outside them: a layer with more (a new
+    norm, a gate, a cross-attention in use) would otherwise be run without it."""
+    spec = family.layer
+    covered: set[int] = set()
+    for branch in spec.branches:
+        for name in (*branch.module_names(), *((branch.scale,) if branch.scale else ())):
+            try:
+                value = get_attr(layer, name)
+            except AttributeError:
+                value = None
+            if name == branch.scale:
+                ok = isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, nn.Module)
+            if not ok:
+                kind = "attribute" if name == branch.scale else "sub-module"
+                raise ValueError(
+                    f"`make_reversible`: decoder layer {type(layer).__name__} has no {kind} `{name}`; its structure "
+                    f"differs from the description of its family ({family.pattern})."
+                )
+            if isinstance(value, nn.Module):
+                covered.update(id(p) for p in value.parameters())
+    for name in spec.refused_args_modules:
+        module = getattr(layer, name, None)
+        if isinstance(module, nn.Module):
+            covered.update(id(p) for p in module.parameters())
+    uncovered = [n for n, p in layer.named_parameters() if id(p) not in covered]
+    if uncovered:
+        raise ValueError(
+            f"`make_reversible`: decoder layer {type(layer).__name__} has parameters outside the residual branches of "
+            f"its family's description ({family.pattern}): {', '.join(uncovered[:5])}. Its layer computes something "
+            "the conversion would not."
+        )
 
 
 def _rms(t: torch.Tensor) -> float:
@@ -520,9 +668,11 @@ def make_reversible(
 ) -> nn.Module:
     """Train a pretrained causal LM with a reversible decoder stack; returns the same `model` object.
 
-    Supported: `LlamaForCausalLM`, `Qwen2ForCausalLM`, `MistralForCausalLM`, `GPT2LMHeadModel` (also inside a PEFT
-    model). Nothing changes in eval mode, under `torch.no_grad()` or in `generate()`; `save_pretrained` writes an
-    ordinary checkpoint of the original class. Calling it again on a converted model changes the options it is given
+    Supported: the causal LM classes of `SUPPORTED_MODEL_CLASSES` (Llama, Qwen2, Mistral, GPT-2, Qwen3, Qwen3-MoE,
+    Gemma 2, Gemma 3 text, Phi-3, OLMo 2, Granite, SmolLM3, Cohere2, Gemma, Mixtral, OLMo 3, Cohere, Phi, GPT-J), also
+    inside a PEFT model; other families are refused with what blocks them (`conversion_families.REFUSED_MODEL_TYPES`).
+    Nothing changes in eval mode, under `torch.no_grad()` or in `generate()`; `save_pretrained` writes an ordinary
+    checkpoint of the original class. Calling it again on a converted model changes the options it is given
     and keeps the others (every option's default, None, means "as it is"; at the first call, the defaults below).
 
     The default is faithful on real pretrained LLMs: heavy-ball with gamma = +-1/32 changes SmolLM2-135M's training-mode
@@ -553,10 +703,10 @@ def make_reversible(
             result (`fidelity_report`) is logged and kept as `model._reversible_conversion.calibration`.
     """
     base = _unwrap(model)
-    family = _family_of(base)
+    model_type, family = _family_of(base)
     conversion = getattr(base, "_reversible_conversion", None)
     if conversion is None:
-        conversion = ReversibleConversion(base, family)
+        conversion = ReversibleConversion(base, model_type, family)
         conversion.configure(coupling, gamma, reversible, fixed_point_bits, chunk_size_feed_forward)
         conversion.install()
         base._reversible_conversion = conversion
@@ -649,10 +799,13 @@ def fidelity_report(model: nn.Module, input_ids: torch.Tensor, draws: int = 2, s
         base.train(was_training)
         conversion._probing = False
     sublayers = []
+    steps = conversion.sublayers
     for k, (stream, update) in enumerate(stats):
         previous_update = stats[k - 1][1] if k else 0.0
+        # The engine's sub-steps are the sub-layers in order, then the empty `g` of an odd count of parallel layers.
+        layer, branch = (steps[k].index, steps[k].name) if k < len(steps) else (steps[-1].index, "empty")
         sublayers.append({
-            "index": k, "layer": k // 2, "branch": ("attention", "mlp")[k % 2], "gamma": gamma if k else 0.0,
+            "index": k, "layer": layer, "branch": branch, "gamma": gamma if k else 0.0,
             "side_bits": bits if k else 0.0, "stream_rms": stream, "update_rms": update,
             # Two-step couplings add gamma (x_{k-1} - x_k) ~ gamma * (previous update); momentum's change is not a noise.
             "perturbation": (gamma * previous_update / stream) if two_step and k and stream > 0 else float("nan"),

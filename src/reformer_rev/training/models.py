@@ -43,7 +43,7 @@ def _load_with_auto_class(path: str, task: Task, args: argparse.Namespace) -> Pr
 
 
 def _load_and_make_reversible(path: str, task: Task, args: argparse.Namespace) -> PreTrainedModel:
-    """A pretrained Llama / Qwen2 / Mistral / GPT-2 causal LM whose decoder stack trains reversibly
+    """A pretrained causal LM of a family `make_reversible` supports whose decoder stack trains reversibly
     (`make_reversible`), or as it is with `--no_reversible`."""
     if task != "causal-lm":
         raise ValueError(
@@ -56,7 +56,7 @@ def _load_and_make_reversible(path: str, task: Task, args: argparse.Namespace) -
 
 
 register_pretrained_loader("reformer_rev", _load_with_auto_class)
-# The model types whose Auto causal-LM class `make_reversible` supports (llama, qwen2, mistral, gpt2).
+# The model types whose Auto causal-LM class `make_reversible` supports (conversion_families.SUPPORTED_FAMILIES).
 CONVERTIBLE_MODEL_TYPES = tuple(
     sorted(t for t, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if cls in SUPPORTED_MODEL_CLASSES)
 )
