@@ -1,0 +1,193 @@
+"""FSDP2 over a model converted by `make_reversible`, 2 processes on CPU/gloo, vs one process on the same batches.
+
+For each family (Llama, Qwen2 with sliding-window layers, and Qwen3 when `make_reversible` supports it) a tiny float64
+model is converted and sharded the way Accelerate's FSDP2 plugin does it (`fully_shard` on every decoder layer, the
+model's `_no_split_modules`, then on the root), and trained for `STEPS` AdamW steps with attention dropout on. Each
+rank takes its slice of every global batch; the one-process reference runs the same slices one after the other with
+each rank's seed (same dropout masks and heavy-ball signs) and steps on the mean of their losses, which is what
+FSDP's averaging reduce-scatter computes. Recorded: per-step global losses, the final gathered weights, and the
+per-process bytes of parameters + gradients + optimizer state against a DDP run of the same model.
+
+Modes (command-line words before the output path; default all): `fully_shard` (the calls Accelerate makes, by hand)
+and `accelerate` (Accelerate's own FSDP2 preparation, `fsdp2_prepare_model` through `accelerator.prepare`, which
+Accelerate skips on CPU: `reformer_rev.training.cli.adopt_fsdp_on_cpu` turns it on, as `train_lm.py` does).
+Run: `torchrun --nproc_per_node 2 fsdp_conversion.py [modes...] OUT.json`.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+import torch.distributed as dist
+from _common import describe, finish, rel_err, write_result  # puts the repository root on sys.path
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from reformer_rev import make_reversible
+from reformer_rev.conversion import SUPPORTED_MODEL_CLASSES
+from tests._tiny_hf import random_ids, tiny_model
+
+STEPS, PER_RANK, LENGTH, DROPOUT = 3, 2, 24, 0.1
+FAMILIES = ["llama", "qwen2"] + (["qwen3"] if "Qwen3ForCausalLM" in SUPPORTED_MODEL_CLASSES else [])
+
+
+def local_bytes(t: torch.Tensor | None) -> int:
+    if t is None:
+        return 0
+    t = getattr(t, "_local_tensor", t)  # a DTensor's own shard
+    return t.numel() * t.element_size()
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """What one process holds for training besides activations: parameters, gradients and optimizer state."""
+    total = sum(local_bytes(p) + local_bytes(p.grad) for p in model.parameters())
+    for state in optimizer.state.values():
+        total += sum(local_bytes(v) for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return total
+
+
+def shard_like_accelerate(model: torch.nn.Module) -> None:
+    layer_classes = tuple(model._no_split_modules)
+    for module in model.modules():
+        if type(module).__name__ in layer_classes:
+            fully_shard(module)
+    fully_shard(model)
+
+
+_ACCELERATOR = []
+
+
+def prepare_with_accelerate(model, optimizer):
+    """`accelerator.prepare` with Accelerate's FSDP2 plugin as `accelerate launch` builds it from a config with
+    `fsdp_version: 2`, `fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP` (no class named: `_no_split_modules`)."""
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from reformer_rev.training.cli import adopt_fsdp_on_cpu
+
+    # A plugin remembers the layer class of the first model it wraps: a new one per model, in one shared state.
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True
+    )
+    if not _ACCELERATOR:
+        accelerator = Accelerator(cpu=True)
+        assert adopt_fsdp_on_cpu(accelerator, plugin)
+        _ACCELERATOR.append(accelerator)
+    accelerator = _ACCELERATOR[0]
+    accelerator.state.fsdp_plugin = plugin
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, str(accelerator.distributed_type)
+
+
+def train(model, optimizer, batches, rank, world, sharded: bool):
+    """STEPS steps; each rank its slice with its seed. Returns the global (mean over ranks) loss of every step."""
+    losses = []
+    for step, batch in enumerate(batches):
+        local = batch.chunk(world)[rank]
+        torch.manual_seed(1000 * step + rank)
+        loss = model(input_ids=local, labels=local).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(total.item() / world)
+    return losses
+
+
+def reference_run(model, optimizer, batches, world):
+    losses = []
+    for step, batch in enumerate(batches):
+        parts = []
+        for rank, local in enumerate(batch.chunk(world)):
+            torch.manual_seed(1000 * step + rank)
+            parts.append(model(input_ids=local, labels=local).loss)
+        loss = torch.stack(parts).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def run(family: str, mode: str, rank: int, world: int) -> dict:
+    base = tiny_model(family, depth=3, dropout=DROPOUT)
+    reference = make_reversible(copy.deepcopy(base), chunk_size_feed_forward=8)
+    model = make_reversible(copy.deepcopy(base), chunk_size_feed_forward=8)
+    rows = random_ids(PER_RANK * world * STEPS, LENGTH, seed=5)
+    batches = list(rows.chunk(STEPS))
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+    ref_losses = reference_run(reference, ref_opt, batches, world)
+    distributed_type = "none"
+    if mode == "fully_shard":
+        shard_like_accelerate(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        model, optimizer, distributed_type = prepare_with_accelerate(model, optimizer)
+    model.train()
+    losses = train(model, optimizer, batches, rank, world, sharded=True)
+    fsdp_bytes = state_bytes(model, optimizer)
+    layers = model._reversible_conversion.layers
+    weights = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
+    expected = dict(reference.named_parameters())
+    initial = dict(base.named_parameters())
+
+    # DDP of the same model and batches, for the per-process bytes.
+    ddp_model = DistributedDataParallel(make_reversible(copy.deepcopy(base), chunk_size_feed_forward=8))
+    ddp_opt = torch.optim.AdamW(ddp_model.parameters(), lr=1e-2, weight_decay=0.1)
+    ddp_losses = train(ddp_model, ddp_opt, batches, rank, world, sharded=False)
+    ddp_bytes = state_bytes(ddp_model, ddp_opt)
+    ddp_weights = dict(ddp_model.module.named_parameters())
+    all_bytes = torch.tensor([fsdp_bytes, ddp_bytes], dtype=torch.float64)
+    gathered = [torch.empty_like(all_bytes) for _ in range(world)]
+    dist.all_gather(gathered, all_bytes)
+    return {
+        "family": family,
+        "mode": mode,
+        "distributed_type": distributed_type,
+        "layers_sharded": sum(isinstance(layer, FSDPModule) for layer in layers),
+        "layers": len(layers),
+        "blocks_routed": sum(bool(getattr(b, "_reformer_rev_fsdp_routed", False)) for b in model._reversible_conversion.blocks),
+        "losses": losses,
+        "reference_losses": ref_losses,
+        "ddp_losses": ddp_losses,
+        "max_loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)),
+        "max_weight_abs_diff": max((weights[n] - expected[n].detach()).abs().max().item() for n in weights),
+        "max_weight_rel_err": max(rel_err(weights[n], expected[n].detach()) for n in weights),
+        "ddp_max_loss_diff": max(abs(a - b) for a, b in zip(ddp_losses, ref_losses)),
+        "ddp_max_weight_abs_diff": max((ddp_weights[n] - expected[n]).detach().abs().max().item() for n in weights),
+        "max_update_rel_err": max(
+            rel_err(weights[n] - initial[n].detach(), expected[n].detach() - initial[n].detach()) for n in weights
+        ),
+        "update_to_weight_norm": rel_err(
+            torch.cat([expected[n].detach().reshape(-1) for n in weights]),
+            torch.cat([initial[n].detach().reshape(-1) for n in weights]),
+        ),
+        "state_bytes_per_rank": {"fsdp2": [g[0].item() for g in gathered], "ddp": [g[1].item() for g in gathered]},
+    }
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    modes = sys.argv[1:-1] or ["fully_shard", "accelerate"]
+    cases = {}
+    for mode in modes:
+        for family in FAMILIES:
+            try:
+                cases[f"{family}/{mode}"] = {"ok": True, **run(family, mode, rank, world)}
+            except Exception as err:  # recorded, the test names it
+                if rank == 0:
+                    import traceback
+
+                    traceback.print_exc()
+                cases[f"{family}/{mode}"] = {"ok": False, "error": describe(err)}
+    write_result({"world_size": world, "torch": torch.__version__, "families": FAMILIES, "cases": cases})
+    finish()
+
+
+if __name__ == "__main__":
+    main()
