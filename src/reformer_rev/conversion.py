@@ -394,13 +394,14 @@ class ReversibleConversion:
                 "`make_reversible`: FSDP1 (`fsdp_version: 1`) and activation-checkpoint wrappers are not supported by "
                 "a reversible stack. Use FSDP2 (`fsdp_version: 2`), DDP, or no wrapper (the stack already recomputes)."
             )
-        if any(hasattr(p, "ds_id") for p in self.layers[0].parameters()):
-            raise ValueError(
-                "DeepSpeed ZeRO-3 is not supported for models converted by `make_reversible`: ZeRO-3 gathers a "
-                "parameter only inside the hooks of the module that owns it, and the converted stack's gradient "
-                "delivery has not been wired to ZeRO-3's partitioning. Use ZeRO-1/2 (`zero_stage: 2`), DDP or FSDP2 "
-                "(docs/distributed.md)."
-            )
+        if any(hasattr(p, "ds_id") for p in self.layers[0].parameters()) and any(
+            getattr(b, "gradient_release_scope", None) is None for b in self.blocks
+        ):
+            # DeepSpeed ZeRO-3 partitions every parameter outside the hooks of its module; the recompute runs inside
+            # them, but the engine delivers the summed gradients after it (`register_deepspeed_zero3_scopes`).
+            from .distributed import register_deepspeed_zero3_scopes
+
+            register_deepspeed_zero3_scopes(self.model)
         if any(callable(getattr(layer, "_get_fsdp_state", None)) for layer in self.layers):
             from .distributed import register_fsdp_converted_layers
 

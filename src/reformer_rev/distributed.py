@@ -278,7 +278,9 @@ def register_deepspeed_zero3_scopes(model: nn.Module) -> int:
         import deepspeed
     except ImportError as err:
         raise ImportError("`register_deepspeed_zero3_scopes` needs DeepSpeed (`pip install deepspeed`).") from err
-    blocks = reversible_blocks(model)
+    # A model converted by `make_reversible`: its engine blocks wrap the decoder layers (`block.parameters()` are the
+    # layer's), the same delivery after the recompute.
+    blocks = _converted_layer_blocks(model) or reversible_blocks(model)
     for block in blocks:
         block.gradient_release_scope = lambda _block=block: deepspeed.zero.GatheredParameters(list(_block.parameters()))
     return len(blocks)
