@@ -8,8 +8,8 @@ each rank's seed (same dropout masks and heavy-ball signs) and steps on the mean
 FSDP's averaging reduce-scatter computes. Recorded: per-step global losses, the final gathered weights, and the
 per-process bytes of parameters + gradients + optimizer state against a DDP run of the same model.
 
-Modes (command-line words before the output path; default all): `fully_shard` (the calls Accelerate makes, by hand)
-and `accelerate` (Accelerate's own FSDP2 preparation, `fsdp2_prepare_model` through `accelerator.prepare`, which
+Modes (command-line words before the output path; default all): `fully_shard` (the calls Accelerate makes, by hand),
+`collectives` (counts FSDP2's all-gathers and reduce-scatters of one step) and `accelerate` (Accelerate's own FSDP2 preparation, `fsdp2_prepare_model` through `accelerator.prepare`, which
 Accelerate skips on CPU: `reformer_rev.training.cli.adopt_fsdp_on_cpu` turns it on, as `train_lm.py` does).
 Run: `torchrun --nproc_per_node 2 fsdp_conversion.py [modes...] OUT.json`.
 """
@@ -133,6 +133,14 @@ def run(family: str, mode: str, rank: int, world: int) -> dict:
     layers = model._reversible_conversion.layers
     weights = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
     expected = dict(reference.named_parameters())
+    # Inference is the original model's, layer by layer, under FSDP's own per-layer hooks: eval logits and greedy
+    # generation against the one-process reference (trained to the same weights).
+    model.eval(), reference.eval()
+    prompt = rows[:2, :8]
+    with torch.no_grad():
+        eval_logit_diff = (model(input_ids=rows[:2]).logits - reference(input_ids=rows[:2]).logits).abs().max().item()
+    generated = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    ref_generated = reference.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
     initial = dict(base.named_parameters())
 
     # DDP of the same model and batches, for the per-process bytes.
@@ -155,6 +163,8 @@ def run(family: str, mode: str, rank: int, world: int) -> dict:
         "reference_losses": ref_losses,
         "ddp_losses": ddp_losses,
         "max_loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)),
+        "eval_logit_max_abs_diff": eval_logit_diff,
+        "generate_identical": torch.equal(generated, ref_generated),
         "max_weight_abs_diff": max((weights[n] - expected[n].detach()).abs().max().item() for n in weights),
         "max_weight_rel_err": max(rel_err(weights[n], expected[n].detach()) for n in weights),
         "ddp_max_loss_diff": max(abs(a - b) for a, b in zip(ddp_losses, ref_losses)),
@@ -170,11 +180,47 @@ def run(family: str, mode: str, rank: int, world: int) -> dict:
     }
 
 
+def count_collectives() -> dict:
+    """All-gathers and reduce-scatters of one forward+backward of a converted 3-layer Llama under FSDP2 (counted at the
+    two `torch.distributed` functions FSDP2 calls), by feed-forward chunking and `reshard_after_forward`."""
+    counts = {"all_gathers": 0, "reduce_scatters": 0}
+    originals = dist.all_gather_single, dist.reduce_scatter_single
+
+    def counting(fn, key):
+        def wrapper(*args, **kwargs):
+            counts[key] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    dist.all_gather_single = counting(originals[0], "all_gathers")
+    dist.reduce_scatter_single = counting(originals[1], "reduce_scatters")
+    results = {}
+    try:
+        for chunk in (0, 8):
+            for reshard in (True, False):
+                model = make_reversible(tiny_model("llama", depth=3), chunk_size_feed_forward=chunk)
+                for layer in model.model.layers:
+                    fully_shard(layer, reshard_after_forward=reshard)
+                fully_shard(model, reshard_after_forward=reshard)
+                ids = random_ids(1, LENGTH)
+                model(input_ids=ids, labels=ids).loss.backward()  # first call: lazy init, routing
+                counts.update(all_gathers=0, reduce_scatters=0)
+                model(input_ids=ids, labels=ids).loss.backward()
+                results[f"chunk_size_feed_forward={chunk},reshard_after_forward={reshard}"] = dict(counts)
+    finally:
+        dist.all_gather_single, dist.reduce_scatter_single = originals
+    return results
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    modes = sys.argv[1:-1] or ["fully_shard", "accelerate"]
+    modes = sys.argv[1:-1] or ["fully_shard", "accelerate", "collectives"]
     cases = {}
+    if "collectives" in modes:
+        modes.remove("collectives")
+        cases["collectives"] = count_collectives()
     for mode in modes:
         for family in FAMILIES:
             try:
