@@ -19,6 +19,10 @@ sharded. The routing needs one private piece of FSDP2 (its per-module training s
 `tests/test_distributed.py` checks on every torch CI runs (the local release and the newest one, `make
 test-newest-torch`) that the private step is still needed and still gives one-process gradients.
 
+Models converted by `make_reversible` need no call: their decoder layers are the FSDP2 units (Accelerate shards the
+model's `_no_split_modules`), and the conversion routes each layer's branches through them at its first training
+forward (`register_fsdp_converted_layers`), or gives them their ZeRO-3 release scopes.
+
 Only torch is imported at module level (DeepSpeed lazily, by the function that needs it).
 """
 

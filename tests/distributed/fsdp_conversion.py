@@ -9,7 +9,8 @@ FSDP's averaging reduce-scatter computes. Recorded: per-step global losses, the 
 per-process bytes of parameters + gradients + optimizer state against a DDP run of the same model.
 
 Modes (command-line words before the output path; default all): `fully_shard` (the calls Accelerate makes, by hand),
-`collectives` (counts FSDP2's all-gathers and reduce-scatters of one step) and `accelerate` (Accelerate's own FSDP2 preparation, `fsdp2_prepare_model` through `accelerator.prepare`, which
+`collectives` (counts FSDP2's all-gathers and reduce-scatters of one step), `bf16` (gradients under a bf16
+`MixedPrecisionPolicy`, converted vs unconverted, against float32 one process) and `accelerate` (Accelerate's own FSDP2 preparation, `fsdp2_prepare_model` through `accelerator.prepare`, which
 Accelerate skips on CPU: `reformer_rev.training.cli.adopt_fsdp_on_cpu` turns it on, as `train_lm.py` does).
 Run: `torchrun --nproc_per_node 2 fsdp_conversion.py [modes...] OUT.json`.
 """
@@ -213,11 +214,40 @@ def count_collectives() -> dict:
     return results
 
 
+def bf16_mixed_precision(rank: int, world: int) -> dict:
+    """One backward under `MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`, converted Llama and the
+    unconverted one sharded the same way: gathered gradients vs float32 one-process gradients on the same batch."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    base = tiny_model("llama", dtype=torch.float32)
+    ids = random_ids(2 * world, LENGTH, seed=3)
+    out = {}
+    for name, convert in (("converted", True), ("original", False)):
+        reference = make_reversible(copy.deepcopy(base)) if convert else copy.deepcopy(base)
+        model = make_reversible(copy.deepcopy(base)) if convert else copy.deepcopy(base)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        local = ids.chunk(world)[rank]
+        torch.manual_seed(rank)
+        model(input_ids=local, labels=local).loss.backward()
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        for r, part in enumerate(ids.chunk(world)):
+            torch.manual_seed(r)
+            (reference(input_ids=part, labels=part).loss / world).backward()
+        out[f"{name}_grad_rel_err"] = max(rel_err(grads[n], p.grad) for n, p in reference.named_parameters())
+    return out
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    modes = sys.argv[1:-1] or ["fully_shard", "accelerate", "collectives"]
+    modes = sys.argv[1:-1] or ["fully_shard", "accelerate", "collectives", "bf16"]
     cases = {}
+    if "bf16" in modes:
+        modes.remove("bf16")
+        cases["bf16_mixed_precision"] = bf16_mixed_precision(rank, world)
     if "collectives" in modes:
         modes.remove("collectives")
         cases["collectives"] = count_collectives()
