@@ -472,18 +472,22 @@ def test_bench_sharded_conversion_memory_table(tmp_path):
     assert "| llama | fsdp2 |" in (out / "sharded_conversion.md").read_text()
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
-def deepspeed_modes(request, tmp_path_factory, worker_id):
+def _deepspeed_worker_result(request, tmp_path_factory, worker_id, worker: str, key: str) -> dict:
+    """A DeepSpeed worker launched once per session with `deepspeed_zero{request.param}.yaml`; skips without DeepSpeed."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is optional (not a project dependency)")
-    key = f"zero{request.param}"
     config = f"training/accelerate_configs/deepspeed_zero{request.param}.yaml"
     result = _once_per_session(
         tmp_path_factory, worker_id, key,
-        lambda: accelerate_launch(config, WORKERS / "deepspeed_modes.py", tmp_path_factory.mktemp(key) / "result.json"),
+        lambda: accelerate_launch(config, WORKERS / worker, tmp_path_factory.mktemp(key) / "result.json"),
     )
     assert result["world_size"] == 2 and result["zero_stage"] == request.param
     assert result["distributed_type"].endswith("DEEPSPEED")
-    return result["cases"]
+    return result
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def deepspeed_modes(request, tmp_path_factory, worker_id):
+    return _deepspeed_worker_result(request, tmp_path_factory, worker_id, "deepspeed_modes.py", f"zero{request.param}")["cases"]
 
 
 @pytest.mark.slow
@@ -509,16 +513,9 @@ def test_deepspeed_zero3_needs_release_scopes(deepspeed_modes):
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
 def deepspeed_conversion(request, tmp_path_factory, worker_id):
-    pytest.importorskip("deepspeed", reason="DeepSpeed is optional (not a project dependency)")
-    key = f"conversion_zero{request.param}"
-    config = f"training/accelerate_configs/deepspeed_zero{request.param}.yaml"
-    result = _once_per_session(
-        tmp_path_factory, worker_id, key,
-        lambda: accelerate_launch(config, WORKERS / "deepspeed_conversion.py", tmp_path_factory.mktemp(key) / "result.json"),
+    return _deepspeed_worker_result(
+        request, tmp_path_factory, worker_id, "deepspeed_conversion.py", f"conversion_zero{request.param}"
     )
-    assert result["world_size"] == 2 and result["zero_stage"] == request.param
-    assert result["distributed_type"].endswith("DEEPSPEED")
-    return result
 
 
 @pytest.mark.slow

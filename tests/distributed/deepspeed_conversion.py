@@ -16,10 +16,9 @@ import copy
 
 import torch
 import torch.distributed as dist
-from _common import describe, write_result
+from _common import describe, reference_steps, write_result
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
-from deepspeed_modes import full_params, update_rel_err
+from deepspeed_modes import close_case, deepspeed_accelerator, full_params, ranks_max_abs_diff, update_rel_err
 
 from reformer_rev import make_reversible
 from reformer_rev.conversion import SUPPORTED_MODEL_CLASSES
@@ -36,20 +35,11 @@ def run(accelerator: Accelerator, family: str, stage: int, clip: float, scopes: 
     reference = make_reversible(copy.deepcopy(base), chunk_size_feed_forward=8)
     initial = [p.detach().clone() for p in reference.parameters()]
     ref_opt = torch.optim.SGD(reference.parameters(), lr=LR)
-    ref_losses, ref_params = [], []
-    for step, batch in enumerate(batches):
-        parts = []
-        for r, local in enumerate(batch.chunk(world)):
-            torch.manual_seed(1000 * step + r)
-            parts.append(reference(input_ids=local, labels=local).loss)
-        loss = torch.stack(parts).mean()
-        loss.backward()
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(reference.parameters(), clip)
-        ref_opt.step()
-        ref_opt.zero_grad()
-        ref_losses.append(loss.item())
-        ref_params.append([p.detach().clone() for p in reference.parameters()])
+    ref_params = []
+    ref_losses = reference_steps(
+        reference, ref_opt, batches, world, clip,
+        after_step=lambda: ref_params.append([p.detach().clone() for p in reference.parameters()]),
+    )
 
     model = make_reversible(copy.deepcopy(base), chunk_size_feed_forward=8)
     result: dict = {"family": family, "zero_stage": stage, "release_scopes": scopes}
@@ -78,27 +68,14 @@ def run(accelerator: Accelerator, family: str, stage: int, clip: float, scopes: 
             scopes_set=sum(getattr(b, "gradient_release_scope", None) is not None
                            for b in model._reversible_conversion.blocks),
         )
-        flat = torch.cat([p.reshape(-1) for p in full_params(model, stage)])
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
-        result["ranks_max_abs_diff"] = max((g - gathered[0]).abs().max().item() for g in gathered)
+        result["ranks_max_abs_diff"] = ranks_max_abs_diff(model, stage)
     except Exception as err:  # noqa: BLE001 - record DeepSpeed's failure, whatever its type
         result.update(ok=False, error=describe(err))
-    verdicts = [None] * world
-    dist.all_gather_object(verdicts, result["ok"])
-    result["ok"] = all(verdicts)
-    accelerator.free_memory()
-    return result
+    return close_case(accelerator, result)
 
 
 def main() -> None:
-    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None:
-        raise SystemExit("Launch with `accelerate launch --config_file training/accelerate_configs/deepspeed_zero*.yaml`.")
-    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = ROWS // accelerator.num_processes
-    stage = int(plugin.zero_stage)
-    clip = float(plugin.deepspeed_config.get("gradient_clipping", 0.0) or 0.0)
+    accelerator, stage, clip = deepspeed_accelerator(ROWS)
     cases = {}
     for family in FAMILIES:
         cases[family] = run(accelerator, family, stage, clip)

@@ -22,31 +22,17 @@ import sys
 
 import torch
 import torch.distributed as dist
-from _common import describe, finish, rel_err, write_result  # puts the repository root on sys.path
+from _common import describe, finish, reference_steps, rel_err, write_result  # puts the repository root on sys.path
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from eval.bench_sharded_conversion import held_bytes
 from reformer_rev import make_reversible
 from reformer_rev.conversion import SUPPORTED_MODEL_CLASSES
 from tests._tiny_hf import random_ids, tiny_model
 
 STEPS, PER_RANK, LENGTH, DROPOUT = 3, 2, 24, 0.1
 FAMILIES = ["llama", "qwen2"] + (["qwen3"] if "Qwen3ForCausalLM" in SUPPORTED_MODEL_CLASSES else [])
-
-
-def local_bytes(t: torch.Tensor | None) -> int:
-    if t is None:
-        return 0
-    t = getattr(t, "_local_tensor", t)  # a DTensor's own shard
-    return t.numel() * t.element_size()
-
-
-def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """What one process holds for training besides activations: parameters, gradients and optimizer state."""
-    total = sum(local_bytes(p) + local_bytes(p.grad) for p in model.parameters())
-    for state in optimizer.state.values():
-        total += sum(local_bytes(v) for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
-    return total
 
 
 def shard_like_accelerate(model: torch.nn.Module) -> None:
@@ -98,21 +84,6 @@ def train(model, optimizer, batches, rank, world, sharded: bool):
     return losses
 
 
-def reference_run(model, optimizer, batches, world):
-    losses = []
-    for step, batch in enumerate(batches):
-        parts = []
-        for rank, local in enumerate(batch.chunk(world)):
-            torch.manual_seed(1000 * step + rank)
-            parts.append(model(input_ids=local, labels=local).loss)
-        loss = torch.stack(parts).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 def run(family: str, mode: str, rank: int, world: int) -> dict:
     base = tiny_model(family, depth=3, dropout=DROPOUT)
     reference = make_reversible(copy.deepcopy(base), chunk_size_feed_forward=8)
@@ -120,7 +91,7 @@ def run(family: str, mode: str, rank: int, world: int) -> dict:
     rows = random_ids(PER_RANK * world * STEPS, LENGTH, seed=5)
     batches = list(rows.chunk(STEPS))
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
-    ref_losses = reference_run(reference, ref_opt, batches, world)
+    ref_losses = reference_steps(reference, ref_opt, batches, world)
     distributed_type = "none"
     if mode == "fully_shard":
         shard_like_accelerate(model)
@@ -130,7 +101,7 @@ def run(family: str, mode: str, rank: int, world: int) -> dict:
         model, optimizer, distributed_type = prepare_with_accelerate(model, optimizer)
     model.train()
     losses = train(model, optimizer, batches, rank, world, sharded=True)
-    fsdp_bytes = state_bytes(model, optimizer)
+    fsdp_bytes = held_bytes(model, optimizer)
     layers = model._reversible_conversion.layers
     weights = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
     expected = dict(reference.named_parameters())
@@ -148,7 +119,7 @@ def run(family: str, mode: str, rank: int, world: int) -> dict:
     ddp_model = DistributedDataParallel(make_reversible(copy.deepcopy(base), chunk_size_feed_forward=8))
     ddp_opt = torch.optim.AdamW(ddp_model.parameters(), lr=1e-2, weight_decay=0.1)
     ddp_losses = train(ddp_model, ddp_opt, batches, rank, world, sharded=False)
-    ddp_bytes = state_bytes(ddp_model, ddp_opt)
+    ddp_bytes = held_bytes(ddp_model, ddp_opt)
     ddp_weights = dict(ddp_model.module.named_parameters())
     all_bytes = torch.tensor([fsdp_bytes, ddp_bytes], dtype=torch.float64)
     gathered = [torch.empty_like(all_bytes) for _ in range(world)]
