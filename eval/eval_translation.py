@@ -5,6 +5,10 @@
 
 Writes `predictions.txt`, `references.txt`, `sources.txt` (one line per pair, in split order) and `scores.json`
 with BLEU/chrF of the model and of the copy-the-source baseline on the same pairs (`--no_copy_baseline` skips it).
+When the split has verse references (`ref`, as the bundled corpus), the verse translations are also scored joined
+into chapters (`chapter_bleu`/`chapter_chrf`), the unit a `--document_level` model translates: with
+`--document_level` the model translates whole chapters (at most `--max_document_tokens` tokens, cut between verses
+like in training) and one line per chapter piece is written.
 The checkpoint is loaded through `AutoModelForSeq2SeqLM` (add `--trust_remote_code` to use the code saved with it
 instead of the installed package) and its tokenizer through `AutoTokenizer`.
 """
@@ -19,7 +23,14 @@ from pathlib import Path
 import torch
 
 from reformer_rev.safe_io import atomic_write_json, atomic_write_text
-from reformer_rev.training.translation import load_translation_data, pairs, translate, translation_scores
+from reformer_rev.training.translation import (
+    document_ids,
+    group_into_documents,
+    load_translation_data,
+    pairs,
+    translate,
+    translation_scores,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,13 +49,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_repeat_ngram_size", type=int, default=0, help="Forbid repeating n-grams (0: off).")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--max_source_length", type=int, default=128)
-    p.add_argument("--max_new_tokens", type=int, default=160)
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help="Longest translation (default: 160, or --max_document_tokens with --document_level).")
+    p.add_argument("--max_length_ratio", type=float, default=2.0,
+                   help="Stop after this times the source length + 10 new tokens (at most --max_new_tokens).")
+    p.add_argument("--document_level", action="store_true",
+                   help="Translate whole chapters (verses of a chapter joined; needs the `ref` column).")
+    p.add_argument("--max_document_tokens", type=int, default=4096,
+                   help="With --document_level: the longest document in tokens (also the default --max_new_tokens; "
+                   "--max_source_length is raised to it).")
     p.add_argument("--no_copy_baseline", action="store_true")
     p.add_argument("--num_threads", type=int, default=None)
     p.add_argument("--output_dir", required=True)
     args = p.parse_args(argv)
     if args.num_beams < 1 or args.batch_size < 1:
         raise ValueError("`--num_beams` and `--batch_size` must be positive.")
+    if args.max_length_ratio <= 0 or args.max_document_tokens <= 0:
+        raise ValueError("`--max_length_ratio` and `--max_document_tokens` must be positive.")
+    if args.document_level:
+        args.max_source_length = max(args.max_source_length, args.max_document_tokens)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = args.max_document_tokens if args.document_level else 160
     return args
 
 
@@ -66,15 +91,26 @@ def main(argv: list[str] | None = None) -> dict:
         raw = load_translation_data(args.dataset_name, args.dataset_config_name)
     if args.split not in raw:
         raise ValueError(f"`--split {args.split}` not found; available: {list(raw)}.")
-    sources, references = pairs(raw[args.split], args.source_lang, args.target_lang)
+    split = raw[args.split]
     if args.max_samples:
-        sources, references = sources[: args.max_samples], references[: args.max_samples]
+        split = split.select(range(min(args.max_samples, len(split))))
+    sources, references = pairs(split, args.source_lang, args.target_lang)
+    has_refs = "ref" in split.column_names
+    documents = document_ids(split) if args.document_level or has_refs else None
+    verses = len(sources)
+    if args.document_level:
+        def count(texts: list[str]) -> list[int]:
+            return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+
+        sources, references, groups = group_into_documents(sources, references, documents, count,
+                                                           args.max_document_tokens)
 
     t0 = time.time()
     predictions = translate(
         model, tokenizer, sources, batch_size=args.batch_size, num_beams=args.num_beams,
         max_source_length=args.max_source_length, max_new_tokens=args.max_new_tokens,
         length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size, progress=True,
+        max_length_ratio=args.max_length_ratio,
     )
     seconds = time.time() - t0
     scores = {
@@ -83,12 +119,19 @@ def main(argv: list[str] | None = None) -> dict:
         "source_lang": args.source_lang,
         "target_lang": args.target_lang,
         "num_pairs": len(sources),
+        "num_verses": verses,
+        "document_level": args.document_level,
         "num_beams": args.num_beams,
         "length_penalty": args.length_penalty,
         "no_repeat_ngram_size": args.no_repeat_ngram_size,
         "decode_seconds": round(seconds, 1),
         **translation_scores(predictions, references),
     }
+    if documents is not None and not args.document_level:
+        # The same verse translations scored as chapters: comparable with a --document_level model's scores.
+        chapter_preds, chapter_refs, _ = group_into_documents(predictions, references, documents)
+        chapter = translation_scores(chapter_preds, chapter_refs)
+        scores.update(chapter_bleu=chapter["bleu"], chapter_chrf=chapter["chrf"], num_chapters=len(chapter_preds))
     if not args.no_copy_baseline:
         copy = translation_scores(sources, references)
         scores["copy_source_bleu"], scores["copy_source_chrf"] = copy["bleu"], copy["chrf"]

@@ -14,14 +14,31 @@ both model classes, `RevFormerForCausalLM` and `RevFormerForConditionalGeneratio
 Each exception also records where it was raised (`reformer_rev`, `transformers`, `torch`, `other`: the innermost
 frame). Counts are printed as a table; the per-case results go to `<output_dir>/fuzz_results.json`.
 
-    python eval/fuzz_inputs.py                      # ~600 cases, about a minute on 2 cores
-    python eval/fuzz_inputs.py --output_dir DIR     # default: outputs/fuzz (scratch, git-ignored)
+Beyond the models' inputs, three suites feed the training scripts and the loader bad *files* (`FileHarness`):
+
+* `data`: local data files of `training/train_lm.py` and `training/train_translation.py` (empty, binary, not UTF-8,
+  tab-separated, a broken line, a missing column or language key, non-text values, all-empty records), run through
+  the scripts' own argument parsing and data loading; clear = the error names the option, the file and where in it;
+* `config`: a saved model folder whose `config.json` or weights were damaged, loaded with `from_pretrained`; clear =
+  the error names the field or the file; a config with fewer layers than its weights must *warn* with the count;
+* `resume`: a real checkpoint, damaged (manifest, RNG, optimizer, scheduler, trainer state) or resumed with other
+  settings or another process count, given to `--resume_from_checkpoint`; clear = the error names the file (or the
+  setting) and nothing was trained.
+
+    python -m eval.fuzz_inputs                          # every suite (~700 cases, a few minutes on 2 cores)
+    python -m eval.fuzz_inputs --suites models          # only the models' inputs (~600 cases, about a minute)
+    python -m eval.fuzz_inputs --output_dir DIR         # default: outputs/fuzz (scratch, git-ignored)
+
+Run it from the repository root (the file suites import the scripts in `training/`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import signal
 import traceback
 from collections import Counter
 from collections.abc import Callable
@@ -37,8 +54,10 @@ VOCAB, HIDDEN, MAX_POS, BATCH, SEQ = 48, 32, 64, 2, 8
 CATEGORIES = ("clear", "opaque", "silent", "valid", "refused")
 
 # What an input is expected to do: "error" (invalid: must be refused), "valid" (must work), "convert" (harmless
-# variant of a valid input: may be refused clearly, or accepted with the same result as the valid input).
-ERROR, VALID, CONVERT = "error", "valid", "convert"
+# variant of a valid input: may be refused clearly, or accepted with the same result as the valid input), "warn"
+# (accepted, with a logged warning that names the problem).
+ERROR, VALID, CONVERT, WARN = "error", "valid", "convert", "warn"
+SUITES = ("models", "data", "config", "resume")
 
 
 @dataclass
@@ -50,6 +69,56 @@ class Case:
     run: Callable[[], Any]  # returns the output to check (a tensor), raises for refused inputs
     reference: Callable[[], Any] | None = None  # the equivalent valid input's output (CONVERT cases)
     names: tuple[str, ...] = field(default=())  # other names that count as naming the argument
+    # File cases: every one of these must appear in the message (e.g. the file and "line 3"), and errors of these
+    # types count as clear (a damaged file is an OSError as much as a ValueError).
+    must_name: tuple[str, ...] = field(default=())
+    clear_types: tuple[type, ...] = (ValueError, TypeError)
+    timeout: float | None = None  # seconds; a case still running then hangs (classified opaque)
+
+
+class CaseTimeout(Exception):
+    """A case ran longer than its limit: the entry point hung (e.g. an endless loop over a bad data position)."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None):
+    if not seconds:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise CaseTimeout(f"still running after {seconds:g} s: it hangs")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class _WarningCatcher(logging.Handler):
+    """Collects the WARNING records logged (by any library) while a case runs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> _WarningCatcher:
+        root = logging.getLogger()
+        self._level = root.level
+        root.addHandler(self)
+        root.setLevel(min(root.level, logging.WARNING) if root.level else logging.WARNING)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        root = logging.getLogger()
+        root.removeHandler(self)
+        root.setLevel(self._level)
 
 
 def _origin(err: BaseException) -> str:
@@ -77,19 +146,30 @@ def _same(a: Any, b: Any) -> bool:
 def classify(case: Case) -> dict[str, Any]:
     record = {"target": case.target, "argument": case.argument, "description": case.description,
               "expect": case.expect}
+    warnings = _WarningCatcher()
     try:
-        out = case.run()
+        with warnings, _time_limit(case.timeout):
+            out = case.run()
     except Exception as err:  # noqa: BLE001 - classifying every failure is the point
         message = f"{type(err).__name__}: {err}"
-        record.update(error=message[:400], raised_in=_origin(err))
+        record.update(error=message[:600], raised_in=_origin(err))
         names = (case.argument, *case.names)
-        clear = isinstance(err, (ValueError, TypeError)) and any(n in str(err) for n in names)
-        if case.expect == VALID:
+        clear = (isinstance(err, case.clear_types) and any(n in str(err) for n in names)
+                 and all(n in str(err) for n in case.must_name))
+        if isinstance(err, CaseTimeout):  # accepted, then never finished: nothing told the user anything
+            record.update(category="refused" if case.expect == VALID else "silent", problem=str(err))
+        elif case.expect == VALID:
             record["category"] = "refused"
         else:
             record["category"] = "clear" if clear else "opaque"
         return record
-    if case.expect == ERROR:
+    if case.expect == WARN:
+        said = [m for m in warnings.messages if any(n in m for n in (case.argument, *case.names))
+                and all(n in m for n in case.must_name)]
+        record.update(category="clear" if said else "silent", warning=(said or [None])[0])
+        if not said:
+            record["problem"] = "accepted without a warning naming the problem"
+    elif case.expect == ERROR:
         record.update(category="silent", problem="invalid input accepted")
     elif not _finite(out):
         record.update(category="silent", problem="non-finite output")
@@ -450,6 +530,350 @@ class Harness:
         self.cases.append(Case(f"{kind}.config", name, f"{name}={value!r}", ERROR, run))
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Files: data files, saved model folders, checkpoints
+# --------------------------------------------------------------------------------------------------------------
+
+_PAIR = '{"translation": {"en": "In the beginning", "es": "En el principio"}}\n'
+_TEXT = '{"text": "In the beginning God created the heaven and the earth. And the earth was without form."}\n'
+
+
+class FileHarness:
+    """The `data`, `config` and `resume` suites: bad files given to the training scripts and to `from_pretrained`.
+
+    Each case runs the real entry points: the scripts' own `parse_args` and data loading (`load_raw_datasets`, or
+    `load_translation_data` and the script's pairing), `from_pretrained` of a saved folder, and `train_lm.main` with
+    `--resume_from_checkpoint` on a real checkpoint. `root` is a scratch folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.cases: list[Case] = []
+        self.n = 0
+
+    def fresh(self, name: str) -> Path:
+        self.n += 1
+        folder = self.root / f"{self.n:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / name
+
+    def build(self, suites: tuple[str, ...]) -> list[Case]:
+        try:
+            import training.train_lm  # noqa: F401
+        except ModuleNotFoundError as err:
+            raise SystemExit("The file suites import the training scripts: run `python -m eval.fuzz_inputs` from the "
+                             "repository root (or pass --suites models).") from err
+        if "data" in suites:
+            self.data_cases()
+        if "config" in suites:
+            self.config_cases()
+        if "resume" in suites:
+            self.resume_cases()
+        return self.cases
+
+    # ---- data --------------------------------------------------------------------------------------------------
+
+    def data_cases(self) -> None:
+        contents = {  # description: (content, where in the file the message must point, or "" for the whole file)
+            "empty file": ("", ""),
+            "blank lines only": ("\n \n\n", ""),
+            "binary file": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00", "line 1"),
+            "not UTF-8": (None, "line 1"),  # filled per script below
+            "tab-separated text": ("In the beginning\tEn el principio\n", "line 1"),
+            "a broken last line": (None, "line 3"),
+            "a line that is a JSON list": ('["a", "b"]\n', "line 1"),
+        }
+        for script in ("lm", "translation"):
+            good = _TEXT if script == "lm" else _PAIR
+            field_name = "text" if script == "lm" else "translation.es"
+            per_script = {
+                **contents,
+                "not UTF-8": (good.encode().replace(b"beginning", b"b\xe9ginning"), "line 1"),
+                "a broken last line": (good + good + good[: len(good) // 2], "line 3"),
+                "a record lacking the field": (good + '{"other": "x"}\n', "line 2"),
+                "a number instead of text": (
+                    ('{"text": 5}\n' if script == "lm" else '{"translation": {"en": "a", "es": 5}}\n'), "line 1"),
+                "all records empty": (
+                    ('{"text": " "}\n' * 3 if script == "lm" else '{"translation": {"en": "", "es": " "}}\n' * 3), ""),
+            }
+            if script == "translation":
+                per_script["a pair lacking the target language"] = (good + '{"translation": {"en": "a", "fr": "b"}}\n',
+                                                                    "line 2")
+            for description, (content, where) in per_script.items():
+                self.add_data(script, description, content, where, field_name)
+            # a file that does not exist and a wrong extension
+            self.add_data(script, "a file that does not exist", None, "", field_name, path="/nonexistent/train.jsonl")
+        self.add_data("lm", "a text column named by --text_column_name that does not exist", _TEXT * 2, "line 1",
+                      "body", extra=("--text_column_name", "body"))
+
+    def add_data(self, script: str, description: str, content: Any, where: str, field_name: str,
+                 path: str | None = None, extra: tuple[str, ...] = ()) -> None:
+        if path is None:
+            file = self.fresh("train.jsonl")
+            (file.write_bytes if isinstance(content, bytes) else file.write_text)(content)
+            path = str(file)
+        good = self.fresh("validation.jsonl")
+        good.write_text((_TEXT if script == "lm" else _PAIR) * 2)
+        out = str(good.parent / "out")
+        argv = ["--train_file", path, "--validation_file", str(good), "--output_dir", out, *extra]
+        must = (path, where) if where else (path,)
+        self.cases.append(Case(f"{script}.data", "--train_file", description, ERROR,
+                               lambda s=script, a=argv: self._load_data(s, a), must_name=must,
+                               clear_types=(ValueError, TypeError, OSError)))
+
+    @staticmethod
+    def _load_data(script: str, argv: list[str]) -> Any:
+        """What the script does with its data before any model exists (its own functions, whatever their version)."""
+        from training import train_lm, train_translation
+
+        if script == "lm":
+            args = train_lm.parse_args(argv)
+            return train_lm.load_raw_datasets(args)
+        from reformer_rev.training.translation import load_translation_data, pairs
+
+        args = train_translation.parse_args(argv)
+        raw = load_translation_data(args.dataset_name, args.dataset_config_name, args.train_file,
+                                    args.validation_file, args.test_file)
+        if hasattr(train_translation, "split_pairs"):
+            return [train_translation.split_pairs(raw, split, args) for split in ("train", "validation")]
+        return [pairs(raw[split], args.source_lang, args.target_lang) for split in ("train", "validation")]
+
+    # ---- config.json and weights of a saved model --------------------------------------------------------------
+
+    def saved_model(self) -> Path:
+        folder = self.fresh("model")
+        torch.manual_seed(0)
+        RevFormerForCausalLM(causal_config(num_hidden_layers=3)).save_pretrained(folder)
+        return folder
+
+    def config_cases(self) -> None:
+        edits = {  # field: bad values
+            "num_hidden_layers": ["3", -1, 0, 10**9, 2.5],
+            "hidden_size": [30, 0],
+            "num_attention_heads": [5, 0],
+            "vocab_size": [0, 10],
+            "max_position_embeddings": [0],
+            "hidden_dropout": [1.5],
+            "rope_theta": [-1.0],
+            "model_type": ["llama"],
+            "attn_implementation": ["flash_attention_9"],
+            "chunk_size_feed_forward": [-1],
+        }
+        for name, values in edits.items():
+            for value in values:
+                self.add_config(name, f"config.json {name}={value!r}", lambda c, n=name, v=value: c.update({n: v}))
+        self.add_config("config.json", "config.json not JSON", None, raw="{not json")
+        self.add_config("num_hidden_layers", "config.json with fewer layers than the weights",
+                        lambda c: c.update(num_hidden_layers=1), expect=WARN, must_name=("2 more layer",))
+        for description, damage in (("flipped bytes", _flip_bytes), ("dtype in the header rewritten", _retype_header),
+                                    ("offsets in the header swapped", _swap_offsets), ("truncated", _truncate_file),
+                                    ("NaN weights", None)):
+            self.add_weights(description, damage)
+
+    def add_config(self, name: str, description: str, edit: Callable | None, raw: str | None = None,
+                   expect: str = ERROR, must_name: tuple[str, ...] = ()) -> None:
+        # An absurd depth is only loaded as a config: accepted, the model would be built for hours and exhaust the
+        # memory (it did, in the measurement before issue 24), so accepting the config is the failure.
+        config_only = "10**9" in description or "1000000000" in description
+
+        def run(edit=edit, raw=raw):
+            folder = self.saved_model()
+            path = folder / "config.json"
+            if raw is not None:
+                path.write_text(raw)
+            else:
+                config = json.loads(path.read_text())
+                edit(config)
+                path.write_text(json.dumps(config))
+            if config_only:
+                return torch.tensor([float(RevFormerConfig.from_pretrained(folder).num_hidden_layers)])
+            return RevFormerForCausalLM.from_pretrained(folder)(ids((1, 4)).clamp(max=VOCAB - 1)).logits
+
+        self.cases.append(Case("causal.config_file", name, description, expect, run, must_name=must_name,
+                               names=("config.json",), clear_types=(ValueError, TypeError, OSError)))
+
+    def add_weights(self, description: str, damage: Callable | None) -> None:
+        def run(damage=damage):
+            if damage is None:  # a model that was saved after its weights became NaN
+                folder = self.fresh("nan")
+                model = RevFormerForCausalLM(causal_config())
+                with torch.no_grad():
+                    model.model.embed_tokens.weight[3, 0] = float("nan")
+                model.save_pretrained(folder)
+            else:
+                folder = self.saved_model()
+                damage(folder / "model.safetensors")
+            return RevFormerForCausalLM.from_pretrained(folder)(ids((1, 4))).logits
+
+        self.cases.append(Case("causal.weights_file", "model.safetensors", f"model.safetensors {description}", ERROR,
+                               run, names=("NaN",), clear_types=(ValueError, TypeError, OSError)))
+
+    # ---- checkpoints given to --resume_from_checkpoint -----------------------------------------------------------
+
+    def resume_cases(self) -> None:
+        self._reference: Path | None = None
+        damages = {
+            "manifest entry not an object": ("manifest.json", json_edit(("files", "model.safetensors"), "big")),
+            "manifest lists a path outside the checkpoint": (
+                "manifest.json", json_edit(("files", "../../x"), {"size": 1, "sha256": "0"})),
+            "model weights flipped": ("model.safetensors", _flip_bytes),
+            "RNG state of the wrong size": ("rng_state_0.safetensors", tensors_edit(short_rng_state)),
+            "NumPy RNG position out of range": ("rng_state_0.safetensors", tensors_edit(numpy_position_out_of_range)),
+            "optimizer tensor of the wrong shape": ("optimizer.safetensors", tensors_edit(transpose_exp_avg)),
+            "scheduler last_epoch a string": ("scheduler.json", json_edit(("last_epoch",), "2")),
+            "scheduler with an unknown schedule": ("scheduler.json", json_edit(("lr_lambdas", 0, "kind"), "nope")),
+            "trainer state: data position 10**9": ("trainer_state.json", json_edit(("batches_in_epoch",), 10**9)),
+            "trainer state: run length 10**9": ("trainer_state.json", json_edit(("max_train_steps",), 10**9)),
+        }
+        for description, (file, damage) in damages.items():
+            self.add_resume(description, file, damage, ())
+        for option, value in (("--learning_rate", "2e-2"), ("--per_device_train_batch_size", "4"), ("--seed", "7"),
+                              ("--block_size", "32"), ("--gradient_accumulation_steps", "2"),
+                              ("--lr_scheduler_type", "linear")):
+            self.add_resume(f"resumed with {option} {value}", None, None, (option, value))
+
+    def _tiny_argv(self, out: Path) -> list[str]:
+        data = self.root / "resume_data"
+        if not data.exists():
+            data.mkdir(parents=True)
+            from training import train_lm  # noqa: F401 - imports the script before the first case times itself
+            lines = [json.dumps({"text": f"In the beginning {i} God created the heaven and the earth. " * 4}) + "\n"
+                     for i in range(60)]
+            (data / "train.jsonl").write_text("".join(lines))
+            (data / "validation.jsonl").write_text("".join(lines[:15]))
+        return ["--train_file", str(data / "train.jsonl"), "--validation_file", str(data / "validation.jsonl"),
+                "--output_dir", str(out), "--block_size", "64", "--hidden_size", "32", "--num_hidden_layers", "1",
+                "--num_attention_heads", "2", "--intermediate_size", "64", "--per_device_train_batch_size", "2",
+                "--eval_steps", "0", "--max_eval_blocks", "2", "--sample_tokens", "0", "--time_budget_minutes", "0",
+                "--checkpointing_steps", "2", "--cpu"]
+
+    def _checkpoint(self) -> Path:
+        """A run of 2 steps with its checkpoint step_2 (made once; each case copies it)."""
+        if self._reference is None:
+            from training import train_lm
+
+            out = self.root / "resume_reference"
+            _reset_accelerate()
+            train_lm.main(self._tiny_argv(out) + ["--max_train_steps", "2"])
+            self._reference = out
+        return self._reference
+
+    def add_resume(self, description: str, file: str | None, damage: Callable | None, extra: tuple[str, ...]) -> None:
+        def run(file=file, damage=damage, extra=extra):
+            import shutil
+
+            from training import train_lm
+
+            out = self.fresh("run")
+            shutil.copytree(self._checkpoint(), out)
+            ckpt = out / "checkpoints" / "step_2"
+            if damage is not None:
+                damage(ckpt / file)
+                # Damage to the content is made to pass the manifest (it vouches for it: only parsing can catch it);
+                # flipped bytes are what the manifest itself is there to catch.
+                if file != "manifest.json" and damage is not _flip_bytes:
+                    _rewrite_manifest(ckpt)
+            _reset_accelerate()
+            results = train_lm.main(self._tiny_argv(out) + ["--max_train_steps", "3", *extra,
+                                                            "--resume_from_checkpoint", str(ckpt)])
+            return torch.tensor([float(results["train"]["steps"])])
+
+        names = (file,) if file else (extra[0].lstrip("-"),)
+        self.cases.append(Case("lm.resume", names[0], description, ERROR, run, names=names,
+                               clear_types=(ValueError, TypeError, OSError), timeout=120))
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _rewrite_manifest(folder: Path) -> None:
+    import hashlib
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name in manifest["files"]:
+        data = (folder / name).read_bytes()
+        manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def json_edit(keys: tuple, value: Any) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        data = json.loads(path.read_text())
+        target = data
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+        path.write_text(json.dumps(data))
+    return edit
+
+
+def tensors_edit(edit: Callable[[dict, dict], None]) -> Callable[[Path], None]:
+    def damage(path: Path) -> None:
+        from safetensors.torch import load, save
+
+        data = path.read_bytes()
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        meta = json.loads(header.get("__metadata__", {}).get("json", "{}"))
+        tensors = load(data)
+        edit(tensors, meta)
+        path.write_bytes(save(tensors, metadata={"json": json.dumps(meta)}))
+    return damage
+
+
+def short_rng_state(tensors: dict, meta: dict) -> None:
+    tensors["torch_cpu"] = tensors["torch_cpu"][:100].clone()
+
+
+def numpy_position_out_of_range(tensors: dict, meta: dict) -> None:
+    meta["numpy"][1] = 10**6
+
+
+def transpose_exp_avg(tensors: dict, meta: dict) -> None:  # a non-square one: its shape is then wrong
+    key = next(k for k in tensors if k.endswith("\x00exp_avg") and tensors[k].dim() == 2
+               and tensors[k].shape[0] != tensors[k].shape[1])
+    tensors[key] = tensors[key].t().contiguous()
+
+
+def _flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-200] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate_file(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _safetensors_header(path: Path, edit: Callable[[dict], None]) -> None:
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    raw = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    path.write_bytes(data[:8] + raw + data[8 + n :])
+
+
+def _retype_header(path: Path) -> None:  # F32 -> I32: same sizes, other numbers
+    def edit(header: dict) -> None:
+        header[next(k for k in header if k != "__metadata__")]["dtype"] = "I32"
+    _safetensors_header(path, edit)
+
+
+def _swap_offsets(path: Path) -> None:  # two tensors of the same shape swap their data
+    def edit(header: dict) -> None:
+        by_shape: dict[tuple, list[str]] = {}
+        for k, v in header.items():
+            if k != "__metadata__":
+                by_shape.setdefault(tuple(v["shape"]), []).append(k)
+        a, b = next(names for names in by_shape.values() if len(names) >= 2)[:2]
+        header[a]["data_offsets"], header[b]["data_offsets"] = header[b]["data_offsets"], header[a]["data_offsets"]
+    _safetensors_header(path, edit)
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     by_target: dict[str, Counter] = {}
     for r in records:
@@ -475,11 +899,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/fuzz"))
     parser.add_argument("--label", default="", help="free text stored with the results (e.g. the git commit)")
+    parser.add_argument("--suites", default=",".join(SUITES),
+                        help=f"comma-separated, of {SUITES}: the models' inputs, data files, saved model folders, "
+                             "checkpoints given to --resume_from_checkpoint")
     args = parser.parse_args(argv)
+    suites = tuple(x.strip() for x in args.suites.split(",") if x.strip())
+    unknown = sorted(set(suites) - set(SUITES))
+    if unknown:
+        parser.error(f"--suites: unknown {unknown}; choose from {SUITES}")
     torch.set_num_threads(1)
+    import tempfile  # noqa: PLC0415
     import transformers  # noqa: PLC0415 - only for the version in the results
 
-    records = [classify(case) for case in Harness().build()]
+    cases = Harness().build() if "models" in suites else []
+    with tempfile.TemporaryDirectory(prefix="fuzz_files_") as scratch:
+        cases += FileHarness(Path(scratch)).build(suites)
+        records = [classify(case) for case in cases]
     summary = summarize(records)
     print(render(summary))
     if summary["opaque_raised_in"]:

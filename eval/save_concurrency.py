@@ -12,7 +12,9 @@ Two saves are told apart by a config value and by the weights (model A: `initial
 
 Each runs through `RevFormerPreTrainedModel.save_pretrained` / `from_pretrained` (the library's own path) and, as the
 baseline, through plain `transformers.PreTrainedModel.save_pretrained` / `from_pretrained` on the same model (what
-the library did before). Results go to `outputs/save_concurrency.json` (`--output`).
+the library did before). `--family llama` measures a stock `LlamaForCausalLM` instead (what `make_reversible` leaves:
+the class is unchanged), saved and loaded with `reformer_rev.safe_io.save_pretrained_safely` /
+`from_pretrained_safely` against its own stock methods. Results go to `outputs/save_concurrency.json` (`--output`).
 """
 
 from __future__ import annotations
@@ -29,15 +31,24 @@ from typing import Any
 MARKS = {"A": (0.011, 1.0), "B": (0.033, 2.0)}
 
 
+FAMILY = os.environ.get("SAVE_CONCURRENCY_FAMILY", "reformer_rev")  # read by the spawned processes too
+
+
 def make_model(name: str):
     import torch
 
-    from reformer_rev import RevFormerConfig, RevFormerForCausalLM
-
     init, value = MARKS[name]
-    config = RevFormerConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=64, initializer_range=init)
-    model = RevFormerForCausalLM(config)
+    if FAMILY == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=64, initializer_range=init))
+    else:
+        from reformer_rev import RevFormerConfig, RevFormerForCausalLM
+
+        config = RevFormerConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, initializer_range=init)
+        model = RevFormerForCausalLM(config)
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(value)
@@ -47,8 +58,10 @@ def make_model(name: str):
 def save(model, folder: str, library_path: bool) -> None:
     from transformers import PreTrainedModel
 
+    from reformer_rev.safe_io import save_pretrained_safely
+
     if library_path:
-        model.save_pretrained(folder)
+        save_pretrained_safely(model, folder) if FAMILY == "llama" else model.save_pretrained(folder)
     else:  # the plain transformers implementation, on the same object
         PreTrainedModel.save_pretrained(model, folder)
 
@@ -56,12 +69,16 @@ def save(model, folder: str, library_path: bool) -> None:
 def load_and_classify(folder: str, library_path: bool) -> str:
     """'A' / 'B' for a consistent model, 'torn' when config and weights come from different saves."""
     import torch
-    from transformers import PreTrainedModel
+    from transformers import LlamaForCausalLM, PreTrainedModel
 
     from reformer_rev import RevFormerForCausalLM
+    from reformer_rev.safe_io import from_pretrained_safely
 
-    cls_load = RevFormerForCausalLM.from_pretrained if library_path else (
-        lambda path: PreTrainedModel.from_pretrained.__func__(RevFormerForCausalLM, path))
+    cls = LlamaForCausalLM if FAMILY == "llama" else RevFormerForCausalLM
+    if library_path:
+        cls_load = (lambda path: from_pretrained_safely(cls, path)) if FAMILY == "llama" else cls.from_pretrained
+    else:
+        cls_load = lambda path: PreTrainedModel.from_pretrained.__func__(cls, path)  # noqa: E731
     model = cls_load(folder)
     init = model.config.initializer_range
     weight = model.model.embed_tokens.weight.detach()
@@ -140,14 +157,32 @@ def reader_while_writer(seconds: float, library_path: bool) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    global FAMILY
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--reader_seconds", type=float, default=30.0)
     p.add_argument("--no_baseline", action="store_true", help="skip the plain-transformers measurement")
+    p.add_argument("--family", choices=("reformer_rev", "llama"), default="reformer_rev",
+                   help="reformer_rev: RevFormerForCausalLM; llama: a stock LlamaForCausalLM (as make_reversible "
+                        "leaves it) through safe_io.save_pretrained_safely/from_pretrained_safely")
     p.add_argument("--output", type=Path, default=Path("outputs/save_concurrency.json"))
     args = p.parse_args(argv)
+    previous = FAMILY, os.environ.get("SAVE_CONCURRENCY_FAMILY")
+    FAMILY = os.environ["SAVE_CONCURRENCY_FAMILY"] = args.family  # the spawned processes read the variable
+    try:
+        return _measure(args)
+    finally:
+        FAMILY = previous[0]
+        if previous[1] is None:
+            os.environ.pop("SAVE_CONCURRENCY_FAMILY", None)
+        else:
+            os.environ["SAVE_CONCURRENCY_FAMILY"] = previous[1]
+
+
+def _measure(args: argparse.Namespace) -> dict[str, Any]:
     results = {}
-    for label, library_path in (("reformer_rev", True), ("plain transformers", False)):
+    labels = ("reformer_rev", "plain transformers") if FAMILY != "llama" else ("safe_io", "stock transformers")
+    for label, library_path in zip(labels, (True, False)):
         if not library_path and args.no_baseline:
             continue
         results[label] = {

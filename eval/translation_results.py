@@ -16,6 +16,17 @@ import json
 from pathlib import Path
 
 
+def _device(summary: dict) -> str:
+    """Where the run trained, as its summary recorded it (threads, processor time and the machine's load)."""
+    threads = summary.get("torch_threads")
+    text = f"CPU ({threads} torch thread{'s' if threads != 1 else ''})" if threads else "CPU"
+    if summary.get("cpu_seconds") is not None and summary.get("load_average_start"):
+        load = summary["load_average_start"][1], summary["load_average_end"][1]
+        text += (f", {summary['cpu_seconds'] / 60:.1f} processor-minutes in {summary['minutes']:.1f} minutes, "
+                 f"5-minute load average {load[0]:.1f} -> {load[1]:.1f}")
+    return text
+
+
 def _eval_at(summary: dict, step: int) -> dict | None:
     return next((e for e in summary["evals"] if e["step"] == step), None)
 
@@ -70,7 +81,7 @@ def collect(run_dir: Path, test_scores: Path, twin_run_dir: Path | None = None) 
             "parameters": start["parameters"],
             "vocab_size": start["vocab_size"],
             "target_tokens_per_second": round(summary["tokens_per_second"], 1),
-            "device": "CPU (2 shared cores, 1 torch thread)",
+            "device": _device(summary),
         },
         "validation_curve": summary["evals"],
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -132,3 +133,33 @@ def smollm2_path() -> Path:
     if path is None:
         pytest.skip("SmolLM2-135M is not fetched: run `make fetch-pretrained` (python -m eval.fetch_pretrained smollm2-135m)")
     return path
+
+
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, size: str):
+    """A tmpfs of `size` (e.g. "64k") mounted at `folder` for the block: a disk that really fills up. Yields None where
+    mounting is not allowed (no root in the container)."""
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        yield None
+        return
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def tiny_lm_args(corpus: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    """`training/train_lm.py` arguments of a tiny, fast run on `corpus` (from `cut_bundled_corpus`) into `out`; the
+    `extra` ones come last, so they override these (argparse keeps the last value)."""
+    return [
+        "--train_file", str(corpus["train"]), "--validation_file", str(corpus["validation"]), "--output_dir", str(out),
+        "--block_size", "64", "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2",
+        "--intermediate_size", "64", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "8",
+        "--num_warmup_steps", "2", "--learning_rate", "1e-2", "--eval_steps", "0", "--max_eval_blocks", "4",
+        "--sample_tokens", "0", "--time_budget_minutes", "0", "--cpu", *extra,
+    ]
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 
 import pytest
 import torch
@@ -121,3 +122,92 @@ def test_fitter_never_lengthens_past_the_request_and_is_off_without_budget(monke
     unbounded = StepFitter(TimeBudget(minutes=None), max_steps=50, reserve=lambda s: 0.0)
     assert all(unbounded.step_done(i, 100.0, 50) is None for i in range(1, 20))
     assert not unbounded.out_of_time() and math.isinf(unbounded.deadline())
+
+
+def test_a_late_refit_never_trains_at_learning_rate_0(tmp_path, monkeypatch):
+    """A real training run whose fitter shortens it to 6 steps at step 5, then (the machine got faster) asks for 9 at
+    step 6, when the schedule had ended: before issue 24 steps 7-9 ran at learning rate 0.0; now the run ends at 6."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from conftest import cut_bundled_corpus
+    from reformer_rev.training.loop import TrainLog
+    from training import train_lm
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    totals = {5: 6, 6: 9}
+    monkeypatch.setattr(StepFitter, "step_done", lambda self, step, seconds, total: totals.get(step))
+    monkeypatch.setattr(StepFitter, "out_of_time", lambda self: False)
+    corpus = cut_bundled_corpus(tmp_path, {"train": (2, 3000), "validation": (1, 1000)})
+    out = tmp_path / "out"
+    results = train_lm.main([
+        "--train_file", str(corpus["train"]), "--validation_file", str(corpus["validation"]), "--output_dir", str(out),
+        "--block_size", "64", "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2",
+        "--intermediate_size", "64", "--per_device_train_batch_size", "2", "--max_train_steps", "20",
+        "--num_warmup_steps", "0", "--eval_steps", "0", "--max_eval_blocks", "2", "--sample_tokens", "0",
+        "--time_budget_minutes", "10000", "--cpu",
+    ])
+    log = TrainLog.read(out)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and results["train"]["steps"] == 6
+    assert all(r["lr"] > 0 for r in log), [r["lr"] for r in log]
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.mark.slow
+def test_the_budget_holds_when_the_final_evaluation_runs_long(tmp_path):
+    """A real process with a 70 s budget whose evaluation forwards became 100x slower than the fitter assumed (1 s per
+    batch): the final evaluation ends at its deadline with the blocks done so far, and the whole job, counted from
+    process start, stays within the budget (before: the final evaluation ran to its planned end, past the budget)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import cut_bundled_corpus
+
+    repo = Path(__file__).resolve().parents[1]
+    corpus = cut_bundled_corpus(tmp_path, {"train": (4, 6000), "validation": (2, 6000)})
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo), "PREEMPT_SLOW_EVAL_SECONDS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(repo / "tests" / "distributed" / "preemptible.py"), "lm",
+         "--train_file", str(corpus["train"]), "--validation_file", str(corpus["validation"]), "--output_dir", str(out),
+         "--block_size", "64", "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2",
+         "--intermediate_size", "64", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
+         "--max_train_steps", "100000", "--eval_steps", "0", "--max_eval_blocks", "0", "--sample_tokens", "0",
+         "--time_budget_minutes", str(70 / 60), "--cpu"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    print(results["total_time_s"], results["eval_blocks"])
+    assert results["total_time_s"] <= 70
+    assert "ran late and ended after" in done.stderr
+    assert 0 < results["eval_blocks"]["validation"]["evaluated"] < results["eval_blocks"]["validation"]["in_split"]
+
+
+def test_a_signal_after_the_loop_is_built_stops_it_at_a_step_boundary(tmp_path, fresh_accelerate_state):
+    """The stop flag is unset (falsy) when the loop is built; a signal arriving later must still end the run."""
+    from accelerate import Accelerator
+
+    from reformer_rev.training.loop import GuardedStep, StopFlag, TrainingLoop, TrainLog
+    from reformer_rev.training.state import TrainingState
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = make_scheduler(optimizer, "constant", 0, 10)
+    flag = StopFlag()
+    state = TrainingState(max_train_steps=10, requested_steps=10)
+    loop = TrainingLoop(accelerator, model, GuardedStep(accelerator, model, optimizer, scheduler, 1.0, 0), state,
+                        TrainLog(tmp_path, 0), stop=flag)
+    calls = []
+
+    def compute_loss(model, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            flag.request("SIGTERM", signal.SIGTERM)  # what the handler of `stop_on_signals` does, during step 3
+        return model(batch).pow(2).mean(), 1.0, 1
+
+    steps = [u.step for u in loop.updates(lambda epoch, skip: ([torch.ones(4, 2)] * 5, 5), compute_loss)]
+    assert steps == [1, 2, 3] and loop.stop_reason == "SIGTERM" and state.completed_steps == 3

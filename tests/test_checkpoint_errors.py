@@ -22,12 +22,17 @@ def test_missing_weights_file(checkpoint):
         AutoModelForCausalLM.from_pretrained(checkpoint)
 
 
+@pytest.mark.parametrize("recorded", [True, False], ids=["checksums recorded", "no checksums (earlier versions)"])
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
-def test_corrupted_weights_file(checkpoint, damage):
+def test_corrupted_weights_file(checkpoint, damage, recorded):
     path = checkpoint / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00" * 64)
-    with pytest.raises(OSError, match=f"weights of {checkpoint}.*truncated or corrupted"):
+    if not recorded:
+        (checkpoint / "checksums.sha256").unlink()
+    expected = (f"{path}: its SHA-256 .* differs from .* its save recorded" if recorded
+                else f"weights of {checkpoint}.*truncated or corrupted")
+    with pytest.raises(OSError, match=expected):
         AutoModelForCausalLM.from_pretrained(checkpoint)
 
 

@@ -24,7 +24,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cut_bundled_corpus
+from conftest import cut_bundled_corpus, small_tmpfs
+from eval.fuzz_inputs import json_edit, numpy_position_out_of_range, short_rng_state, tensors_edit, transpose_exp_avg
 from reformer_rev.safe_io import FolderLock, FolderLockedError, InconsistentFolderError, WriteError
 from reformer_rev.training.checkpointing import (
     MANIFEST_NAME,
@@ -119,6 +120,10 @@ def _drop_key(path: Path) -> None:
     path.write_text(json.dumps(state))
 
 
+def unknown_optimizer_entry(tensors, meta):
+    tensors["model.no_such.weight\x00exp_avg"] = torch.zeros(3)
+
+
 DAMAGE = {  # case: (file, damage, expected reason in the warning)
     "model 64 bytes flipped": ("model.safetensors", _flip, "SHA-256 .* differs from the manifest"),
     "rng state truncated": ("rng_state_0.safetensors", _truncate, "size .* bytes, the manifest says"),
@@ -130,6 +135,11 @@ DAMAGE = {  # case: (file, damage, expected reason in the warning)
     "trainer state invalid": ("trainer_state.json", lambda p: p.write_text("{not json"), "size|SHA-256"),
     "trainer state missing a key": ("trainer_state.json", _drop_key, "size|SHA-256"),
     "manifest deleted": (MANIFEST_NAME, Path.unlink, "manifest.json: missing"),
+    "manifest entry not an object": (MANIFEST_NAME, json_edit(("files", "model.safetensors"), "big"),
+                                     r"the entry of 'model.safetensors' is not \{'size': int, 'sha256': str\}"),
+    "manifest size a string": (MANIFEST_NAME, json_edit(("files", "scheduler.json", "size"), "748"), "is not {'size'"),
+    "manifest lists a path outside": (MANIFEST_NAME, json_edit(("files", "../../x"), {"size": 1, "sha256": "0"}),
+                                      "lists '../../x', which is not a file inside the checkpoint"),
 }
 # Damage that passes the manifest (it was rewritten to match) and must fail in loading instead.
 LOAD_DAMAGE = {
@@ -137,6 +147,24 @@ LOAD_DAMAGE = {
     "trainer state invalid (manifest rewritten)": ("trainer_state.json", lambda p: p.write_text("{not json"), "not valid JSON"),
     "model not safetensors (manifest rewritten)": ("model.safetensors", lambda p: p.write_bytes(b"\x00" * 64), "cannot be read as safetensors"),
     "scheduler emptied (manifest rewritten)": ("scheduler.json", lambda p: p.write_text(""), "not valid JSON"),
+    # Issue 24: cases that passed the parse and aborted (or silently broke) the resume while being applied.
+    "RNG state of the wrong size": ("rng_state_0.safetensors", tensors_edit(short_rng_state),
+                                    r"the torch CPU generator state has shape \(100,\), expected \(5056,\)"),
+    "NumPy RNG position out of range": ("rng_state_0.safetensors", tensors_edit(numpy_position_out_of_range),
+                                        r"invalid NumPy RNG state \(position 1000000 of 624"),
+    "optimizer tensor of the wrong shape": ("optimizer.safetensors", tensors_edit(transpose_exp_avg),
+                                            r"exp_avg of .* has shape \(\d+, \d+\), the parameter \(\d+, \d+\)"),
+    "optimizer state of an unknown parameter": ("optimizer.safetensors", tensors_edit(unknown_optimizer_entry),
+                                                "holds state for 'model.no_such.weight'"),
+    "scheduler last_epoch not an integer": ("scheduler.json", json_edit(("last_epoch",), "9"), "'last_epoch' must be"),
+    "scheduler base_lrs of the wrong length": ("scheduler.json", json_edit(("base_lrs",), [0.01]), "'base_lrs' must be 2"),
+    "scheduler with an unknown schedule": ("scheduler.json", json_edit(("lr_lambdas", 0, "kind"), "nope"),
+                                           "'kind' must be one of"),
+    "scheduler with a junk field": ("scheduler.json", json_edit(("lr_lambdas", 1, "hack"), 1), "a schedule must hold"),
+    "data position beyond the epoch": ("trainer_state.json", json_edit(("batches_in_epoch",), 10**9),
+                                       "batches_in_epoch 1000000000 is beyond the epoch's 188 batches"),
+    "run length beyond the request": ("trainer_state.json", json_edit(("max_train_steps",), 10**9),
+                                      "inconsistent run length"),
 }
 
 
@@ -221,16 +249,8 @@ def test_explicit_checkpoint_fails_instead_of_falling_back(corpus, reference, tm
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1.3 MB tmpfs (two of these checkpoints fit, a third does not) when mounting is allowed, else None."""
-    mount = tmp_path / "small_disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1300k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        yield None
-        return
-    try:
+    with small_tmpfs(tmp_path / "small_disk", "1300k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_disk_full_during_a_checkpoint_keeps_the_older_ones(corpus, reference, tmp_path, small_disk, monkeypatch):
@@ -433,6 +453,20 @@ def test_concurrent_writers_and_reader_while_writer_never_mix(tmp_path):
     assert reader["torn"] == 0 and reader["errors"] == 0
     assert reader["saves"] >= 5 and reader["loads"] >= 5  # both really ran concurrently (neither starved)
     assert {"A", "B"} <= set(reader["outcomes"])
+
+
+@pytest.mark.slow
+def test_a_converted_model_saved_and_loaded_through_safe_io_never_mixes(tmp_path):
+    """A model made reversible keeps its stock class (here a LlamaForCausalLM), whose own save_pretrained writes in
+    place: measured 147 mixed loads of 3,712 while a save was writing. `safe_io.save_pretrained_safely` /
+    `from_pretrained_safely` (the documented way for such models): none."""
+    from eval import save_concurrency
+
+    results = save_concurrency.main(["--family", "llama", "--trials", "6", "--reader_seconds", "10", "--no_baseline",
+                                     "--output", str(tmp_path / "r.json")])["safe_io"]
+    writers, reader = results["concurrent_writers"], results["reader_while_writer"]
+    assert writers["torn"] == 0 and writers["errors"] == 0
+    assert reader["torn"] == 0 and reader["errors"] == 0 and reader["saves"] >= 3 and reader["loads"] >= 3
 
 
 @pytest.mark.slow

@@ -299,12 +299,12 @@ def test_model_returns_solver_stats_and_reports_non_convergence():
     assert out.deq_stats.to_dict()["forward"]["iterations"] == out.deq_stats.forward.iterations
 
 
-def _deq_step_peak_mb(max_iter: int) -> float:
+def _deq_step_peak_mb(max_iter: int, solver: str = "anderson") -> float:
     torch.manual_seed(0)
     config = RevFormerConfig(
         vocab_size=256, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128,
         max_position_embeddings=256, loss_chunk_size=128, depth_mode="deq", num_unique_layers=1,
-        deq_solver="anderson", deq_tol=1e-12, deq_max_iter=max_iter,  # unreachable tol: always max_iter iterations
+        deq_solver=solver, deq_tol=1e-12, deq_max_iter=max_iter,  # unreachable tol: always max_iter iterations
     )
     model = RevFormerForCausalLM(config).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, foreach=False)
@@ -328,9 +328,17 @@ def _deq_step_peak_mb(max_iter: int) -> float:
     return peak
 
 
-def test_training_step_memory_does_not_grow_with_solver_iterations():
-    few, many = _deq_step_peak_mb(3), _deq_step_peak_mb(24)
-    assert many <= 1.05 * few, (few, many)
+@pytest.mark.parametrize("solver,few", [("fixed_point", 3), ("anderson", 12)])
+def test_training_step_memory_does_not_grow_with_solver_iterations(solver, few):
+    """One application of the group is held, whatever the number of forward and adjoint iterations.
+
+    Anderson's solver state is preallocated, but its least-squares temporaries (float64 differences of the stored
+    iterates) grow with the number of iterates in its history until that is full (5 iterates): its peak grows over
+    the first ~10 iterations (3.7 MB at 2, 6.2 MB from 12 on, measured) and is flat after that. So `few` is past that
+    point; the fixed-point solver keeps no history and is flat from its first iterations (2.5 MB at 3 and at 24).
+    """
+    few_mb, many_mb = _deq_step_peak_mb(few, solver), _deq_step_peak_mb(4 * few, solver)
+    assert many_mb <= 1.02 * few_mb, (few_mb, many_mb)
 
 
 def test_save_load_and_generate_in_deq_mode(tmp_path):

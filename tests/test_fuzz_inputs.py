@@ -75,3 +75,39 @@ def test_run_writes_counts_that_add_up(tmp_path):
     assert not opaque, opaque[:3]
     silent = {(c["target"], c["description"]) for c in saved["cases"] if c["category"] == "silent"}
     assert silent <= {("causal.generate", "max_length=2"), ("seq2seq.generate", "max_length=2")}, silent
+
+
+def test_file_suites_cover_data_config_and_resume(tmp_path):
+    cases = fuzz_inputs.FileHarness(tmp_path).build(("data", "config", "resume"))
+    targets = {c.target for c in cases}
+    assert targets == {"lm.data", "translation.data", "causal.config_file", "causal.weights_file", "lm.resume"}
+    assert len(cases) >= 60 and {c.expect for c in cases} == {ERROR, fuzz_inputs.WARN}
+    assert all(c.timeout for c in cases if c.target == "lm.resume")  # a hang is a finding, not a stuck harness
+
+
+def test_file_case_classification(tmp_path):
+    path = str(tmp_path / "train.jsonl")
+    named = Case("lm.data", "--train_file", "d", ERROR, _raise(OSError(f"`--train_file` {path!r} line 3: not JSON")),
+                 must_name=(path, "line 3"), clear_types=(ValueError, OSError))
+    assert classify(named)["category"] == "clear"
+    vague = Case("lm.data", "--train_file", "d", ERROR, _raise(ValueError("`--train_file`: could not read it")),
+                 must_name=(path, "line 3"))
+    assert classify(vague)["category"] == "opaque"  # names the option but neither the file nor the line
+
+    def warns():
+        import logging
+
+        logging.getLogger("reformer_rev.test").warning("the folder holds the weights of 2 more layer(s)")
+        return fuzz_inputs.torch.ones(1)
+
+    assert classify(Case("c", "config.json", "d", fuzz_inputs.WARN, warns, names=("weights",),
+                         must_name=("2 more layer",)))["category"] == "clear"
+    assert classify(Case("c", "config.json", "d", fuzz_inputs.WARN, _returns(fuzz_inputs.torch.ones(1)),
+                         must_name=("2 more layer",)))["category"] == "silent"
+
+    def hangs():
+        while True:
+            pass
+
+    record = classify(Case("lm.resume", "trainer_state.json", "d", ERROR, hangs, timeout=0.2))
+    assert record["category"] == "silent" and "hangs" in record["problem"]

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from conftest import cut_bundled_corpus
 from reformer_rev import RevFormerConfig, RevFormerForCausalLM
 from reformer_rev.training.checkpointing import list_checkpoints
-from reformer_rev.training.loop import DRIFT_LOG_FIELDS, TRAIN_LOG_NAME
+from reformer_rev.training.loop import MONITOR_LOG_FIELDS, TRAIN_LOG_NAME
 from reformer_rev.training.tokenization import build_byte_tokenizer, train_bpe_tokenizer
 from training import train_lm
 
@@ -50,7 +50,7 @@ def tiny(corpus, out, *extra: str, train_file: Path | None = None) -> list[str]:
 def read_log(out: Path) -> list[dict]:
     """The per-step training records, without the drift monitor's fields (a resumed process probes its own steps)."""
     lines = (out / TRAIN_LOG_NAME).read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in DRIFT_LOG_FIELDS} for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if k not in MONITOR_LOG_FIELDS} for line in lines]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -65,15 +65,23 @@ def _write(path: Path, text: str) -> Path:
 
 BAD_DATA = {  # case: (files to write {split: content}, extra arguments, expected message)
     "empty file": ({"train.jsonl": ""}, (), r"`--train_file` '.*train.jsonl' is empty \(0 bytes\)"),
-    "all-blank documents": ({"train.jsonl": '{"text": ""}\n{"text": "  \\n\\t "}\n'}, (), "all empty or blank"),
+    "all-blank documents": ({"train.jsonl": '{"text": ""}\n{"text": "  \\n\\t "}\n'}, (),
+                            r"`--train_file` '.*train.jsonl': all 2 records have empty text"),
     "all-blank text file": (
         {"train.txt": "\n  \n\n", "validation.txt": "some text " * 20}, (), r"train split .* all empty or blank"
     ),
-    "unknown column": ({}, ("--text_column_name", "content"), r"`--text_column_name` 'content' is not a column"),
+    "unknown column": ({}, ("--text_column_name", "content"),
+                       r"`--train_file` '.*train.jsonl' line 1: no field 'content', chosen by `--text_column_name "
+                       r"content` \(it has \['text'\]\)"),
     "non-text column": (
-        {"train.jsonl": '{"text": 5}\n{"text": 7}\n', "validation.jsonl": '{"text": 1}\n'}, (), "must hold strings"
+        {"train.jsonl": '{"text": 5}\n{"text": 7}\n', "validation.jsonl": '{"text": 1}\n'}, (),
+        r"`--train_file` '.*train.jsonl' line 1: field 'text' must be a string, got int \(5\)"
     ),
-    "column types differ by split": ({"train.jsonl": '{"text": 5}\n'}, (), "Could not read the data files"),
+    "a bad line among good ones": ({"train.jsonl": '{"text": "a b c"}\n\n{"text": "d e f"}\n{"text": "g h\n'}, (),
+                                   r"`--train_file` '.*train.jsonl' line 4: not JSON"),
+    "a binary file": ({"train.txt": "\x00\x01 PK zip"}, (), r"`--train_file` '.*train.txt' line 1: .*binary file"),
+    "tab-separated instead of JSON lines": ({"train.jsonl": "a b c\td e f\n"}, (),
+                                            r"line 1: not JSON \(it looks like tab-separated text\)"),
     "block larger than the data": ({}, ("--block_size", "20000"), r"fewer than `--block_size`=20000 tokens"),
 }
 
@@ -117,24 +125,90 @@ def test_nonfinite_skip_limit_must_be_non_negative():
 
 
 def test_divergence_stops_at_the_step_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
-    """A learning rate of 1e30 really diverges: step 1 is finite, step 2's gradients are NaN."""
+    """A learning rate of 1e30 (after a warmup step at 0) really diverges: step 1 is healthy and checkpointed; step 2's
+    weights explode (a sign: no checkpoint of it, step_1 is protected); step 3's gradients are NaN: training stops
+    naming step_1. Before issue 24, a 1e30 step was checkpointed as "good" (its weights were merely huge)."""
     out = tmp_path / "out"
     argv = tiny(
-        corpus, out, "--learning_rate", "1e30", "--lr_scheduler_type", "constant", "--num_warmup_steps", "0",
-        "--checkpointing_steps", "1", "--checkpoints_total_limit", "3",
+        corpus, out, "--learning_rate", "1e30", "--lr_scheduler_type", "constant_with_warmup", "--num_warmup_steps",
+        "1", "--checkpointing_steps", "1", "--checkpoints_total_limit", "1",
     )
-    with pytest.raises(RuntimeError, match=r"Non-finite .* at step 2 .*last checkpoint .*step_1"):
+    with pytest.raises(RuntimeError, match=r"Non-finite .* at step 3 .*the healthy checkpoint is .*step_1"):
         train_lm.main(argv)
-    assert [p.name for p in list_checkpoints(out)] == ["step_1"]  # nothing saved after the bad step
+    assert [p.name for p in list_checkpoints(out)] == ["step_1"]  # nothing saved after the first sign
     weights = load_file(out / "checkpoints" / "step_1" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     log = read_log(out)
-    assert [(r["step"], r["skipped_nonfinite"]) for r in log] == [(1, False), (2, True)]
-    assert math.isfinite(log[0]["loss"]) and log[1]["loss"] is None
+    assert [(r["step"], r["skipped_nonfinite"]) for r in log] == [(1, False), (2, False), (3, True)]
+    assert log[0]["divergence_signs"] == [] and "the weight norm reached" in log[1]["divergence_signs"][0]
+    assert math.isfinite(log[0]["loss"]) and log[2]["loss"] is None
 
 
-def _poison_training_forward(monkeypatch, calls: set[int]) -> None:
-    """Make the loss of the given training forward calls (1-based) NaN, like a bad batch would."""
+def test_collapse_at_learning_rate_1e3_stops_and_names_the_healthy_checkpoint(corpus, tmp_path):
+    """The issue's --learning_rate 1e3: the model collapses at step 2 (weights explode, the gradient vanishes). The
+    run stops within --divergence_patience steps naming step_1, which rotation (limit 2) kept; no checkpoint of a
+    step with a sign was written."""
+    out = tmp_path / "out"
+    argv = tiny(corpus, out, "--learning_rate", "1e3", "--lr_scheduler_type", "constant_with_warmup",
+                "--num_warmup_steps", "1",
+                "--checkpointing_steps", "1", "--checkpoints_total_limit", "2", "--max_train_steps", "40",
+                "--divergence_patience", "3")
+    with pytest.raises(RuntimeError, match=r"(diverged|Non-finite).*the healthy checkpoint is .*step_1\b") as err:
+        train_lm.main(argv)
+    print(err.value)
+    log = read_log(out)
+    assert log[0]["divergence_signs"] == [] and log[1]["divergence_signs"]
+    assert len(log) <= 4  # stopped at the third sign, or earlier on NaN
+    assert [p.name for p in list_checkpoints(out)] == ["step_1"]
+    assert json.loads((out / "checkpoints" / "protected.json").read_text()) == {
+        "step_1": "the first sign of divergence (step 2)"}
+
+
+def test_the_checkpoint_before_a_loss_jump_survives_rotation(corpus, tmp_path, monkeypatch):
+    """A loss spike at step 8 only (x4, injected): a sign, no checkpoint of step 8, and step_7 is kept by rotation
+    (limit 2) to the end of the run, which goes on normally."""
+    _scale_training_loss(monkeypatch, {8}, 4.0)
+    out = tmp_path / "out"
+    results = train_lm.main(tiny(corpus, out, "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"))
+    log = read_log(out)
+    assert [r["step"] for r in log if r["divergence_signs"]] == [8]
+    assert "the loss jumped to" in log[7]["divergence_signs"][0]
+    assert [p.name for p in list_checkpoints(out)] == ["step_7", "step_11", "step_12"]
+    assert results["train"]["steps"] == 12
+
+
+def test_max_grad_norm_0_never_keeps_a_checkpoint_with_nonfinite_weights(corpus, tmp_path, monkeypatch):
+    """Without clipping the gradient norm was not computed: an inf gradient was applied unseen and the next checkpoint
+    held NaN weights. Now the norm is still computed, the step is skipped/stopped and no checkpoint is bad."""
+    _poison_training_gradient(monkeypatch, {5})
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match=r"Non-finite .* at step 5 .*gradient norm (inf|nan)"):
+        train_lm.main(tiny(corpus, out, "--max_grad_norm", "0", "--checkpointing_steps", "1",
+                           "--checkpoints_total_limit", "10"))
+    for ckpt in list_checkpoints(out):
+        assert all(torch.isfinite(w).all() for w in load_file(ckpt / "model.safetensors").values()), ckpt
+
+
+def test_a_fixed_point_overflow_goes_through_the_guard(corpus, tmp_path):
+    """bf16-style exact streams with little headroom (56 fractional bits: values up to 64) and a learning rate that
+    makes the weights explode: the real `OverflowError` of step 3's forward is a non-finite step like any other
+    (before, it escaped the guard as a raw traceback), named in the message with the healthy checkpoint."""
+    from reformer_rev import RevFormerConfig
+
+    RevFormerConfig(vocab_size=260, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                    exact_reversal=True, fixed_point_scale_bits=56).save_pretrained(tmp_path / "config")
+    out = tmp_path / "out"
+    argv = tiny(corpus, out, "--config_name", str(tmp_path / "config"), "--learning_rate", "1e3",
+                "--lr_scheduler_type", "constant_with_warmup", "--num_warmup_steps", "1", "--checkpointing_steps", "1",
+                "--divergence_patience", "0")
+    with pytest.raises(RuntimeError, match=r"Non-finite .* at step 3 .*OverflowError: Fixed-point stream overflow.*"
+                                           r"`fixed_point_bits` of `make_reversible`.*healthy checkpoint is .*step_1"):
+        train_lm.main(argv)
+    assert [p.name for p in list_checkpoints(out)] == ["step_1"]
+
+
+def _change_training_loss(monkeypatch, calls: set[int], change) -> None:
+    """Replace the loss of the given training forward calls (1-based) by `change(loss)`, like a bad batch would."""
     original = RevFormerForCausalLM.forward
     count = {"n": 0}
 
@@ -143,10 +217,36 @@ def _poison_training_forward(monkeypatch, calls: set[int]) -> None:
         if self.training and out.loss is not None:
             count["n"] += 1
             if count["n"] in calls:
-                out.loss = out.loss * float("nan")
+                out.loss = change(out.loss)
         return out
 
     monkeypatch.setattr(RevFormerForCausalLM, "forward", forward)
+
+
+def _poison_training_forward(monkeypatch, calls: set[int]) -> None:
+    """A NaN loss in the given training forward calls."""
+    _change_training_loss(monkeypatch, calls, lambda loss: loss * float("nan"))
+
+
+def _scale_training_loss(monkeypatch, calls: set[int], factor: float) -> None:
+    _change_training_loss(monkeypatch, calls, lambda loss: loss * factor)
+
+
+class _InfGrad(torch.autograd.Function):
+    """The identity, whose gradient is inf."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def _poison_training_gradient(monkeypatch, calls: set[int]) -> None:
+    """A finite loss whose gradient is inf."""
+    _change_training_loss(monkeypatch, calls, _InfGrad.apply)
 
 
 def test_nonfinite_step_is_skipped_with_accumulation(corpus, tmp_path, monkeypatch):
@@ -196,12 +296,36 @@ def test_ddp_ranks_agree_on_a_nonfinite_step(corpus, tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     log = read_log(tmp_path / "skip")
     assert [(r["step"], r["skipped_nonfinite"]) for r in log] == [(1, False), (2, True), (3, False), (4, False)]
-    assert [p.name for p in list_checkpoints(tmp_path / "skip")] == ["step_3", "step_4"]  # limit 2, no step_2
+    # limit 2, no step_2; step_1, the last one before the first sign of trouble (the NaN), is kept by rotation
+    assert [p.name for p in list_checkpoints(tmp_path / "skip")] == ["step_1", "step_3", "step_4"]
     assert json.loads((tmp_path / "skip" / "results.json").read_text())["train"]["nonfinite_steps_skipped"] == 1
 
     stopped = torchrun(tmp_path / "stop")
     assert stopped.returncode != 0
     assert stopped.stderr.count("Non-finite training loss or gradients at step 2") >= 2, stopped.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_a_fixed_point_overflow_on_one_rank(corpus, tmp_path):
+    """2-process DDP: rank 1's forward raises OverflowError in step 2, rank 0's does not. Both skip the backward and
+    the step (--skip_nonfinite_steps 1) and finish; without the agreement rank 0 would hang in DDP's all-reduce."""
+    import socket
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", str(REPO / "tests" / "distributed" / "overflow_one_rank.py"),
+           *tiny(corpus, out, "--gradient_accumulation_steps", "2", "--max_train_steps", "4",
+                 "--skip_nonfinite_steps", "1")]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    log = read_log(out)
+    assert [(r["step"], r["skipped_nonfinite"]) for r in log] == [(1, False), (2, True), (3, False), (4, False)]
+    assert "a fixed-point overflow on another process" in done.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -324,4 +448,45 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
     seen = Counter(samples)
     assert len(samples) == 240 and len(in_data) == 371 and all(n <= in_data[s] for s, n in seen.items())
     a, b = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preemption: a real signal to the running process
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_sigterm_stops_at_a_step_boundary_and_the_resume_loses_nothing(corpus, reference, tmp_path, monkeypatch):
+    """A real SIGTERM to this process after step 5 is logged: the run stops at that step boundary (before the fix the
+    handler's flag never reached the loop and the run trained to the end), saves a verified `step_5` and returns;
+    the resume then reproduces the uninterrupted run's per-step losses, samples and final weights exactly."""
+    from reformer_rev.training.checkpointing import verify_manifest
+    from reformer_rev.training.loop import TrainLog
+
+    real_write = TrainLog.write
+
+    def write(self, record):
+        real_write(self, record)
+        if record["step"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(TrainLog, "write", write)
+    out = tmp_path / "out"
+    argv = tiny(corpus, out, "--checkpointing_steps", "4", "--checkpoints_total_limit", "5")
+    stopped = train_lm.main(argv)
+    assert stopped["stopped"] == "SIGTERM" and stopped["step"] == 5
+    assert [p.name for p in list_checkpoints(out)] == ["step_4", "step_5"]
+    verify_manifest(out / "checkpoints" / "step_5", ["model.safetensors"])
+    assert not (out / train_lm.RESULTS_NAME).exists() and not (out / ".lock").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
+    monkeypatch.undo()
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    results = train_lm.main(argv + ["--resume_from_checkpoint", "latest"])
+    assert results["train"]["steps"] == 12
+    assert read_log(out) == read_log(reference)
+    a, b = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0

@@ -121,6 +121,29 @@ def test_labels_are_shifted_into_decoder_inputs():
     assert a.loss.item() == pytest.approx(ce.item(), rel=1e-12)
 
 
+def test_label_smoothing_in_the_chunked_loss(padded_pairs):
+    """The chunked loss's label smoothing equals `F.cross_entropy(label_smoothing=...)` on full logits, and the
+    reversible gradients still equal the twin's (float64, dropout on, loss chunks of 4 positions)."""
+    src, mask, labels = padded_pairs
+    rev, twin = make_seq2seq_pair(**DEEP)
+    rev.eval()
+    with torch.no_grad():
+        out = rev(input_ids=src, attention_mask=mask, labels=labels, label_smoothing=0.2, return_logits=True)
+        full = torch.nn.functional.cross_entropy(out.logits.reshape(-1, VOCAB), labels.reshape(-1),
+                                                 label_smoothing=0.2)
+        plain = rev(input_ids=src, attention_mask=mask, labels=labels).loss
+    assert out.loss.item() == pytest.approx(full.item(), rel=1e-12) and abs(out.loss.item() - plain.item()) > 1e-3
+    rev.train(), twin.train()
+    losses = []
+    for model in (rev, twin):
+        torch.manual_seed(3)
+        loss = model(input_ids=src, attention_mask=mask, labels=labels, label_smoothing=0.2).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-12)
+    assert max_grad_rel_err(rev, twin)[0] <= 1e-6
+
+
 def test_cached_incremental_decoding_equals_full_decoding(padded_pairs):
     src, mask, _ = padded_pairs
     rev, _ = make_seq2seq_pair()

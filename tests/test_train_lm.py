@@ -236,6 +236,8 @@ def test_short_run_saves_everything(corpus_files, tmp_path):
     assert metrics[("validation", "bits_per_byte")] == pytest.approx(saved["validation"]["bpb"], rel=1e-9)
     assert metrics[("test", "bits_per_byte")] == pytest.approx(saved["test"]["bpb"], rel=1e-9)
     assert "custom_code" in card.data.tags and card.data.library_name == "transformers"
+    # Named by the output folder, not by the temp folder of the atomic save it was written in (issue 24).
+    assert card.data.model_name == "run" and card.text.lstrip().startswith("# run\n"), card.text[:80]
     assert f"{saved['unigram_bpb']['validation']:.6g}" in card.text  # the baseline is reported next to the model
     ids = tok("In the beginning", return_tensors="pt")["input_ids"]
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, ids.shape[1] + 4)

@@ -89,7 +89,12 @@ def test_pretrained_checkpoint_finetunes_reversibly_resumes_exactly_and_saves_pl
     # Through the reversible engine, with exact fixed-point streams: probed, and the reconstruction is exact.
     drift = results["train"]["reversal_drift"]
     assert drift["probes"] >= 1 and drift["worst_rel_err"] == 0.0, drift
-    assert all(r["drift_probes"] >= 1 and r["drift_worst_rel_err"] == 0.0 for r in TrainLog.read(full))
+    log = TrainLog.read(full)
+    assert all(r["drift_probes"] >= 1 and r["drift_worst_rel_err"] == 0.0 for r in log)
+    # make_reversible's fidelity probe: the first training forward is probed (then one in 50), and the log says by how
+    # much the training-time coupling moved that batch's loss.
+    assert all(r["fidelity_probes"] == 1 for r in log)
+    assert 0 < abs(log[0]["fidelity_last_rel_change"]) < 0.01, log[0]
 
     # Resume from step 3 (a fresh folder holding only that checkpoint): same per-step losses, same final weights.
     resumed = tmp_path / "resumed"

@@ -50,26 +50,39 @@ import reformer_rev  # noqa: F401  (registers the `reformer_rev` model type with
 from reformer_rev.model_card import write_model_card
 from reformer_rev.safe_io import atomic_write_json, save_model_folder
 from reformer_rev.training.budget import StepFitter, TimeBudget, make_scheduler
-from reformer_rev.training.checkpointing import CheckpointManager, output_dir_lock
+from reformer_rev.training.checkpointing import (
+    CheckpointManager,
+    output_dir_lock,
+    save_at_stop,
+    set_aside_previous_run,
+)
+from reformer_rev.training.collectives import agreed_min
 from reformer_rev.training.packing import collate_packed, pack_documents
 from reformer_rev.training.cli import (
-    add_checkpoint_arguments,
-    add_model_arguments,
-    add_training_arguments,
+    CHECKPOINT_OPTIONS,
+    TRAINING_OPTIONS,
+    Option,
+    OptionParser,
     config_from_args,
     make_accelerator,
     make_optimizer,
+    model_options,
     prepare_distributed_model,
     setup_logging,
     validate_training_args,
+    with_defaults,
 )
 from reformer_rev.training.corpus import load_bundled_lm_dataset
+from reformer_rev.training.datafiles import check_json_lines, check_text_file, datasets_disk_errors
 from reformer_rev.training.loop import (
+    DivergenceMonitor,
     GuardedStep,
+    Preempted,
     StopFlag,
     TrainingLoop,
     TrainLog,
     block_fingerprints,
+    past_deadline_or_stopped,
     stop_on_signals,
 )
 from reformer_rev.training.models import (
@@ -80,6 +93,7 @@ from reformer_rev.training.models import (
     trains_reversibly,
 )
 from reformer_rev.training.reporting import generate_sample, plot_loss_curve
+from reformer_rev.training.settings import run_settings
 from reformer_rev.training.state import TrainingState
 from reformer_rev.training.tokenization import (
     build_byte_tokenizer,
@@ -98,9 +112,10 @@ SAMPLE_PROMPT = "In the beginning"
 # Forward-only evaluation runs ~4x faster per token than a training step (measured); the budget assumes 3 until the
 # first periodic evaluation measures it.
 EVAL_SPEEDUP = 3.0
-# Time the end of the job needs besides the final evaluation (sample, model/tokenizer/results/card/plot save),
-# measured about 10 s on the shared 2-core machine; doubled for safety.
-FINAL_SAVE_SECONDS = 20.0
+# Time the end of the job needs besides the final evaluation: the sample, the final save (model, tokenizer, results,
+# card, plot; measured about 10 s on the shared 2-core machine, doubled for safety) and the exit of the process (6 s
+# at a load average of 16: the budget is held from the user's enter, not only to the last line of output).
+FINAL_SAVE_SECONDS = 30.0
 # Evaluation speed varies on a shared machine: the time held back for the final evaluation assumes it runs this much
 # slower than the periodic evaluations measured, and each split gets at least this many blocks.
 EVAL_TIME_MARGIN = 1.5
@@ -119,97 +134,101 @@ MODEL_FIELDS = {
 # --------------------------------------------------------------------------------------------------------------
 
 
+OPTIONS = [
+    # data
+    Option("dataset_name", None, "A dataset on the Hugging Face Hub.", type=str, group="data",
+           default_text="the bundled corpus"),
+    Option("dataset_config_name", None, "The configuration of --dataset_name.", type=str, group="data"),
+    Option("train_file", None, "Local .txt/.json/.jsonl(.gz) training file (a .txt file is one document).", type=str,
+           group="data"),
+    Option("validation_file", None, "Local validation file (same format as --train_file).", type=str, group="data",
+           default_text="--validation_split_percentage of the training data"),
+    Option("test_file", None, "Local test file (same format as --train_file).", type=str, group="data",
+           default_text="none", fingerprint=False),
+    Option("text_column_name", "text", "The column of the .json/.jsonl files that holds the text.", group="data"),
+    Option("validation_split_percentage", 5,
+           "Percent of the training data held out when there is no validation split: of the documents when there "
+           "are at least 2, else the end of the single document.", minimum=1, group="data"),
+    Option("block_size", 256,
+           "Tokens per training block (long documents are cut). The main job's 256 trains on 16 blocks drawn from all "
+           "over the corpus per step; --block_size 1024 (4 per step) or 65536 (1) trains on long context.",
+           minimum=1, group="data"),
+    Option("packing", False,
+           "Keep documents apart in the training blocks: the same blocks, with position_ids restarting at every "
+           "document start, so no token attends across a document boundary and the first token of a document is no "
+           "target (reformer_rev.training.packing). Default: blocks cut from the concatenated documents, attending "
+           "across boundaries (run_clm). Validation is measured the same way in both modes.", group="data"),
+    Option("preprocessing_num_workers", None, "Processes for tokenising (`datasets.map(num_proc=...)`).", type=int,
+           minimum=1, group="data", default_text="1", fingerprint=False),
+    Option("overwrite_cache", False, "Recompute the tokenised datasets instead of reusing the `datasets` cache.",
+           group="data", fingerprint=False),
+    # tokenizer
+    Option("tokenizer_type", None,
+           "A new tokenizer: 'byte' or a BPE trained on the training split. Used with --model_name_or_path only when "
+           "the checkpoint has no tokenizer.", type=str, choices=("byte", "bpe"), group="tokenizer",
+           default_text="byte"),
+    Option("tokenizer_name", None, "A pretrained tokenizer (folder or Hub id); overrides the others.", type=str,
+           group="tokenizer"),
+    Option("bpe_vocab_size", 4096, "Vocabulary of --tokenizer_type bpe (the 256 bytes, 4 specials and merges).",
+           minimum=261, group="tokenizer"),
+    # model
+    Option("model_name_or_path", None,
+           "Start from a checkpoint (local folder or Hub id) instead of scratch: a reformer_rev model, or a pretrained "
+           "Llama/Qwen2/Mistral/GPT-2 causal LM, which trains through `reformer_rev.make_reversible` "
+           "(--no_reversible: as it is) and is saved as a plain checkpoint of its class. Its tokenizer is used if it "
+           "has one; without one, pass --tokenizer_name (or --tokenizer_type for a model trained with one of ours).",
+           type=str, group="model", default_text="a new model from the options below"),
+    Option("config_name", None, "A config to start from (vocabulary from the tokenizer).", type=str, group="model"),
+    *model_options(MODEL_FIELDS, max_position_embeddings="max(--block_size, 65536)"),
+    *with_defaults(
+        TRAINING_OPTIONS,
+        per_device_train_batch_size=Option(
+            "per_device_train_batch_size", None, "Blocks per process and micro-batch.", type=int, minimum=1,
+            default_text=f"{TOKENS_PER_BATCH} tokens // --block_size"),
+        per_device_eval_batch_size=Option(
+            "per_device_eval_batch_size", None, "Blocks per process and evaluation batch.", type=int, minimum=1,
+            default_text=f"{TOKENS_PER_BATCH} tokens // --block_size", fingerprint=False),
+        learning_rate=3e-3, adam_beta2=0.99, max_train_steps=1200, num_warmup_steps=60, time_budget_minutes=9.0,
+    ),
+    # evaluation and logging
+    Option("eval_steps", 25, "Evaluate on the validation split every N steps; 0: at the end only.", minimum=0,
+           group="evaluation and logging", fingerprint=False),
+    Option("max_eval_blocks", 128,
+           "Final validation/test figures use at most N blocks per split, evenly spaced through the split (every "
+           "book represented; fewer if the time budget runs short); the unigram baseline uses the same blocks. 0: all.",
+           minimum=0, group="evaluation and logging", fingerprint=False),
+    Option("eval_subset_blocks", 32,
+           "Periodic evaluations during training use N evenly spaced validation blocks. 0: the final set.", minimum=0,
+           group="evaluation and logging", fingerprint=False),
+    Option("logging_steps", 10, "Log the mean training loss every N steps.", minimum=0, group="evaluation and logging", fingerprint=False),
+    Option("report_to", "none", "Experiment tracker: 'tensorboard', 'wandb', 'all' or 'none'.",
+           group="evaluation and logging", fingerprint=False),
+    Option("sample_tokens", 200, "Tokens of the sample generated at the end; 0: none.", minimum=0,
+           group="evaluation and logging", fingerprint=False),
+    *with_defaults(CHECKPOINT_OPTIONS, output_dir="outputs/lm"),
+    # hub
+    Option("push_to_hub", False, "Upload the final model to the Hub (needs --hub_model_id).", group="hub", fingerprint=False),
+    Option("hub_model_id", None, "The Hub repository, e.g. 'user/revformer-lm'.", type=str, group="hub", fingerprint=False),
+    Option("hub_token", None, "Hub token (default: HF_TOKEN or the `hf auth login` token).", type=str, group="hub", fingerprint=False),
+]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data = p.add_argument_group("data")
-    data.add_argument("--dataset_name", type=str, default=None, help="A dataset on the Hugging Face Hub.")
-    data.add_argument("--dataset_config_name", type=str, default=None)
-    data.add_argument("--train_file", type=str, default=None, help="Local .txt/.json/.jsonl(.gz) training file.")
-    data.add_argument("--validation_file", type=str, default=None)
-    data.add_argument("--test_file", type=str, default=None)
-    data.add_argument("--text_column_name", type=str, default="text")
-    data.add_argument(
-        "--validation_split_percentage", type=int, default=5,
-        help="Percent of the training documents held out when the data has no validation split.",
-    )
-    data.add_argument(
-        "--block_size", type=int, default=256,
-        help="Tokens per training block (long documents are cut). The main job's 256 trains on 16 blocks drawn from "
-        "all over the corpus per step; --block_size 1024 (4 per step) or 65536 (1) trains on long context.",
-    )
-    data.add_argument(
-        "--packing", action="store_true",
-        help="Keep documents apart in the training blocks: the same blocks, with position_ids restarting at every "
-        "document start, so no token attends across a document boundary and the first token of a document is no "
-        "target (reformer_rev.training.packing). Default: blocks cut from the concatenated documents, attending "
-        "across boundaries (run_clm). Validation is measured the same way in both modes.",
-    )
-    data.add_argument("--preprocessing_num_workers", type=int, default=None)
-    data.add_argument("--overwrite_cache", action="store_true")
-
-    tok = p.add_argument_group("tokenizer")
-    tok.add_argument(
-        "--tokenizer_type", choices=("byte", "bpe"), default=None,
-        help="A new tokenizer: 'byte' (the default when there is no other) or a BPE trained on the training split. "
-        "Used with --model_name_or_path only when the checkpoint has no tokenizer.",
-    )
-    tok.add_argument("--tokenizer_name", type=str, default=None, help="A pretrained tokenizer (overrides the others).")
-    tok.add_argument("--bpe_vocab_size", type=int, default=4096)
-
-    p.add_argument(
-        "--model_name_or_path", type=str, default=None,
-        help="Start from a checkpoint (local folder or Hub id) instead of scratch: a reformer_rev model, or a "
-        "pretrained Llama/Qwen2/Mistral/GPT-2 causal LM, which trains through `reformer_rev.make_reversible` "
-        "(--no_reversible: as it is) and is saved as a plain checkpoint of its class. Its tokenizer is used if it "
-        "has one; without one, pass --tokenizer_name (or --tokenizer_type for a model trained with one of ours).",
-    )
-    p.add_argument("--config_name", type=str, default=None, help="A config to start from (vocabulary from the tokenizer).")
-    add_model_arguments(p, MODEL_FIELDS)
-    add_training_arguments(
-        p, per_device_train_batch_size=None, per_device_eval_batch_size=None, learning_rate=3e-3, adam_beta2=0.99,
-        batch_size_help=f"Blocks per process and micro-batch; default: {TOKENS_PER_BATCH} tokens // --block_size.",
-        max_train_steps=1200, num_warmup_steps=60, time_budget_minutes=9.0,
-    )
-
-    ev = p.add_argument_group("evaluation and logging")
-    ev.add_argument("--eval_steps", type=int, default=25, help="Evaluate on the validation split every N steps; 0: end only.")
-    ev.add_argument(
-        "--max_eval_blocks", type=int, default=128,
-        help="Final validation/test figures use at most N blocks per split, evenly spaced through the split (every "
-        "book represented; fewer if the time budget runs short); the unigram baseline uses the same blocks. 0: all.",
-    )
-    ev.add_argument(
-        "--eval_subset_blocks", type=int, default=32,
-        help="Periodic evaluations during training use N evenly spaced validation blocks. 0: the final set.",
-    )
-    ev.add_argument("--logging_steps", type=int, default=10)
-    ev.add_argument("--report_to", type=str, default="none", help="'tensorboard', 'wandb', 'all' or 'none'.")
-    ev.add_argument("--sample_tokens", type=int, default=200, help="Tokens of the sample generated at the end; 0: none.")
-
-    add_checkpoint_arguments(p, output_dir="outputs/lm")
-    hub = p.add_argument_group("hub")
-    hub.add_argument("--push_to_hub", action="store_true")
-    hub.add_argument("--hub_model_id", type=str, default=None)
-    hub.add_argument("--hub_token", type=str, default=None)
-
-    args = p.parse_args(argv)
+    args = OptionParser(__doc__.split("\n\n")[0], OPTIONS).parse_args(argv)
     validate_args(args)
     return args
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Fail before any work is done, naming the bad argument."""
-    if args.block_size <= 0:
-        raise ValueError(f"`--block_size` must be a positive integer, got {args.block_size}.")
+    """Fail before any work is done, naming the bad argument (each option's range is checked by the parser)."""
     # Unset batch sizes keep a micro-batch at TOKENS_PER_BATCH tokens whatever the block size, so that longer blocks
     # are one flag away (`--block_size 1024` trains 4 blocks of 1,024 per step, `--block_size 65536` one).
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
         if getattr(args, name) is None:
             setattr(args, name, max(1, TOKENS_PER_BATCH // args.block_size))
     validate_training_args(args)
-    for name in ("eval_steps", "logging_steps", "max_eval_blocks", "eval_subset_blocks", "sample_tokens"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}.")
+    if args.validation_split_percentage >= 100:
+        raise ValueError(f"`--validation_split_percentage` must be below 100, got {args.validation_split_percentage}.")
     if args.dataset_name is not None and args.train_file is not None:
         raise ValueError("Pass either `--dataset_name` or `--train_file`, not both.")
     for name in ("train_file", "validation_file", "test_file"):
@@ -221,6 +240,13 @@ def validate_args(args: argparse.Namespace) -> None:
                 raise ValueError(f"`--{name}` {path!r} is empty (0 bytes): there is no text to train on.")
             if _file_format(path) is None:
                 raise ValueError(f"`--{name}` must be a .txt, .json or .jsonl file (optionally .gz), got {path!r}.")
+            # Line by line, before `datasets` reads it: errors name the file, the line and the field.
+            if _file_format(path) == "json":
+                check_json_lines(path, name, [args.text_column_name], field_options={
+                    args.text_column_name: f"--text_column_name {args.text_column_name}"},
+                    hint=f'one JSON object per line with the text in "{args.text_column_name}" (--text_column_name)')
+            else:
+                check_text_file(path, name)
     if (args.validation_file or args.test_file) and not (args.train_file or args.dataset_name):
         raise ValueError("`--validation_file`/`--test_file` need a `--train_file` (or `--dataset_name`).")
     if args.push_to_hub and not args.hub_model_id:
@@ -242,7 +268,8 @@ def _file_format(path: str) -> str | None:
 def load_raw_datasets(args: argparse.Namespace) -> DatasetDict:
     """train/validation(/test) splits of whole documents, each with a `text` column."""
     if args.dataset_name is not None:
-        raw = load_dataset(args.dataset_name, args.dataset_config_name)
+        with datasets_disk_errors():
+            raw = load_dataset(args.dataset_name, args.dataset_config_name)
     elif args.train_file is not None:
         files = {"train": args.train_file}
         if args.validation_file:
@@ -256,8 +283,9 @@ def load_raw_datasets(args: argparse.Namespace) -> DatasetDict:
         # A text file is one document (not one per line), so long-range context survives.
         kwargs = {"sample_by": "document"} if fmt == "text" else {}
         try:
-            raw = load_dataset(fmt, data_files=files, **kwargs)
-        except datasets.exceptions.DatasetGenerationError as e:  # e.g. malformed JSON, columns differing by split
+            with datasets_disk_errors():
+                raw = load_dataset(fmt, data_files=files, **kwargs)
+        except datasets.exceptions.DatasetGenerationError as e:  # e.g. columns whose types differ between the files
             cause = e.__cause__ or e.__context__ or e
             raise ValueError(f"Could not read the data files {files}: {type(cause).__name__}: {str(cause)[:300]}") from e
     else:
@@ -265,11 +293,29 @@ def load_raw_datasets(args: argparse.Namespace) -> DatasetDict:
 
     check_text_splits(raw, args)
     if "validation" not in raw:
-        if raw["train"].num_rows < 2:
-            raise ValueError("The training data has no validation split and fewer than 2 documents to hold one out.")
-        held = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
-        raw = DatasetDict({"train": held["train"], "validation": held["test"], **{k: v for k, v in raw.items() if k not in ("train",)}})
+        rest = {k: v for k, v in raw.items() if k != "train"}
+        if raw["train"].num_rows < 2:  # e.g. one .txt file, which is one document: hold out its end
+            train, validation = hold_out_end(raw["train"][0][args.text_column_name], args.validation_split_percentage)
+            logger.info(f"No validation split and a single training document: its last "
+                        f"{args.validation_split_percentage}% ({len(validation):,} characters) are the validation split.")
+            column = args.text_column_name
+            raw = DatasetDict({"train": datasets.Dataset.from_dict({column: [train]}),
+                               "validation": datasets.Dataset.from_dict({column: [validation]}), **rest})
+        else:
+            held = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
+            raw = DatasetDict({"train": held["train"], "validation": held["test"], **rest})
     return raw
+
+
+def hold_out_end(text: str, percentage: int) -> tuple[str, str]:
+    """(the first 100 - `percentage` % of `text`, the rest), cut at the next line break or space so that no word is
+    split."""
+    cut = len(text) - max(1, len(text) * percentage // 100)
+    for boundary in ("\n", " "):
+        at = text.find(boundary, cut)
+        if 0 < at < len(text) - 1:
+            return text[:at + 1], text[at + 1:]
+    return text[:cut], text[cut:]
 
 
 def check_text_splits(raw: DatasetDict, args: argparse.Namespace) -> None:
@@ -371,7 +417,7 @@ def tokenize_and_group(
     def pack(examples: dict[str, list]) -> dict[str, list]:
         return pack_documents(examples["input_ids"], block_size)
 
-    with accelerator.main_process_first():
+    with accelerator.main_process_first(), datasets_disk_errors("the tokenised data into the datasets cache"):
         tokenized = raw.map(
             tokenize,
             batched=True,
@@ -406,6 +452,13 @@ def evenly_spaced(ds: datasets.Dataset, n: int) -> datasets.Dataset:
     if not n or n >= ds.num_rows:
         return ds
     return ds.select(np.unique(np.linspace(0, ds.num_rows - 1, n).round().astype(np.int64)).tolist())
+
+
+def spread_order(n: int) -> list[int]:
+    """0..n-1 in van der Corput order (0, n/2, n/4, 3n/4, ...): every prefix is spread over the whole range."""
+    bits = max(1, (n - 1).bit_length())
+    order = [int(format(i, f"0{bits}b")[::-1], 2) for i in range(1 << bits)]
+    return [i for i in order if i < n]
 
 
 def collate_blocks(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -444,6 +497,8 @@ def evaluate(
     dataloader: DataLoader,
     accelerator: Accelerator,
     token_bytes: torch.Tensor,
+    stop: StopFlag | None = None,
+    deadline: float | None = None,
 ) -> dict[str, float]:
     """Loss (nats/token), perplexity and bits-per-byte over every target of every block, summed over processes.
 
@@ -451,11 +506,19 @@ def evaluate(
     the figures are exact whatever the number of processes. bpb = total nats / total bytes / ln 2 (for the byte
     tokenizer this is loss / ln 2). Also returns the blocks evaluated and the seconds it took (the time budget's
     measure of evaluation speed).
+
+    After each batch every process agrees (one collective) whether to go on: a stop signal raises `Preempted`; past
+    `deadline` (`time.time()`) the evaluation ends early, over the blocks evaluated so far (the first `blocks` rows of
+    the dataset: the loader deals batches to the processes in turn).
     """
     start = time.perf_counter()
     model.eval()
     nats, tokens, nbytes, blocks = [], [], [], 0
     for batch in dataloader:
+        if nats and past_deadline_or_stopped(accelerator, stop, deadline):
+            if hasattr(dataloader, "end"):  # Accelerate's loaders unregister themselves only when exhausted
+                dataloader.end()
+            break
         ids = batch["input_ids"]
         logits = model(input_ids=ids, use_cache=False).logits
         targets = ids[:, 1:]
@@ -556,7 +619,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     setup_logging(accelerator)
     set_seed(args.seed)
-    with output_dir_lock(accelerator, args.output_dir, "training/train_lm.py"), stop_on_signals(StopFlag()) as stop:
+    with output_dir_lock(accelerator, args.output_dir, "training/train_lm.py"), \
+            stop_on_signals(StopFlag(args.stop_grace_seconds)) as stop:
+        set_aside_previous_run(accelerator, args.output_dir, args.resume_from_checkpoint)
         return train(args, accelerator, budget, stop, push_checkpoint)
 
 
@@ -588,15 +653,18 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
     requested_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     # Stepped by hand once per optimizer step (not via `prepare`, which would step it once per process).
     lr_scheduler = make_scheduler(optimizer, args.lr_scheduler_type, args.num_warmup_steps, requested_steps)
+    settings = run_settings(args, OPTIONS, num_processes=accelerator.num_processes,
+                            mixed_precision=accelerator.mixed_precision)
     checkpoints = CheckpointManager(
         accelerator, args.output_dir, model, optimizer, lr_scheduler, args.checkpoints_total_limit,
-        required=bool(args.checkpointing_steps or args.resume_from_checkpoint),
+        required=bool(args.checkpointing_steps or args.resume_from_checkpoint), settings=settings,
+        allow_changed_settings=args.allow_changed_settings,
     )
     if accelerator.is_main_process:
         checkpoints.remove_interrupted_saves()
     state = TrainingState(max_train_steps=requested_steps, requested_steps=requested_steps)
     if args.resume_from_checkpoint:
-        resumed = checkpoints.resume(args.resume_from_checkpoint, requested_steps)
+        resumed = checkpoints.resume(args.resume_from_checkpoint, requested_steps, len(train_dataloader))
         if resumed is None:
             logger.warning(f"No checkpoint found in {checkpoints.root}: starting from scratch.")
         else:
@@ -628,6 +696,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
     train_log = TrainLog(args.output_dir, state.completed_steps, enabled=accelerator.is_main_process)
     loop = TrainingLoop(accelerator, model, guard, state, train_log, fitter if budget.bounded else None, stop,
                         last_checkpoint=lambda: str(checkpoints.newest() or "none"),
+                        divergence=DivergenceMonitor(args.divergence_patience),
+                        protect_checkpoint=checkpoints.protect_newest,
                         fingerprint=lambda batch: block_fingerprints(batch["input_ids"]))
 
     def batches_for_epoch(epoch: int, skip: int):
@@ -640,7 +710,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
         return model(**batch, use_cache=False).loss, 1.0, batch["input_ids"].numel()
 
     def periodic_eval() -> dict[str, float]:
-        metrics = evaluate(model, periodic_loader, accelerator, token_bytes)
+        metrics = evaluate(model, periodic_loader, accelerator, token_bytes, stop=stop)
         clock.seconds += metrics["seconds"]
         clock.blocks += metrics["blocks"]
         return metrics
@@ -656,39 +726,48 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
                     disable=not accelerator.is_local_main_process)
     window: list[float] = []
     update = None
-    for update in loop.updates(batches_for_epoch, compute_loss):
-        progress.total = state.max_train_steps
-        progress.update(1)
-        window += [] if update.skipped else [update.loss]
-        progress.set_postfix(loss=f"{sum(window) / max(1, len(window)):.4f}", lr=f"{update.lr:.2e}")
-        if args.logging_steps and update.step % args.logging_steps == 0:
-            if args.report_to != "none" and window:
-                mean = sum(window) / len(window)
-                accelerator.log({"train/loss": mean, "train/bpb": mean / LN2, "train/lr": update.lr}, step=update.step)
-            window = []
-        if args.eval_steps and update.step % args.eval_steps == 0 and not state.finished:
-            metrics = periodic_eval()
-            state.eval_history.append({"step": update.step, **metrics})
-            progress.write(f"step {update.step}: validation loss {metrics['loss']:.4f}, bpb {metrics['bpb']:.4f} "
-                           f"({metrics['tokens']:,} tokens)")
-            if args.report_to != "none":
-                accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=update.step)
-        # Never a checkpoint right after a non-finite step: the newest checkpoint stays the last good state.
-        if args.checkpointing_steps and update.step % args.checkpointing_steps == 0 and not update.skipped:
-            checkpoints.save(state)
+    try:  # a signal during a periodic evaluation stops there (Preempted); during a step, at its end
+        for update in loop.updates(batches_for_epoch, compute_loss):
+            progress.total = state.max_train_steps
+            progress.update(1)
+            window += [] if update.skipped else [update.loss]
+            progress.set_postfix(loss=f"{sum(window) / max(1, len(window)):.4f}", lr=f"{update.lr:.2e}")
+            if args.logging_steps and update.step % args.logging_steps == 0:
+                if args.report_to != "none" and window:
+                    mean = sum(window) / len(window)
+                    accelerator.log({"train/loss": mean, "train/bpb": mean / LN2, "train/lr": update.lr}, step=update.step)
+                window = []
+            if args.eval_steps and update.step % args.eval_steps == 0 and not state.finished:
+                metrics = periodic_eval()
+                state.eval_history.append({"step": update.step, **metrics})
+                progress.write(f"step {update.step}: validation loss {metrics['loss']:.4f}, bpb {metrics['bpb']:.4f} "
+                               f"({metrics['tokens']:,} tokens)")
+                if args.report_to != "none":
+                    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=update.step)
+            # Never a checkpoint right after a non-finite step: the newest checkpoint stays the last good state.
+            periodic = args.checkpointing_steps and update.step % args.checkpointing_steps == 0
+            if periodic and not (update.skipped or update.suspect):
+                checkpoints.save(state)
+    except Preempted as stopped:
+        loop.stop_reason = str(stopped)
     progress.close()
     train_log.close()
+    last_skipped = update is not None and update.skipped
     if loop.stop_reason is not None and loop.stop_reason != "time budget":
         # Stopped by a signal: keep the state for a resume and skip the (long) final evaluation and save.
-        saved = checkpoints.save_unless_saved(state, last_step_skipped=update is not None and update.skipped)
-        accelerator.print(f"Stopped by {loop.stop_reason} at step {state.completed_steps}; the newest checkpoint is "
-                          f"{saved}: resume with --resume_from_checkpoint latest.")
-        return {"stopped": loop.stop_reason, "step": state.completed_steps}
+        return save_at_stop(accelerator, checkpoints, state, stop, loop.stop_reason, last_skipped)
+
+    # Whatever else ended training, its state is saved first: a final evaluation or save that fails (a full disk) or
+    # is stopped is redone by `--resume_from_checkpoint latest`, which then trains nothing.
+    checkpoints.save_unless_saved(state, last_step_skipped=last_skipped)
 
     # ---- final evaluation (sized to the time left), sample, results, atomic final save ---------------------------
     seconds_per_block = clock.per_block(fitter.seconds_per_step or 1.0)
-    final, unigram = final_evaluation(args, accelerator, model, eval_sets, lm, token_bytes, byte_counts, budget,
-                                      seconds_per_block)
+    try:
+        final, unigram = final_evaluation(args, accelerator, model, eval_sets, lm, token_bytes, byte_counts, budget,
+                                          seconds_per_block, stop)
+    except Preempted as stopped:  # training is complete: a resume only evaluates and saves
+        return save_at_stop(accelerator, checkpoints, state, stop, str(stopped), last_skipped)
     if args.report_to != "none":
         accelerator.log({f"final/{s}_{k}": v for s, m in final.items() for k, v in m.items()}, step=state.completed_steps)
     unwrapped = accelerator.unwrap_model(model)
@@ -739,6 +818,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
         "sample": {"prompt": SAMPLE_PROMPT, "text": sample},
         "time_budget_minutes": args.time_budget_minutes,
         "args": {k: v for k, v in vars(args).items() if k != "hub_token"},
+        # Resumed with --allow_changed_settings: each time, the step and every setting's old and new value.
+        "changed_settings": state.extra.get("changed_settings", []),
     }
     save_outputs(args, accelerator, model, tokenizer, results, steps_log, budget)
     if accelerator.is_main_process:
@@ -760,26 +841,38 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
 def final_evaluation(
     args: argparse.Namespace, accelerator: Accelerator, model: torch.nn.Module, eval_sets: dict[str, datasets.Dataset],
     lm: DatasetDict, token_bytes: torch.Tensor, byte_counts: np.ndarray, budget: TimeBudget, seconds_per_block: float,
+    stop: StopFlag | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Validation and test figures (and their unigram baselines) over evenly spaced blocks; with a time budget, as
     many blocks per split as the time left allows (the same number for every split and on every process; at least
-    MIN_FINAL_EVAL_BLOCKS)."""
+    MIN_FINAL_EVAL_BLOCKS).
+
+    The estimate of the evaluation speed can be wrong on a loaded machine, so each split also gets a deadline, its
+    share of the time left: an evaluation that runs late ends there, over the blocks done so far. The blocks are
+    evaluated in an order whose every prefix is spread over the whole split (`spread_order`), so a shortened
+    evaluation still covers every part of it; the unigram baseline uses exactly the evaluated blocks."""
     final, unigram = {}, {}
     splits = [s for s in eval_sets if s != "periodic"]
     per_split = None
     if budget.bounded:  # what is left after the save, shared equally by the splits
         affordable = (budget.left() - FINAL_SAVE_SECONDS) / (EVAL_TIME_MARGIN * seconds_per_block) / len(splits)
-        affordable = torch.tensor(float(max(MIN_FINAL_EVAL_BLOCKS, int(affordable))), device=accelerator.device)
-        per_split = int(accelerator.reduce(affordable, "min").item()) if accelerator.num_processes > 1 else int(affordable)
-    for split in splits:
+        per_split = int(agreed_min(accelerator, max(MIN_FINAL_EVAL_BLOCKS, int(affordable))))
+    for i, split in enumerate(splits):
         blocks = eval_sets[split]
+        deadline = None
         if per_split is not None:
             blocks = evenly_spaced(blocks, min(per_split, blocks.num_rows))
             if blocks.num_rows < eval_sets[split].num_rows:
                 logger.warning(f"Time budget: the final {split} evaluation uses {blocks.num_rows} of "
                                f"{eval_sets[split].num_rows} blocks.")
+            deadline = time.time() + (budget.left() - FINAL_SAVE_SECONDS) / (len(splits) - i)
+        blocks = blocks.select(spread_order(blocks.num_rows))
         loader = accelerator.prepare(DataLoader(blocks, collate_fn=collate_blocks, batch_size=args.per_device_eval_batch_size))
-        final[split] = evaluate(model, loader, accelerator, token_bytes)
+        final[split] = evaluate(model, loader, accelerator, token_bytes, stop=stop, deadline=deadline)
+        if final[split]["blocks"] < blocks.num_rows:
+            logger.warning(f"Time budget: the final {split} evaluation ran late and ended after "
+                           f"{final[split]['blocks']} of {blocks.num_rows} blocks.")
+            blocks = blocks.select(range(final[split]["blocks"]))
         unigram[split] = unigram_baseline_bpb(blocks, byte_counts)
         accelerator.print(
             f"{split}: loss {final[split]['loss']:.4f}, perplexity {final[split]['perplexity']:.3f}, bits-per-byte "

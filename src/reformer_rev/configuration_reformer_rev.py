@@ -175,6 +175,12 @@ def _token_id_in_vocab(name: str) -> tuple[str, Callable, Callable]:
     )
 
 
+# Depths beyond these are mistakes (a typo, a corrupted config.json), not models: building 10**9 blocks would run for
+# hours and exhaust any memory before failing. Deeper weight-tied models cycle `num_unique_layers` distinct blocks.
+MAX_DISTINCT_LAYERS = 16384
+MAX_APPLIED_LAYERS = 2**20
+
+
 def _stack_depths(c: RevFormerConfig) -> dict[str, int]:
     """The depth fields of the stacks the config builds (both stacks of an encoder-decoder)."""
     if c.is_encoder_decoder:
@@ -229,6 +235,15 @@ RELATIONS: tuple[tuple[str, Callable[[Any], bool], Callable[[Any], str]], ...] =
         lambda c: f"({c.num_unique_layers}) must not exceed the depth of the stack ("
         + ", ".join(f"`{k}`={v}" for k, v in _stack_depths(c).items())
         + "): blocks that are never applied would be unused parameters.",
+    ),
+    (
+        "num_hidden_layers",
+        lambda c: all(d <= MAX_APPLIED_LAYERS for d in _stack_depths(c).values())
+        and all(min(d, c.num_unique_layers or d) <= MAX_DISTINCT_LAYERS for d in _stack_depths(c).values()),
+        lambda c: ("(" + ", ".join(f"`{k}`={v}" for k, v in _stack_depths(c).items()) + ")"
+                   if c.is_encoder_decoder else f"({c.num_hidden_layers})")
+        + f" is beyond what this model can build or run: at most {MAX_DISTINCT_LAYERS} distinct blocks per stack "
+        f"(more with `num_unique_layers`, weight tying) and {MAX_APPLIED_LAYERS} applied layers.",
     ),
     _deq_ignores("exact_reversal", "makes the reversible backward of an explicit stack bit-exact"),
     _deq_ignores("stream_checkpoint_every", "guards the reconstruction of an explicit stack"),

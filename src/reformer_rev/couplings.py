@@ -177,7 +177,8 @@ class ExactArith:
         if not peak < 2.0**62:
             raise OverflowError(
                 f"Fixed-point stream overflow: a value of magnitude {peak * self.inv_scale:.3g} does not fit in "
-                f"int64 with {self.bits} fractional bits (or is not finite). Lower `fixed_point_scale_bits`."
+                f"int64 with {self.bits} fractional bits (or is not finite). Lower the fractional bits: "
+                "`fixed_point_bits` of `make_reversible`, `fixed_point_scale_bits` of `RevFormerConfig`."
             )
 
     def check(self) -> None:

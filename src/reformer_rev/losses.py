@@ -19,6 +19,7 @@ def chunked_cross_entropy(
     labels: torch.Tensor,
     chunk_size: int,
     num_items_in_batch: torch.Tensor | int | None = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Mean cross-entropy of `lm_head(hidden_states[:, t])` against `labels[:, t]` (no shift), chunk by chunk.
 
@@ -26,7 +27,8 @@ def chunked_cross_entropy(
     chunk's logits at a time (0 = one chunk). Parameters are used inside the graph (not passed around), which keeps
     DDP/FSDP hooks intact. The mean is over the non-ignored targets, or over `num_items_in_batch` when given:
     `Trainer` passes the target count of the whole accumulated (and multi-process) batch and then skips its own loss
-    scaling, so each batch contributes its share of that global mean.
+    scaling, so each batch contributes its share of that global mean. `label_smoothing` mixes the target with the
+    uniform distribution over the vocabulary (`F.cross_entropy`'s definition), still one chunk at a time.
     """
     labels = labels.to(hidden_states.device)
     # Cross-entropy in at least float32 (bf16 logits under autocast would lose the loss's precision).
@@ -35,7 +37,8 @@ def chunked_cross_entropy(
     def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = lm_head(h).to(loss_dtype)
         return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum",
+            label_smoothing=label_smoothing,
         )
 
     length = hidden_states.shape[1]

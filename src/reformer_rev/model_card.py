@@ -46,7 +46,7 @@ from typing import Any, Literal
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .safe_io import atomic_write_text
+from .safe_io import atomic_write_text, final_destination
 
 Task = Literal["causal-lm", "translation"]
 TASKS: tuple[str, ...] = ("causal-lm", "translation")
@@ -286,7 +286,8 @@ def build_model_card(
         raise FileNotFoundError(f"Model card template not found: {template_path} (pass `template_path=`).")
 
     repo_id = repo_id or results.get("hub_model_id") or None
-    model_name = results.get("model_name") or (repo_id.split("/")[-1] if repo_id else output_dir.resolve().name)
+    # Named by the folder the checkpoint ends up in: a card written during an atomic save sits in its temp folder.
+    model_name = results.get("model_name") or (repo_id.split("/")[-1] if repo_id else final_destination(output_dir).name)
     dataset = _dataset_info(results, task)
     metrics = extract_metrics(results)
     language = _language(results, task, dataset)

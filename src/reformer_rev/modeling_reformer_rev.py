@@ -13,6 +13,7 @@ checkpoint for `trust_remote_code=True` loading.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -425,6 +426,7 @@ class RevFormerPreTrainedModel(PreTrainedModel):
         randomly); pass `allow_missing_weights=True` to accept that, e.g. to put a new head on a backbone.
         """
         allow_missing = kwargs.pop("allow_missing_weights", False)
+        allow_nonfinite = kwargs.pop("allow_nonfinite_weights", False)
         want_info = kwargs.pop("output_loading_info", False)
         load = super().from_pretrained
         try:
@@ -439,6 +441,12 @@ class RevFormerPreTrainedModel(PreTrainedModel):
                     f"Could not read the weights of {pretrained_model_name_or_path!s}: the safetensors file is "
                     f"truncated or corrupted ({err}). Re-download or re-save the checkpoint."
                 ) from err
+            if "ignore_mismatched_sizes" in str(err):  # transformers: "... For details look at the above report!"
+                raise ValueError(
+                    f"The weights in {pretrained_model_name_or_path!s} do not fit the model its config.json describes"
+                    f"{_shape_mismatches(cls, pretrained_model_name_or_path, kwargs)}. Fix config.json (or pass "
+                    "`ignore_mismatched_sizes=True` to initialise those weights randomly)."
+                ) from err
             raise
         tied = set(model._tied_weights_keys or {}) if model.config.tie_word_embeddings else set()
         missing = [k for k in info.get("missing_keys", []) if k not in tied]
@@ -448,6 +456,24 @@ class RevFormerPreTrainedModel(PreTrainedModel):
                 f"{cls.__name__}, e.g. {sorted(missing)[:5]}; they would be randomly initialised. Pass "
                 "`allow_missing_weights=True` if that is intended."
             )
+        # A config.json with fewer layers than the weights (edited, or from another save): the extra layers' weights
+        # are dropped by transformers with at most a generic note. Say how many, and which field decides.
+        extra = sorted({int(m.group(2)) for k in info.get("unexpected_keys", [])
+                        if (m := re.search(r"(^|\.)layers\.(\d+)\.", k))})
+        if extra:
+            logger.warning(
+                f"{pretrained_model_name_or_path!s} holds the weights of {len(extra)} more layer(s) (layers "
+                f"{extra[0]}-{extra[-1]}) than its config's num_hidden_layers/encoder_layers/decoder_layers builds: "
+                "they were not loaded. Fix config.json if the checkpoint has more layers than it says."
+            )
+        if not allow_nonfinite:
+            bad = [n for n, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+            if bad:
+                raise ValueError(
+                    f"The weights in {pretrained_model_name_or_path!s} hold NaN/inf values in {len(bad)} tensor(s), "
+                    f"e.g. {bad[:3]}: the model was saved after it diverged, or the file is damaged. Pass "
+                    "`allow_nonfinite_weights=True` to load it anyway."
+                )
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
@@ -462,6 +488,34 @@ class RevFormerPreTrainedModel(PreTrainedModel):
             lambda folder: save(folder, *args, **kwargs),
             is_main_process=kwargs.get("is_main_process", True),
         )
+
+
+def _shape_mismatches(cls: Any, path: Any, kwargs: dict[str, Any]) -> str:
+    """': name (checkpoint shape, config shape: `field`=value), ...' for the weights of a local folder whose shapes
+    differ from those the config builds ('' when that cannot be told, e.g. a Hub id)."""
+    try:
+        from safetensors import safe_open
+
+        config = cls.config_class.from_pretrained(path, **{k: v for k, v in kwargs.items() if k == "revision"})
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+        found = {}
+        with safe_open(f"{path}/model.safetensors", framework="pt") as fh:
+            for key in fh.keys():
+                found[key] = tuple(fh.get_slice(key).get_shape())
+    except Exception:  # noqa: BLE001 - best effort: the caller's message stands without the details
+        return ""
+    fields = {n: getattr(config, n) for n in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                                              "num_key_value_heads", "head_dim") if isinstance(getattr(config, n, None), int)}
+    details = []
+    for key, shape in found.items():
+        want = expected.get(key)
+        if want is None or want == shape:
+            continue
+        names = sorted({n for a, b in zip(shape, want) if a != b for n, v in fields.items() if v == b})
+        said = ", ".join(f"`{n}`={fields[n]}" for n in names)
+        details.append(f"{key} has shape {shape} in the checkpoint, {want} from config.json" + (f" ({said})" if said else ""))
+    return (": " + "; ".join(details[:3]) + ("; …" if len(details) > 3 else "")) if details else ""
 
 
 class RevFormerModel(RevFormerPreTrainedModel):

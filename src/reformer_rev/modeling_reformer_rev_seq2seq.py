@@ -437,6 +437,7 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
         logits_to_keep: int = 0,
         return_logits: bool | None = None,
         position_ids: torch.LongTensor | None = None,
+        label_smoothing: float = 0.0,
         **kwargs: Any,
     ) -> RevFormerSeq2SeqLMOutput:
         """
@@ -446,6 +447,8 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
             `predict_with_generate=False` evaluation); in training the chunked loss never materialises them.
         position_ids: source positions. Restarting `position_ids` and `decoder_position_ids` pack several (source,
             target) pairs in a row (see `RevFormerSeq2SeqModel.forward`); `labels` are then shifted per document.
+        label_smoothing: with `labels`, the loss's label smoothing (`F.cross_entropy`'s), computed by the chunked
+            loss, so that long targets (document-level translation) still never materialise the logits.
         """
         if labels is not None:
             labels = check_labels(labels, self.config.vocab_size, None)
@@ -481,7 +484,9 @@ class RevFormerForConditionalGeneration(RevFormerPreTrainedModel, GenerationMixi
             if labels.shape != hidden.shape[:2]:
                 raise ValueError(f"`labels` must have shape {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}.")
             chunk = resolve_chunk_size(self.config.loss_chunk_size, self.config.vocab_size)
-            loss = chunked_cross_entropy(hidden, self.lm_head, labels, chunk, kwargs.get("num_items_in_batch"))
+            loss = chunked_cross_entropy(
+                hidden, self.lm_head, labels, chunk, kwargs.get("num_items_in_batch"), label_smoothing
+            )
             if outputs.jacobian_loss is not None:
                 loss = loss + self.config.deq_jacobian_reg * outputs.jacobian_loss
         if labels is None or wants_logits(self, return_logits):

@@ -7,7 +7,8 @@ Accelerate loop): each piece exists once here.
 * `budget`: `TimeBudget` from process start, `BudgetedSchedule` (warmup + decay whose end can move), `StepFitter`.
 * `checkpointing`: `CheckpointManager` (atomic, manifest-verified, pickle-free checkpoints with fallback to the newest
   valid one), `output_dir_lock` (one run per folder).
-* `cli`: shared argument groups, `RevFormerConfig` fields as options, `config_from_args`, Accelerator and optimizer.
+* `cli`: the option table (`Option`, `OptionParser`: `--help` and the defaults from one row per option), `RevFormerConfig`
+  fields as options, `config_from_args`, Accelerator and optimizer.
 * `models`: where the model comes from (new config or a registered loader per checkpoint `model_type`).
 * `corpus`, `tokenization`, `translation`: the bundled data, tokenizers, translation data and metrics.
 * `reporting`: loss-curve PNG and a generated sample.

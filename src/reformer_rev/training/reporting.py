@@ -1,4 +1,4 @@
-"""What a finished run shows: a loss-curve PNG and a short generated sample."""
+"""What a finished run shows: a loss-curve PNG, a translation-score PNG and a short generated sample."""
 
 from __future__ import annotations
 
@@ -46,6 +46,39 @@ def plot_loss_curve(
         ax.plot(*zip(*ev), "o-", color="tab:orange", label="validation")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(unit)
+    return _finish(fig, ax, path, title)
+
+
+def plot_translation_curve(path: str | os.PathLike, evals: Sequence[dict[str, Any]], title: str) -> bool:
+    """Validation chrF and BLEU against wall-clock minutes since the start of the job (records with `minutes`,
+    `val_chrf`, `val_bleu` and, when known, the copy-the-source baseline `copy_source_chrf`/`copy_source_bleu`).
+    Returns False (with a warning) without matplotlib, or when no evaluation decoded anything."""
+    points = [e for e in evals if e.get("val_chrf") is not None and e.get("minutes") is not None]
+    if not points:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning(f"matplotlib is not installed (`pip install matplotlib`): no score curve written to {path}.")
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    minutes = [e["minutes"] for e in points]
+    for key, label, color in (("chrf", "chrF", "tab:green"), ("bleu", "BLEU", "tab:purple")):
+        ax.plot(minutes, [e[f"val_{key}"] for e in points], "o-", color=color, label=f"validation {label}")
+        copy = points[-1].get(f"copy_source_{key}")
+        if copy is not None:
+            ax.axhline(copy, color=color, linestyle="--", alpha=0.6, label=f"copy the source ({label})")
+    ax.set_xlabel("minutes since the start of the job")
+    ax.set_ylabel("score (greedy decoding)")
+    return _finish(fig, ax, path, title)
+
+
+def _finish(fig: Any, ax: Any, path: str | os.PathLike, title: str) -> bool:
+    """Title, grid and legend of a curve; saved to `path` and closed (pyplot keeps every open figure alive)."""
+    import matplotlib.pyplot as plt  # the callers imported it (with the Agg backend) already
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -71,4 +104,4 @@ def generate_sample(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
-__all__ = ["generate_sample", "plot_loss_curve"]
+__all__ = ["generate_sample", "plot_loss_curve", "plot_translation_curve"]

@@ -5,6 +5,9 @@
   default `vocab_size` of `RevFormerConfig`. Nothing is ever out of vocabulary and bits-per-byte is simply
   `loss / ln 2`.
 * `train_bpe_tokenizer()`: a byte-level BPE learnt on the training split with the `tokenizers` library.
+* `train_unigram_with_byte_fallback()`: a SentencePiece-style unigram model (`Metaspace` pre-tokenisation, as in
+  Marian/OPUS-MT) whose vocabulary also holds the 256 byte tokens `<0x00>`..`<0xFF>`: a character the pieces do not
+  cover is spelt in UTF-8 bytes instead of becoming `<unk>`.
 
 Both are built with `tokenizers` (Rust) so that `datasets.map` tokenises whole books quickly, and both decode back to
 the exact text. `token_byte_lengths()` gives, per token id, how many UTF-8 bytes it stands for: the denominator of
@@ -97,6 +100,35 @@ def train_byte_level_bpe(
     return tokenizer
 
 
+def train_unigram_with_byte_fallback(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A raw SentencePiece-style unigram tokenizer (`tokenizers`) learnt on `texts`, special tokens first (ids 0-3),
+    then the learnt pieces, then the 256 byte-fallback tokens; `vocab_size` counts all of them."""
+    import json
+
+    learnt = vocab_size - NUM_BYTES
+    if learnt <= len(SPECIAL_TOKENS) + 1:
+        raise ValueError(
+            f"`vocab_size` must exceed {NUM_BYTES + len(SPECIAL_TOKENS) + 1} for a unigram model with byte fallback "
+            f"(the 256 byte tokens plus special tokens and pieces), got {vocab_size}."
+        )
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=learnt, special_tokens=list(SPECIAL_TOKENS), unk_token=UNK_TOKEN, show_progress=False
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    # The trainer has no byte-fallback switch: add the byte pieces (scored below every learnt piece, so they are only
+    # used where nothing else matches) and rebuild the model with `byte_fallback=True`.
+    state = json.loads(tokenizer.to_str())
+    pieces = state["model"]["vocab"]
+    floor = min(score for _, score in pieces[len(SPECIAL_TOKENS) :]) - 10.0
+    pieces += [[f"<0x{b:02X}>", floor] for b in range(NUM_BYTES)]
+    unigram = models.Unigram([tuple(p) for p in pieces], unk_id=state["model"]["unk_id"], byte_fallback=True)
+    tokenizer.model = unigram
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    return tokenizer
+
+
 def _as_iterator(texts: Iterable[str]) -> Iterator[str]:
     yield from texts
 
@@ -157,6 +189,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "build_byte_tokenizer",
     "train_bpe_tokenizer",
+    "train_unigram_with_byte_fallback",
     "is_byte_tokenizer",
     "token_byte_lengths",
     "token_byte_counts",
