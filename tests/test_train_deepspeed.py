@@ -102,3 +102,24 @@ def test_zero3_finetunes_a_checkpoint_like_ddp(data, tmp_path):
     assert [r["loss"] for r in TrainLog.read(tmp_path / "zero3")] == pytest.approx(ddp_losses, rel=1e-4)
     ddp_val = json.loads((tmp_path / "ddp" / "results.json").read_text())["validation"]["loss"]
     assert results["validation"]["loss"] == pytest.approx(ddp_val, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_zero3_finetunes_a_converted_pretrained_model_like_ddp(data, tmp_path):
+    """A plain Llama checkpoint trained through `make_reversible` under ZeRO-3: the conversion gives the decoder
+    layers' engine blocks their release scopes itself; per-step losses follow 2-process DDP's."""
+    from test_train_lm_pretrained import save_tiny_pretrained
+
+    model_dir = save_tiny_pretrained(tmp_path / "llama", "llama", with_tokenizer=True)
+    ddp = run(torchrun(), script_args(data, tmp_path / "ddp", "--cpu", "--model_name_or_path", str(model_dir)), tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    zero3 = run(accelerate_launch(3), script_args(data, tmp_path / "zero3", "--model_name_or_path", str(model_dir)),
+                tmp_path)
+    results_path = tmp_path / "zero3" / "results.json"  # exit code: see test_zero3_finetunes_a_checkpoint_like_ddp
+    assert results_path.is_file(), zero3.stderr[-3000:]
+    results = json.loads(results_path.read_text())
+    assert results["num_processes"] == 2 and results["train"]["steps"] == 4
+    assert results["distributed_type"] == "DEEPSPEED" and results["model"]["architecture"] == "LlamaForCausalLM"
+    assert results["model"]["reversible"] is True
+    ddp_losses = [r["loss"] for r in TrainLog.read(tmp_path / "ddp")]
+    assert [r["loss"] for r in TrainLog.read(tmp_path / "zero3")] == pytest.approx(ddp_losses, rel=1e-4)

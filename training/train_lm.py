@@ -89,6 +89,7 @@ from reformer_rev.training.models import (
     build_model,
     checkpoint_model_type,
     is_plain_transformers_model,
+    model_class_name,
     trains_reversibly,
 )
 from reformer_rev.training.reporting import generate_sample, plot_loss_curve
@@ -783,7 +784,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
         "model": {
             **{k: getattr(unwrapped.config, k, None) for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
                                                                "num_attention_heads", "intermediate_size")},
-            "architecture": type(unwrapped).__name__,
+            "architecture": model_class_name(unwrapped),
             "reversible": trains_reversibly(unwrapped),
         },
         # A pretrained Llama/GPT-2/... fine-tuned here: the model card describes a plain `transformers` checkpoint.
@@ -793,6 +794,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
             args.tokenizer_name or (args.model_name_or_path if args.tokenizer_type is None else "bpe")),
         "block_size": args.block_size,
         "num_processes": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,  # e.g. FSDP, MULTI_CPU, DEEPSPEED, NO
         "mixed_precision": accelerator.mixed_precision,
         "train": {
             "steps": state.completed_steps,

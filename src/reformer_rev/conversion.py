@@ -449,12 +449,34 @@ class ReversibleConversion:
                     f"A non-empty `{name}` (e.g. prefix tuning) cannot be used while a converted model trains "
                     "reversibly: the recomputing backward would update the cache a second time."
                 )
-        if any(callable(getattr(layer, "_get_fsdp_state", None)) for layer in self.layers):
-            raise ValueError(
-                "`make_reversible` does not support FSDP-sharded decoder layers (the whole stack runs inside one "
-                "layer's call, while FSDP gathers each layer's weights around its own call). Use DDP."
-            )
+        self._check_sharding()
         self.current = _StackCall()
+
+    def _check_sharding(self) -> None:
+        """Route FSDP2-sharded layers through FSDP's hooks (once); refuse the wrappers the stack cannot run under.
+
+        The whole stack runs inside the last layer's call, while FSDP gathers each layer's weights around its own
+        call: under FSDP2 (`fully_shard` per decoder layer, what Accelerate's `fsdp_version: 2` does) each layer's
+        branches become forward methods of its FSDP unit (`distributed.register_fsdp_converted_layers`)."""
+        layer_list = getattr(self.decoder, self.family.layers)
+        if any(listed is not layer for listed, layer in zip(layer_list, self.layers)):
+            raise ValueError(
+                f"The decoder's layers were replaced by wrappers ({type(layer_list[0]).__name__}) after "
+                "`make_reversible`: FSDP1 (`fsdp_version: 1`) and activation-checkpoint wrappers are not supported by "
+                "a reversible stack. Use FSDP2 (`fsdp_version: 2`), DDP, or no wrapper (the stack already recomputes)."
+            )
+        if any(hasattr(p, "ds_id") for p in self.layers[0].parameters()) and any(
+            getattr(b, "gradient_release_scope", None) is None for b in self.blocks
+        ):
+            # DeepSpeed ZeRO-3 partitions every parameter outside the hooks of its module; the recompute runs inside
+            # them, but the engine delivers the summed gradients after it (`register_deepspeed_zero3_scopes`).
+            from .distributed import register_deepspeed_zero3_scopes
+
+            register_deepspeed_zero3_scopes(self.model)
+        if any(callable(getattr(layer, "_get_fsdp_state", None)) for layer in self.layers):
+            from .distributed import register_fsdp_converted_layers
+
+            register_fsdp_converted_layers(self.blocks)
 
     def _close_call(self, module: nn.Module, args: tuple, output: Any) -> None:
         call, self.current = self.current, None
@@ -480,7 +502,7 @@ class ReversibleConversion:
         hidden = bound.pop("hidden_states")
         if index == 0:
             call.hidden = hidden
-        elif hidden is not call.hidden:
+        elif not _same_tensor(hidden, call.hidden):
             raise RuntimeError(
                 "The hidden state changed between two converted decoder layers (a hook or a custom layer loop?): "
                 "the reversible stack can only run layers that feed each other directly."
@@ -611,6 +633,19 @@ def _check_layer_structure(layer: nn.Module, family: FamilySpec) -> None:
             f"its family's description ({family.pattern}): {', '.join(uncovered[:5])}. Its layer computes something "
             "the conversion would not."
         )
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """`a` is `b` or an alias of it with the same geometry: FSDP2's pre-forward hook of each sharded layer hands the
+    layer a new tensor object (the output of its post-backward autograd Function) that shares the hidden state's
+    storage."""
+    return a is b or (
+        isinstance(a, torch.Tensor)
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.data_ptr() == b.data_ptr()
+    )
 
 
 def _rms(t: torch.Tensor) -> float:

@@ -19,11 +19,16 @@ sharded. The routing needs one private piece of FSDP2 (its per-module training s
 `tests/test_distributed.py` checks on every torch CI runs (the local release and the newest one, `make
 test-newest-torch`) that the private step is still needed and still gives one-process gradients.
 
+Models converted by `make_reversible` need no call: their decoder layers are the FSDP2 units (Accelerate shards the
+model's `_no_split_modules`), and the conversion routes each layer's branches through them at its first training
+forward (`register_fsdp_converted_layers`), or gives them their ZeRO-3 release scopes.
+
 Only torch is imported at module level (DeepSpeed lazily, by the function that needs it).
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any
 
@@ -116,6 +121,81 @@ def _leave_pre_backward(module: nn.Module) -> None:
         state._training_state = TrainingState.IDLE
 
 
+def _route_through_fsdp(owner: nn.Module, name: str, fn: Any) -> Any:
+    """`fn`, which uses the parameters of the FSDP2 module `owner`, as a forward method of `owner` that the engine can
+    call again in backward: FSDP's pre-forward (all-gather, post-backward hook on the inputs) and post-forward (reshard,
+    pre-backward hook on the output) run around every call, after `_leave_pre_backward`. `name` is the attribute the
+    public `register_fsdp_forward_method` patches on `owner`; the returned callable is what the engine calls."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    setattr(owner, name, fn)
+    register_fsdp_forward_method(owner, name)
+    through_fsdp = getattr(owner, name)
+
+    def routed(*args: Any, **kwargs: Any) -> Any:
+        _leave_pre_backward(owner)
+        return through_fsdp(*args, **kwargs)
+
+    return routed
+
+
+def _converted_layer_blocks(model: nn.Module) -> list[Any]:
+    """The engine blocks of a model converted by `make_reversible` (also inside a PEFT wrapper), [] otherwise."""
+    for module in (model, getattr(model, "module", None)):  # `module`: a DDP-style wrapper
+        get_base = getattr(module, "get_base_model", None)
+        base = get_base() if callable(get_base) and type(module).__module__.startswith("peft.") else module
+        conversion = getattr(base, "_reversible_conversion", None)
+        if conversion is not None:
+            return list(conversion.blocks)
+    return []
+
+
+def register_fsdp_converted_layers(blocks: list[Any]) -> int:
+    """Route the branches of converted decoder layers (`make_reversible`) through FSDP2, like the native blocks' f/g.
+
+    Each engine block of a converted model wraps one decoder layer (two for paired parallel layers: `block.layers`),
+    each the FSDP2 unit (Accelerate shards `_no_split_modules`, e.g. `LlamaDecoderLayer`). The block's `f` (pre-norm attention) and `g` (pre-norm MLP)
+    become forward methods of that layer (`_reversible_f`/`_reversible_g`), so every call -- forward and recompute --
+    all-gathers the layer's parameters, reshards after and reduce-scatters the gradients of that call. The block then
+    also answers FSDP's own `_get_fsdp_state`, which tells the engine to accumulate in place (FSDP2 owns the unsharded
+    gradients). `make_reversible` calls this itself at the first training forward after sharding; idempotent. Returns
+    the number of blocks whose layer is sharded.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return 0
+    layers = [layer for b in blocks for layer in b.layers]  # a block holds one decoder layer, or two parallel ones
+    sharded = [layer for layer in layers if isinstance(layer, FSDPModule)]
+    if not sharded:
+        return 0
+    if len(sharded) != len(layers):
+        raise ValueError(
+            f"FSDP2 shards {len(sharded)} of the {len(layers)} converted decoder layers: a reversible stack needs every "
+            "decoder layer to be its own FSDP2 unit (Accelerate: `fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP` "
+            "with the model's decoder layer class, its default) or none."
+        )
+    check_fsdp2_support()
+    for name in sorted({type(layer).__name__ for layer in sharded}):
+        # A layer's own call only records its arguments and returns its input, which FSDP2's pre-forward has replaced
+        # by an alias (the output of its post-backward Function): FSDP2 warns about returned views because an in-place
+        # op on one would drop its pre-backward hook. The stack reads that tensor and never modifies it in place.
+        warnings.filterwarnings(
+            "ignore", message=rf"FSDP2-wrapped module \({re.escape(name)}\) returned a view tensor", category=UserWarning
+        )
+    for block in blocks:
+        if getattr(block, _PATCHED, False):
+            continue
+        # Each branch runs as a forward method of the layer that owns it (paired parallel layers: f of layer 2k, g of
+        # layer 2k + 1); a missing g (an odd last parallel layer) has no parameters to gather.
+        for name, step in (("f", block.f_step), ("g", block.g_step)):
+            if step is not None:
+                setattr(block, name, _route_through_fsdp(step.layer, f"_reversible_{name}", getattr(block, name)))
+        block._get_fsdp_state = block.f_step.layer._get_fsdp_state
+        setattr(block, _PATCHED, True)
+    return len(blocks)
+
+
 def register_fsdp_reversible_methods(model: nn.Module, allow_untested_torch: bool | None = None) -> int:
     """Route `f`/`g` of every FSDP2-sharded reversible block of `model` through FSDP2's hooks, recompute included.
 
@@ -123,11 +203,19 @@ def register_fsdp_reversible_methods(model: nn.Module, allow_untested_torch: boo
     to the block class, or by your own `fully_shard` calls); `shard_reversible_model` shards and routes in one call.
     Uses the public `register_fsdp_forward_method` and, before each call, `_leave_pre_backward`. Idempotent. Returns
     the number of blocks routed (0 if none is sharded, e.g. under DDP, or without FSDP2 in this torch).
+
+    A model converted by `make_reversible` has its decoder layers routed instead (`register_fsdp_converted_layers`;
+    the conversion also does it by itself at its first training forward).
     """
     try:
-        from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+        from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch without public FSDP2: nothing can be sharded by it
         return 0
+    converted = _converted_layer_blocks(model)
+    if converted:
+        if allow_untested_torch is not None:
+            check_fsdp2_support(allow_untested_torch)
+        return register_fsdp_converted_layers(converted)
     blocks = [b for b in reversible_blocks(model) if isinstance(b, FSDPModule)]
     if not blocks:
         return 0
@@ -136,14 +224,7 @@ def register_fsdp_reversible_methods(model: nn.Module, allow_untested_torch: boo
         if getattr(block, _PATCHED, False):
             continue
         for name in ("f", "g"):
-            register_fsdp_forward_method(block, name)
-            through_fsdp = getattr(block, name)
-
-            def routed(*args: Any, _block: nn.Module = block, _method=through_fsdp, **kwargs: Any) -> Any:
-                _leave_pre_backward(_block)
-                return _method(*args, **kwargs)
-
-            setattr(block, name, routed)
+            setattr(block, name, _route_through_fsdp(block, name, getattr(block, name)))
         setattr(block, _PATCHED, True)
     return len(blocks)
 
@@ -204,7 +285,9 @@ def register_deepspeed_zero3_scopes(model: nn.Module) -> int:
         import deepspeed
     except ImportError as err:
         raise ImportError("`register_deepspeed_zero3_scopes` needs DeepSpeed (`pip install deepspeed`).") from err
-    blocks = reversible_blocks(model)
+    # A model converted by `make_reversible`: its engine blocks wrap the decoder layers (`block.parameters()` are the
+    # layer's), the same delivery after the recompute.
+    blocks = _converted_layer_blocks(model) or reversible_blocks(model)
     for block in blocks:
         block.gradient_release_scope = lambda _block=block: deepspeed.zero.GatheredParameters(list(_block.parameters()))
     return len(blocks)
@@ -216,6 +299,7 @@ __all__ = [
     "is_reversible_block",
     "reversible_blocks",
     "register_deepspeed_zero3_scopes",
+    "register_fsdp_converted_layers",
     "register_fsdp_reversible_methods",
     "shard_reversible_model",
 ]

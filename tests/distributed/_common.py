@@ -61,3 +61,25 @@ def finish() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def reference_steps(model, optimizer, batches, world: int, clip: float = 0.0, after_step=None) -> list[float]:
+    """One process over the same global batches as `world` ranks: each step runs every rank's slice in turn with that
+    rank's seed (`1000 * step + rank`: same dropout masks and coupling signs as the rank) and steps on the mean of their
+    losses, which is what the ranks' averaging reduction computes. Returns the per-step losses."""
+    losses = []
+    for step, batch in enumerate(batches):
+        parts = []
+        for rank, local in enumerate(batch.chunk(world)):
+            torch.manual_seed(1000 * step + rank)
+            parts.append(model(input_ids=local, labels=local).loss)
+        loss = torch.stack(parts).mean()
+        loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        if after_step is not None:
+            after_step()
+    return losses

@@ -72,29 +72,43 @@ def run_mode(accelerator: Accelerator, mode_name: str, stage: int, clip: float, 
             optimizer.zero_grad()
             errors.append(update_rel_err(full_params(model, stage), ref_params[step], initial))
         result.update(ok=True, update_rel_err=max(errors), per_step=errors)
-        flat = torch.cat([p.reshape(-1) for p in full_params(model, stage)])
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
-        result["ranks_max_abs_diff"] = max((g - gathered[0]).abs().max().item() for g in gathered)
+        result["ranks_max_abs_diff"] = ranks_max_abs_diff(model, stage)
     except Exception as err:  # noqa: BLE001 - record DeepSpeed's failure, whatever its type
         result.update(ok=False, error=describe(err))
-    verdicts = [None] * world
+    return close_case(accelerator, result)
+
+
+def ranks_max_abs_diff(model: torch.nn.Module, stage: int) -> float:
+    """How far the ranks' (gathered) parameters differ: 0.0 when every rank applied the same update."""
+    flat = torch.cat([p.reshape(-1) for p in full_params(model, stage)])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    return max((g - gathered[0]).abs().max().item() for g in gathered)
+
+
+def close_case(accelerator: Accelerator, result: dict) -> dict:
+    """A case is ok only if it is ok on every rank; free DeepSpeed's engine for the next case."""
+    verdicts = [None] * dist.get_world_size()
     dist.all_gather_object(verdicts, result["ok"])
     result["ok"] = all(verdicts)
     accelerator.free_memory()
     return result
 
 
-def main() -> None:
+def deepspeed_accelerator(rows: int) -> tuple[Accelerator, int, float]:
+    """The Accelerator of a worker started by `accelerate launch` with a DeepSpeed config; its ZeRO stage and clipping."""
     # Without a GPU, Accelerate finds no backend and records ONE process (both ranks "main", unsharded data) while
     # DeepSpeed itself initialises gloo over all ranks: name the backend so that both agree.
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
         raise SystemExit("Launch with `accelerate launch --config_file training/accelerate_configs/deepspeed_zero*.yaml`.")
-    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = ROWS // accelerator.num_processes
-    stage = int(plugin.zero_stage)
-    clip = float(plugin.deepspeed_config.get("gradient_clipping", 0.0) or 0.0)
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = rows // accelerator.num_processes
+    return accelerator, int(plugin.zero_stage), float(plugin.deepspeed_config.get("gradient_clipping", 0.0) or 0.0)
+
+
+def main() -> None:
+    accelerator, stage, clip = deepspeed_accelerator(ROWS)
     modes = sys.argv[1:-1] or list(DEFAULT_MODES)
     results = {}
     cases = [(mode, True) for mode in modes]

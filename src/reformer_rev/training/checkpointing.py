@@ -137,7 +137,9 @@ def tensors_from_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
         if source not in tensors:
             raise CheckpointError(path.name, f"alias {alias!r} points to missing tensor {source!r}")
         tensors[alias] = tensors[source]
-    return tensors, meta
+    # safetensors returns the tensors in a per-process hash order. Under FSDP2, loading a full state dict scatters it
+    # tensor by tensor in the dict's order, which must be the same on every rank (or the collectives mismatch).
+    return dict(sorted(tensors.items())), meta
 
 
 # --------------------------------------------------------------------------------------------------------------

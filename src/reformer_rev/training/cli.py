@@ -28,11 +28,12 @@ from typing import Any
 import datasets
 import torch
 import transformers
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedDataParallelKwargs,
     DistributedType,
+    FullyShardedDataParallelPlugin,
     InitProcessGroupKwargs,
 )
 
@@ -342,6 +343,7 @@ def make_accelerator(args: argparse.Namespace, **kwargs: Any) -> Accelerator:
         kwargs_handlers=handlers,
         **kwargs,
     )
+    adopt_fsdp_on_cpu(accelerator)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
         # e.g. plain `torchrun` on a machine without GPUs: every process would train alone, each as "rank 0".
         raise RuntimeError(
@@ -349,6 +351,31 @@ def make_accelerator(args: argparse.Namespace, **kwargs: Any) -> Accelerator:
             "(or set ACCELERATE_USE_CPU=1) so the processes form one DDP group."
         )
     return accelerator
+
+
+def adopt_fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin | None = None) -> bool:
+    """Honour an FSDP2 plugin on CPU (gloo), which Accelerate silently drops: its `AcceleratorState` turns FSDP on only
+    for accelerator devices and gives plain DDP (`MULTI_CPU`) otherwise (docs/distributed.md). Without `plugin`, the one
+    `accelerate launch --config_file ...fsdp.yaml` describes through its `ACCELERATE_USE_FSDP`/`FSDP_*` environment.
+    Then `accelerator.prepare` runs Accelerate's own FSDP2 preparation (`fully_shard` per `_no_split_modules` layer and
+    the root, sharded optimizer state, FSDP state dicts). Used by the training scripts (`make_accelerator`) and by the
+    CPU tests; a no-op on GPUs, where Accelerate does this itself. Returns whether FSDP2 was adopted."""
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    if plugin is None:
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+            return False
+        plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables `accelerate launch` sets
+    if plugin.fsdp_version != 2:
+        raise ValueError(
+            f"FSDP on CPU needs `fsdp_version: 2` (FSDP2, `fully_shard`), got fsdp_version {plugin.fsdp_version}."
+        )
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    # Both shared states: a later `AcceleratorState()` (Accelerate builds them inside `prepare`) copies the partial one.
+    accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    return True
 
 
 def prepare_distributed_model(model: torch.nn.Module, accelerator: Accelerator) -> None:

@@ -99,4 +99,14 @@ def trains_reversibly(model: PreTrainedModel) -> bool:
     return is_reversible(model) if is_plain_transformers_model(model) else bool(getattr(model.config, "reversible", True))
 
 
-__all__ = ["CONVERTIBLE_MODEL_TYPES", "trains_reversibly", "Task", "build_model", "is_plain_transformers_model", "checkpoint_model_type", "load_pretrained", "register_pretrained_loader"]
+def model_class_name(model: torch.nn.Module) -> str:
+    """The model's own class name: FSDP2 (`fully_shard`) turns an instance's class into a generated `FSDP<Class>`
+    subclass, which is no architecture anyone can load."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return type(model).__name__
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__
+
+
+__all__ = ["CONVERTIBLE_MODEL_TYPES", "model_class_name", "trains_reversibly", "Task", "build_model", "is_plain_transformers_model", "checkpoint_model_type", "load_pretrained", "register_pretrained_loader"]
