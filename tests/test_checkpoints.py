@@ -333,7 +333,7 @@ def test_resume_at_the_final_step_only_finishes_evaluation_and_save(corpus, refe
 
     real_move = safe_io._move_into_place
 
-    def killed(tmp, target, names):
+    def killed(tmp, target, names, digests=None):
         _truncate(tmp / "model.safetensors")
         raise SimulatedKill
 

@@ -610,7 +610,7 @@ def test_converted_model_refuses_wrapped_layers_and_partial_fsdp2_sharding():
 
     class Layer:  # stands in for an engine block whose layer FSDP2 did or did not shard
         def __init__(self, layer):
-            self.layer = layer
+            self.layers = [layer]
 
     from torch.distributed.fsdp import FSDPModule
 

@@ -22,7 +22,7 @@ from deepspeed_modes import close_case, deepspeed_accelerator, full_params, rank
 
 from reformer_rev import make_reversible
 from reformer_rev.conversion import SUPPORTED_MODEL_CLASSES
-from tests._tiny_hf import random_ids, tiny_model
+from tests._tiny_hf import family_model, random_ids
 
 STEPS, ROWS, LENGTH, LR, DROPOUT = 2, 4, 24, 0.1, 0.1
 FAMILIES = ["llama", "qwen2"] + (["qwen3"] if "Qwen3ForCausalLM" in SUPPORTED_MODEL_CLASSES else [])
@@ -30,7 +30,7 @@ FAMILIES = ["llama", "qwen2"] + (["qwen3"] if "Qwen3ForCausalLM" in SUPPORTED_MO
 
 def run(accelerator: Accelerator, family: str, stage: int, clip: float, scopes: bool = True) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
-    base = tiny_model(family, dropout=DROPOUT, dtype=torch.float32)
+    base = family_model(family, dropout=DROPOUT, dtype=torch.float32)
     batches = list(random_ids(ROWS * STEPS, LENGTH, seed=5).chunk(STEPS))
     reference = make_reversible(copy.deepcopy(base), chunk_size_feed_forward=8)
     initial = [p.detach().clone() for p in reference.parameters()]

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from eval.bench_sharded_conversion import held_bytes
 from reformer_rev import make_reversible
 from reformer_rev.conversion import SUPPORTED_MODEL_CLASSES
-from tests._tiny_hf import random_ids, tiny_model
+from tests._tiny_hf import family_model, random_ids, tiny_model
 
 STEPS, PER_RANK, LENGTH, DROPOUT = 3, 2, 24, 0.1
 FAMILIES = ["llama", "qwen2"] + (["qwen3"] if "Qwen3ForCausalLM" in SUPPORTED_MODEL_CLASSES else [])
@@ -85,7 +85,7 @@ def train(model, optimizer, batches, rank, world, sharded: bool):
 
 
 def run(family: str, mode: str, rank: int, world: int) -> dict:
-    base = tiny_model(family, depth=3, dropout=DROPOUT)
+    base = family_model(family, depth=3, dropout=DROPOUT)
     reference = make_reversible(copy.deepcopy(base), chunk_size_feed_forward=8)
     model = make_reversible(copy.deepcopy(base), chunk_size_feed_forward=8)
     rows = random_ids(PER_RANK * world * STEPS, LENGTH, seed=5)
