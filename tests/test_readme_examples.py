@@ -23,7 +23,7 @@ README = REPO / "README.md"
 BLOCKS = {
     "make train   # set up .venv": "the main job and the whole suite themselves (minutes)",
     "AutoConfig.for_model(": None,
-    "reformer_rev.make_reversible(model, gamma=0.25)": None,
+    "reformer_rev.safe_io.save_pretrained_safely(model, \"out/final\")": None,
     "make train        # = python training/train_lm.py": "the main job itself (9 minutes)",
     "accelerate launch --config_file training/configs/ddp.yaml": "GPU launchers and the 9-minute main job; the CPU "
                                                                   "torchrun path is tests/test_distributed.py",
