@@ -501,10 +501,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     save()
     if args.write_docs:
         docs = REPO / "docs" / "benchmarks"
-        atomic_write_json(docs / "pretrained.json", results)
-        atomic_write_text(docs / "pretrained.md", text + "\n")
         if results.get("finetune_plot"):
             (docs / "pretrained_finetune.png").write_bytes(Path(results["finetune_plot"]).read_bytes())
+            results = {**results, "finetune_plot": "pretrained_finetune.png"}  # the copy next to the results
+        atomic_write_json(docs / "pretrained.json", results)
+        atomic_write_text(docs / "pretrained.md", text + "\n")
     print(text)
     return results
 
