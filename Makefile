@@ -30,13 +30,17 @@ NEWEST_TORCH_TESTS ?= tests/test_distributed.py
 # minutes: pip runs with -q).
 step = @echo "[setup] $(1)"; start=$$(date +%s); $(2) && echo "[setup]   done in $$(( $$(date +%s) - start )) s"
 
-# $(call make_venv,DIR,TORCH,PIP_OPTIONS): a virtual environment in DIR with torch (TORCH: pip arguments) and an
-# editable install of `.[dev]`.
+# The extras of the test environments: the tools and clients (`dev`), and TRL (`trl`: needs accelerate >= 1.10, so the
+# lowest-releases environment, pinned to accelerate 1.3, goes without it; tests/test_clients_trl.py skips there).
+EXTRAS := dev,trl
+
+# $(call make_venv,DIR,TORCH,PIP_OPTIONS,EXTRAS): a virtual environment in DIR with torch (TORCH: pip arguments) and an
+# editable install of `.[EXTRAS]`.
 define make_venv
 	$(call step,creating the virtual environment $(1) with $(PYTHON),$(PYTHON) -m venv $(1))
 	$(call step,upgrading pip,$(1)/bin/python -m pip install -q --upgrade pip)
 	$(call step,installing torch ($(2)): seconds from a local wheel; a download takes minutes,$(1)/bin/python -m pip install -q $(2))
-	$(call step,installing reformer_rev (editable) with transformers / accelerate / datasets / peft / lm_eval and the test tools: 1-3 minutes,$(1)/bin/python -m pip install -q $(3) -e ".[dev]")
+	$(call step,installing reformer_rev (editable) with transformers / accelerate / datasets / peft / lm_eval and the test tools: 1-3 minutes,$(1)/bin/python -m pip install -q $(3) -e ".[$(4)]")
 	@touch $(1)/.installed
 	@echo "[setup] $(1) is ready"
 endef
@@ -44,17 +48,17 @@ endef
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	$(call make_venv,$(VENV),"$(TORCH_SPEC)",)
+	$(call make_venv,$(VENV),"$(TORCH_SPEC)",,$(EXTRAS))
 
 setup-lowest: $(LOWEST_VENV)/.installed
 
 $(LOWEST_VENV)/.installed: pyproject.toml $(LOWEST_CONSTRAINTS)
-	$(call make_venv,$(LOWEST_VENV),"$(TORCH_SPEC)",-c $(LOWEST_CONSTRAINTS))
+	$(call make_venv,$(LOWEST_VENV),"$(TORCH_SPEC)",-c $(LOWEST_CONSTRAINTS),dev)
 
 setup-newest-torch: $(NEWEST_TORCH_VENV)/.installed
 
 $(NEWEST_TORCH_VENV)/.installed: pyproject.toml $(NEWEST_TORCH_REQUIREMENTS)
-	$(call make_venv,$(NEWEST_TORCH_VENV),-r $(NEWEST_TORCH_REQUIREMENTS),)
+	$(call make_venv,$(NEWEST_TORCH_VENV),-r $(NEWEST_TORCH_REQUIREMENTS),,$(EXTRAS))
 
 # Main job: train the reversible LM on the bundled corpus (CPU, minutes).
 train: setup
