@@ -188,14 +188,14 @@ def plain_eval(checkpoint: Path, blocks_file: Path, threads: int) -> dict[str, A
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def finetune(family: str, path: str, train: torch.Tensor, valid_file: Path, args) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM
-
-    models, opts = {}, {}
-    for cand in args.candidates:
-        models[cand] = prepare(AutoModelForCausalLM.from_pretrained(path), cand)
-        # foreach=False: the same update arithmetic for every candidate, no depth-scaled temporaries.
-        opts[cand] = torch.optim.AdamW(models[cand].parameters(), lr=args.learning_rate, weight_decay=0.0, foreach=False)
+def train_in_lockstep(
+    models: dict[str, torch.nn.Module], train: torch.Tensor, args, label: str, log_every: int = 25
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """`args.steps` AdamW steps of every candidate on the same batches, each step from the same RNG state (so the same
+    dropout masks), cosine schedule. Returns the per-step training losses and the process CPU seconds per candidate."""
+    # foreach=False: the same update arithmetic for every candidate, no depth-scaled temporaries.
+    opts = {c: torch.optim.AdamW(m.parameters(), lr=args.learning_rate, weight_decay=0.0, foreach=False)
+            for c, m in models.items()}
     g = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(train), generator=g)
     cpu = {c: 0.0 for c in models}
@@ -218,8 +218,17 @@ def finetune(family: str, path: str, train: torch.Tensor, valid_file: Path, args
             opts[cand].zero_grad(set_to_none=True)
             cpu[cand] += time.process_time() - start
             losses[cand].append(loss.item())
-        if (step + 1) % 25 == 0:
-            print(f"[{family}] step {step + 1}: " + ", ".join(f"{c} {losses[c][-1]:.3f}" for c in models), flush=True)
+        if (step + 1) % log_every == 0:
+            print(f"[{label}] step {step + 1}/{args.steps}: " + ", ".join(f"{c} {losses[c][-1]:.3f}" for c in models),
+                  flush=True)
+    return losses, cpu
+
+
+def finetune(family: str, path: str, train: torch.Tensor, valid_file: Path, args) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    models = {cand: prepare(AutoModelForCausalLM.from_pretrained(path), cand) for cand in args.candidates}
+    losses, cpu = train_in_lockstep(models, train, args, family)
     tokens = args.steps * args.batch_size * train.shape[1]
     results = {}
     for cand, model in models.items():

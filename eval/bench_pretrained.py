@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
 import json
 import subprocess
 import sys
@@ -46,9 +45,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 from eval._bench_common import environment, fmt, markdown_table
-from eval.bench_convert import FIDELITY_VARIANTS, LABELS, plain_eval, prepare
+from eval.bench_convert import FIDELITY_VARIANTS, LABELS, plain_eval, prepare, train_in_lockstep
 from eval.fetch_pretrained import cached_checkpoint
-from eval.pretrain_small import cosine_lr, english_books, spanish_verses
+from eval.pretrain_small import english_books, spanish_verses
 from reformer_rev.safe_io import atomic_write_json, atomic_write_text
 
 RESULT_MARKER = "@@PRETRAINED_RESULT@@"
@@ -160,36 +159,8 @@ def fidelity(path: str, domains: dict[str, torch.Tensor], args, on_progress=None
 
 
 def finetune(path: str, domain: str, train: torch.Tensor, valid: torch.Tensor, out_dir: Path, args) -> dict[str, Any]:
-    models, opts = {}, {}
-    for cand in args.candidates:
-        models[cand] = prepare(load(path), cand)
-        opts[cand] = torch.optim.AdamW(models[cand].parameters(), lr=args.learning_rate, weight_decay=0.0,
-                                       foreach=False)
-    g = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(len(train), generator=g)
-    cpu = {c: 0.0 for c in models}
-    losses: dict[str, list[float]] = {c: [] for c in models}
-    torch.manual_seed(args.seed)
-    for step in range(args.steps):
-        idx = order[(step * args.batch_size + torch.arange(args.batch_size)) % len(train)]
-        batch = train[idx]
-        lr = cosine_lr(step, args.steps, args.learning_rate, warmup=args.warmup_steps)
-        state = torch.get_rng_state()
-        for cand, model in models.items():
-            torch.set_rng_state(state)  # every candidate starts the step from the same RNG state
-            for group in opts[cand].param_groups:
-                group["lr"] = lr
-            start = time.process_time()
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opts[cand].step()
-            opts[cand].zero_grad(set_to_none=True)
-            cpu[cand] += time.process_time() - start
-            losses[cand].append(loss.item())
-        if (step + 1) % 10 == 0:
-            print(f"[finetune {domain}] step {step + 1}/{args.steps}: "
-                  + ", ".join(f"{c} {losses[c][-1]:.3f}" for c in models), flush=True)
+    models = {cand: prepare(load(path), cand) for cand in args.candidates}
+    losses, cpu = train_in_lockstep(models, train, args, f"finetune {domain}", log_every=10)
     valid_file = out_dir / f"valid_{domain}.pt"
     torch.save(valid, valid_file)
     tokens = args.steps * args.batch_size * train.shape[1]
