@@ -13,7 +13,7 @@ import copy
 
 import torch
 import torch.distributed as dist
-from _common import rel_err, write_result  # puts the repository root on sys.path
+from _common import finish, rel_err, write_result  # puts the repository root on sys.path
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch.utils.data import DataLoader
@@ -80,8 +80,7 @@ def main() -> None:
     set_seed(0)
     write_result({"runs": [run(family, accelerator) for family in ("gpt2", "llama")]})
     accelerator.free_memory()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from _common import describe, write_result
+from _common import describe, finish, write_result
 from _modes import MODES, local_slice, max_rel_err, seed_for, train_reference
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import GradientAccumulationPlugin
@@ -110,7 +110,7 @@ def main() -> None:
             if dist.get_rank() == 0:
                 print(mode, setting, results[f"{mode}/{setting}"], flush=True)
     write_result({"world_size": dist.get_world_size(), "steps": STEPS, "accum": ACCUM, "rows": ROWS, "cases": results})
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

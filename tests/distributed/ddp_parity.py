@@ -14,7 +14,7 @@ import tempfile
 
 import torch
 import torch.distributed as dist
-from _common import rel_err, tiny_config, write_result
+from _common import finish, rel_err, tiny_config, write_result
 from torch.utils.data import DataLoader
 
 from reformer_rev import RevFormerForCausalLM
@@ -106,8 +106,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result = {"runs": [run(name, tmp) for name in ("sgd", "adamw")]}
     write_result(result)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import copy
 
 import torch
 import torch.distributed as dist
-from _common import describe, reference_steps, write_result
+from _common import describe, finish, reference_steps, write_result
 from accelerate import Accelerator
 from deepspeed_modes import close_case, deepspeed_accelerator, full_params, ranks_max_abs_diff, update_rel_err
 
@@ -87,6 +87,7 @@ def main() -> None:
         {"world_size": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
          "zero_stage": stage, "gradient_clipping": clip, "steps": STEPS, "families": FAMILIES, "cases": cases}
     )
+    finish()
 
 
 if __name__ == "__main__":

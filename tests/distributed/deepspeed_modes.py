@@ -13,7 +13,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from _common import describe, write_result
+from _common import describe, finish, write_result
 from _modes import MODES, local_slice, reference_loss, seed_for
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
@@ -123,6 +123,7 @@ def main() -> None:
         {"world_size": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
          "zero_stage": stage, "gradient_clipping": clip, "steps": STEPS, "cases": results}
     )
+    finish()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 import torch.distributed as dist
-from _common import tiny_config, write_result
+from _common import finish, tiny_config, write_result
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from reformer_rev import RevFormerForCausalLM
@@ -68,6 +68,7 @@ def main() -> None:
             "max_abs_diff_across_ranks": max((g - gathered[0]).abs().max().item() for g in gathered),
         }
     )
+    finish()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from _common import describe, write_result
+from _common import describe, finish, write_result
 from _modes import MODES, max_rel_err
 from transformers import Trainer, TrainingArguments
 
@@ -105,7 +105,7 @@ def main() -> None:
             if dist.get_rank() == 0:
                 print(key, results[key], flush=True)
     write_result({"world_size": dist.get_world_size(), "steps": STEPS, "accum": ACCUM, "cases": results})
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":
