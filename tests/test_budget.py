@@ -211,3 +211,29 @@ def test_a_signal_after_the_loop_is_built_stops_it_at_a_step_boundary(tmp_path, 
 
     steps = [u.step for u in loop.updates(lambda epoch, skip: ([torch.ones(4, 2)] * 5, 5), compute_loss)]
     assert steps == [1, 2, 3] and loop.stop_reason == "SIGTERM" and state.completed_steps == 3
+
+
+def test_fitter_refits_when_the_estimate_of_the_rest_of_the_job_changes(monkeypatch):
+    """The step time holds, but the first evaluation costs a fifth of the guess the first fit reserved for the four
+    still to come: the run is lengthened to use the time freed (it once ended at 20.8 of 30 minutes), and ends within
+    the budget."""
+    clock = FakeClock()
+    monkeypatch.setattr(budget.time, "time", clock.time)
+    b = TimeBudget(minutes=30, start=clock.now)
+    per_eval = {"s": 200.0}  # guessed; 40.0 once measured at step 100
+    fitter = StepFitter(b, max_steps=10_000, reserve=lambda s: 30.0 + 4 * per_eval["s"])
+    total = 10_000
+    for step in range(1, 10_000):
+        clock.now += 1.7
+        if step == 100:
+            per_eval["s"] = 40.0
+        new = fitter.step_done(step, 1.7, total)
+        if new is not None:
+            total = new
+        if step >= total or clock.now > fitter.deadline():
+            break
+    first, *refits = fitter.fits
+    assert first.step == 6 and first.new_total == 6 + int((1800 - 830 - 6 * 1.7) / 1.7)
+    # one refit at the first step after the measurement, to the time then left, with the same step time
+    assert [(f.step, f.new_total) for f in refits] == [(100, 100 + int((1800 - 190 - 100 * 1.7) / 1.7))]
+    assert step == total and clock.now <= b.end - 190.0 and b.end - 190.0 - clock.now < 1.7

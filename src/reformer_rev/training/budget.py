@@ -154,7 +154,8 @@ class StepFitter:
     the current seconds per step, estimate the rest of the job: `overhead(s)` the periodic work per step (evaluations,
     checkpoints) and `reserve(s)` what the end of the job needs (final evaluation and save). After
     `calibration_steps` steps, and again whenever the mean step time of the last `window` steps differs from the
-    one of the last fit by more than `drift`, the run is refitted: `total = done + time_left / (s + overhead(s))`,
+    one of the last fit by more than `drift`, or the refitted length would differ from the current one by more than
+    `drift` of it (the callbacks' estimates changed, e.g. once the first evaluation is measured), the run is refitted: `total = done + time_left / (s + overhead(s))`,
     never above the requested `max_steps`.
     """
 
@@ -195,11 +196,16 @@ class StepFitter:
         if len(self.step_seconds) < self.calibration_steps + 1:
             return None
         per_step = self.seconds_per_step
-        if self.fitted_seconds_per_step is not None and abs(per_step / self.fitted_seconds_per_step - 1) <= self.drift:
-            return None
-        self.fitted_seconds_per_step = per_step
+        drifted = (self.fitted_seconds_per_step is None
+                   or abs(per_step / self.fitted_seconds_per_step - 1) > self.drift)
         left = self.deadline() - time.time()
         total = min(self.max_steps, step + max(0, int(left / (per_step + self.overhead(per_step)))))
+        # A refit also when the step time held but the estimate of the rest of the job moved the end by more than
+        # `drift` of the run: before the first evaluation its cost is a guess (an untrained model decodes up to the
+        # length limit), and a guess 5x too high, never revised, left a third of a 30-minute budget unused.
+        if not drifted and abs(total - current_total) <= self.drift * current_total:
+            return None
+        self.fitted_seconds_per_step = per_step
         if total == current_total:
             return None
         self.fits.append(Fit(step, per_step, current_total, total))
