@@ -427,8 +427,8 @@ class Evaluator:
             record["samples"] = [{"source": sources[i], "prediction": predictions[i], "reference": references[i]}
                                  for i in shown]
         if deadline is not None and (done < len(examples) or record.get("bleu_pairs", k) < k):
-            logger.warning(f"Time budget: the final evaluation ran late and ended after {done} of {len(examples)} "
-                           f"pairs for the loss and {record.get('bleu_pairs', 0)} of {k} for BLEU.")
+            logger.warning(f"Time budget: the evaluation at step {step} reached its deadline and ended after {done} of "
+                           f"{len(examples)} pairs for the loss and {record.get('bleu_pairs', 0)} of {k} for BLEU.")
         record["eval_seconds"] = round(time.perf_counter() - start_all, 1)
         record["eval_cpu_seconds"] = round(time.process_time() - cpu_start, 1)
         record["minutes"] = round(self.budget.elapsed() / 60, 2)
@@ -537,14 +537,21 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
     def evaluations_left() -> int:  # periodic ones still to come when spread (the final one is not periodic)
         return max(0, args.num_evaluations - 1 - len(state.eval_history)) if spread_evaluations else 0
 
+    # No evaluation may take more than a share of the budget: each one stops translating at that deadline. Until the
+    # first is measured its cost is a guess from the step time, and for whole chapters (thousands of tokens each) the
+    # guess alone exceeded a 25-minute budget, so the run stopped at step 2 for "time budget".
+    eval_cap = FINAL_EVAL_SHARE * 60 * args.time_budget_minutes if budget.bounded else math.inf
+
+    def one_evaluation(seconds_per_step: float) -> float:
+        return min(evaluator.estimate(seconds_per_step, *full_eval), eval_cap)
+
     def reserve(seconds_per_step: float) -> float:  # the final evaluation, the memory measurement and the save
-        one_eval = evaluator.estimate(seconds_per_step, *full_eval)
-        share = FINAL_EVAL_SHARE * 60 * args.time_budget_minutes if budget.bounded else math.inf
-        return FINAL_SAVE_SECONDS + 3 * seconds_per_step + min(one_eval, share) + evaluations_left() * one_eval
+        one_eval = one_evaluation(seconds_per_step)
+        return FINAL_SAVE_SECONDS + 3 * seconds_per_step + one_eval + evaluations_left() * one_eval
 
     def overhead(seconds_per_step: float) -> float:  # periodic evaluations (every --eval_steps) and checkpoints
         saves = (checkpoints.last_save_seconds or 1.0) / args.checkpointing_steps if args.checkpointing_steps else 0.0
-        evals = 0.0 if spread_evaluations else evaluator.estimate(seconds_per_step, *full_eval) / args.eval_steps
+        evals = 0.0 if spread_evaluations else one_evaluation(seconds_per_step) / args.eval_steps
         return evals + saves
 
     def evaluation_due(step: int) -> bool:
@@ -611,7 +618,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
                                   f"{budget.elapsed() / 60:.1f} min")
                 window = []
             if evaluation_due(update.step) and not state.finished:
-                evaluate_now(update.step)
+                evaluate_now(update.step, **({"deadline": time.time() + eval_cap} if budget.bounded else {}))
             periodic = args.checkpointing_steps and update.step % args.checkpointing_steps == 0
             if periodic and not (update.skipped or update.suspect):
                 checkpoints.save(state)
