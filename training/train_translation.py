@@ -104,8 +104,9 @@ SAMPLES_NAME = "eval_samples.jsonl"
 TOKENIZER_DIR = "tokenizer"
 # The final save and the exit of the process (about 6 s under load): held back from the budget.
 FINAL_SAVE_SECONDS = 30.0
-# At most this share of a time budget is held back for the final evaluation (it gets whatever is left anyway).
-FINAL_EVAL_SHARE = 0.15
+# At most this share of a time budget is held back for each evaluation, and a periodic one stops at it (the final one
+# gets whatever is left anyway).
+EVAL_SHARE = 0.15
 MODEL_FIELDS = {
     "hidden_size": 256, "encoder_layers": 3, "decoder_layers": 3, "num_attention_heads": 4, "intermediate_size": 768,
     "hidden_dropout": 0.0, "attention_dropout": 0.0, "chunk_size_feed_forward": 0, "tie_word_embeddings": True,
@@ -540,7 +541,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator, budget: TimeBudget
     # No evaluation may take more than a share of the budget: each one stops translating at that deadline. Until the
     # first is measured its cost is a guess from the step time, and for whole chapters (thousands of tokens each) the
     # guess alone exceeded a 25-minute budget, so the run stopped at step 2 for "time budget".
-    eval_cap = FINAL_EVAL_SHARE * 60 * args.time_budget_minutes if budget.bounded else math.inf
+    eval_cap = EVAL_SHARE * 60 * args.time_budget_minutes if budget.bounded else math.inf
 
     def one_evaluation(seconds_per_step: float) -> float:
         return min(evaluator.estimate(seconds_per_step, *full_eval), eval_cap)

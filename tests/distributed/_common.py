@@ -51,9 +51,9 @@ def finish() -> None:
 
     After FSDP2 work on gloo, the interpreter's teardown sometimes aborts in a C++ destructor ("terminate called without
     an active exception", SIGABRT) although every rank finished and rank 0 wrote its result: seen in about 1 of 10 full
-    suite runs on a loaded machine, never when the workers run alone; also seen once after a Trainer DDP run that left the
-    process group to the interpreter (CI, lowest releases). `os._exit` skips that teardown, so the exit code
-    says whether the work itself succeeded.
+    suite runs on a loaded machine, never when the workers run alone; also seen once after a Trainer DDP run that left
+    the process group to the interpreter (CI, lowest releases). `os._exit` skips that teardown, so the exit code says
+    whether the work itself succeeded.
     """
     import torch.distributed as dist
 

@@ -155,8 +155,8 @@ class StepFitter:
     checkpoints) and `reserve(s)` what the end of the job needs (final evaluation and save). After
     `calibration_steps` steps, and again whenever the mean step time of the last `window` steps differs from the
     one of the last fit by more than `drift`, or the refitted length would differ from the current one by more than
-    `drift` of it (the callbacks' estimates changed, e.g. once the first evaluation is measured), the run is refitted: `total = done + time_left / (s + overhead(s))`,
-    never above the requested `max_steps`.
+    `drift` of it (the callbacks' estimates changed, e.g. once the first evaluation is measured), the run is refitted:
+    `total = done + time_left / (s + overhead(s))`, never above the requested `max_steps`.
     """
 
     def __init__(
