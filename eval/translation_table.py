@@ -6,11 +6,14 @@
 
 Each `--run` folder is a `training/train_translation.py` output folder with `train_summary.json` and the test scores
 of `python -m eval.eval_translation ... --output_dir RUN/test` in `RUN/test/scores.json` (`--test_subdir` names
-another sub-folder). Runs of the same model (`train_summary.json`'s `model`) with different seeds are averaged in
-a second table. Writes `OUTPUT.md` and `OUTPUT.json`; every figure is read from those files.
+another sub-folder). Runs that differ only in the seed (same model, shape, learning rate, budget and threads) are
+averaged in a second table; a sweep over shapes is tabulated without means. Writes `OUTPUT.md` and `OUTPUT.json`;
+every figure is read from those files.
 
-Columns: test chrF/BLEU (greedy unless the scores say otherwise) and the copy-the-source baseline on the same pairs;
-the validation loss of the final evaluation (nats per target token, no label smoothing); optimizer steps and
+Columns: the model, its shape (width, encoder+decoder layers, vocabulary) and parameters; the time budget and the
+torch threads it ran with; test chrF/BLEU (greedy unless the scores say otherwise) and the copy-the-source baseline
+on the same pairs; the validation chrF and loss of the final evaluation (loss in nats per target token, no label
+smoothing: comparable only between runs with the same vocabulary); optimizer steps and
 target tokens trained on; target tokens per second of training time (wall clock) and per processor-second (all
 threads: on a shared machine the latter is what the run would get from idle cores); the peak memory of one training
 step on the largest batch (profiler, activations and temporaries) and the process's peak RSS; the 5-minute load
@@ -45,8 +48,12 @@ def row_of(run: Path, test_subdir: str) -> dict[str, Any]:
     scores = json.loads(scores_path.read_text())
     last = summary["last_eval"]
     cpu = summary.get("cpu_seconds")
+    a = summary["args"]
     return {
-        "run": str(run), "model": summary.get("model", "reversible encoder-decoder"), "seed": summary["args"]["seed"],
+        "run": str(run), "model": summary.get("model", "reversible encoder-decoder"), "seed": a["seed"],
+        "shape": f"d={a['hidden_size']}, {a['encoder_layers']}+{a['decoder_layers']}, vocab {summary['vocab_size']:,}",
+        "learning_rate": a["learning_rate"], "budget_minutes": a.get("time_budget_minutes"),
+        "threads": summary.get("torch_threads"), "val_chrf": last.get("val_chrf"),
         "parameters": summary["parameters"], "steps": summary["step"], "minutes": summary["minutes"],
         "test_chrf": scores["chrf"], "test_bleu": scores["bleu"], "num_beams": scores["num_beams"],
         "test_pairs": scores["num_pairs"], "copy_chrf": scores.get("copy_source_chrf"),
@@ -69,12 +76,19 @@ def fmt(value: Any, digits: int = 1) -> str:
     return f"{value:,.{digits}f}"
 
 
+def same_recipe(row: dict[str, Any]) -> tuple:
+    return tuple(row[k] for k in ("model", "shape", "parameters", "learning_rate", "budget_minutes", "threads"))
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
-    header = ["model", "seed", "test chrF", "test BLEU", "val loss", "steps", "target tokens", "tokens/s",
-              "tokens/CPU-s", "peak step MB", "peak RSS MB", "load (5 min) start/end"]
+    header = ["model", "shape", "parameters", "budget (min × threads)", "seed", "test chrF", "test BLEU", "val chrF",
+              "val loss", "steps", "target tokens", "tokens/s", "tokens/CPU-s", "peak step MB", "peak RSS MB",
+              "load (5 min) start/end"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r["model"], str(r["seed"]), fmt(r["test_chrf"]), fmt(r["test_bleu"]), fmt(r["val_loss"], 3),
+        budget = f"{fmt(r['budget_minutes'], 0)} × {fmt(r['threads'])}"
+        cells = [r["model"], r["shape"], f"{r['parameters'] / 1e6:.2f}M", budget, str(r["seed"]), fmt(r["test_chrf"]),
+                 fmt(r["test_bleu"]), fmt(r["val_chrf"]), fmt(r["val_loss"], 3),
                  fmt(r["steps"]), fmt(r["target_tokens"]), fmt(r["tokens_per_second"], 0),
                  fmt(r["tokens_per_cpu_second"], 0), fmt(r["peak_step_memory_mb"]), fmt(r["peak_rss_mb"], 0),
                  f"{fmt(r['load_start'])}/{fmt(r['load_end'])}"]
@@ -84,17 +98,18 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         chrf, bleu = next(iter(copy))
         lines.append(f"\nCopying the English source scores chrF {chrf:.1f} / BLEU {bleu:.2f} on the same "
                      f"{rows[0]['test_pairs']:,} test pairs.")
+    # Only runs that differ in nothing but the seed are averaged (a sweep over shapes is not a set of seeds).
     means = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        group = [r for r in rows if r["model"] == model]
+    for key in dict.fromkeys(same_recipe(r) for r in rows):
+        group = [r for r in rows if same_recipe(r) == key]
         if len(group) < 2:
             continue
         mean = {k: statistics.mean(r[k] for r in group) for k in ("test_chrf", "test_bleu", "val_loss")}
-        means.append(f"| {model} | {len(group)} | {mean['test_chrf']:.1f} | {mean['test_bleu']:.1f} | "
-                     f"{mean['val_loss']:.3f} |")
+        means.append(f"| {group[0]['model']} | {group[0]['shape']} | {len(group)} | {mean['test_chrf']:.1f} | "
+                     f"{mean['test_bleu']:.1f} | {mean['val_loss']:.3f} |")
     if means:
-        lines += ["", "| model | seeds | mean test chrF | mean test BLEU | mean val loss |", "|---|---|---|---|---|",
-                  *means]
+        lines += ["", "| model | shape | seeds | mean test chrF | mean test BLEU | mean val loss |",
+                  "|---|---|---|---|---|---|", *means]
     return "\n".join(lines) + "\n"
 
 

@@ -326,3 +326,33 @@ def test_memory_benchmark_reversible_below_twin_and_marian(tmp_path):
     assert records["marian"]["model_type"] == "marian"
     assert abs(records["marian"]["parameters"] / records["reversible"]["parameters"] - 1) < 0.03
     assert (tmp_path / "translation_memory.md").read_text().count("| 192 |") == 1
+
+
+def test_translation_table_averages_seeds_but_not_a_sweep_over_shapes(tmp_path):
+    from eval import translation_table
+
+    def run(name, seed, hidden, chrf, val_loss):
+        folder = tmp_path / name
+        (folder / "test").mkdir(parents=True)
+        summary = {
+            "model": "reversible encoder-decoder", "parameters": hidden * 1000, "step": 10, "minutes": 1.0,
+            "vocab_size": 4000, "tokens_per_second": 100.0, "target_tokens_seen": 1000, "cpu_seconds": 60.0,
+            "torch_threads": 1, "last_eval": {"val_loss": val_loss, "val_chrf": chrf - 1},
+            "args": {"seed": seed, "hidden_size": hidden, "encoder_layers": 3, "decoder_layers": 3,
+                     "learning_rate": 3e-3, "time_budget_minutes": 20.0},
+        }
+        (folder / "train_summary.json").write_text(json.dumps(summary))
+        scores = {"chrf": chrf, "bleu": chrf / 4, "num_beams": 1, "num_pairs": 5, "copy_source_chrf": 17.0,
+                  "copy_source_bleu": 0.1}
+        (folder / "test" / "scores.json").write_text(json.dumps(scores))
+        return folder
+
+    runs = [run("a", 1, 96, 30.0, 3.0), run("b", 2, 96, 34.0, 2.0), run("c", 1, 256, 12.0, 4.5)]
+    rows = translation_table.main([*(f"--run={r}" for r in runs), "--output", str(tmp_path / "table")])
+    assert [r["shape"] for r in rows] == ["d=96, 3+3, vocab 4,000"] * 2 + ["d=256, 3+3, vocab 4,000"]
+    text = (tmp_path / "table.md").read_text()
+    means = text.split("mean test chrF")[1].strip().splitlines()[2:]
+    # The two seeds of d=96 are averaged (chrF 32.0, loss 2.500); the d=256 run has no partner and no mean row.
+    assert means == ["| reversible encoder-decoder | d=96, 3+3, vocab 4,000 | 2 | 32.0 | 8.0 | 2.500 |"]
+    assert json.loads((tmp_path / "table.json").read_text())[2]["val_chrf"] == 11.0
+    assert "Copying the English source scores chrF 17.0" in text
