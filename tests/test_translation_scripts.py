@@ -353,6 +353,6 @@ def test_translation_table_averages_seeds_but_not_a_sweep_over_shapes(tmp_path):
     text = (tmp_path / "table.md").read_text()
     means = text.split("mean test chrF")[1].strip().splitlines()[2:]
     # The two seeds of d=96 are averaged (chrF 32.0, loss 2.500); the d=256 run has no partner and no mean row.
-    assert means == ["| reversible encoder-decoder | d=96, 3+3, vocab 4,000 | 2 | 32.0 | 8.0 | 2.500 |"]
+    assert means == ["| reversible encoder-decoder | d=96, 3+3, vocab 4,000 | 0.003 | 2 | 32.0 | 8.0 | 2.500 |"]
     assert json.loads((tmp_path / "table.json").read_text())[2]["val_chrf"] == 11.0
     assert "Copying the English source scores chrF 17.0" in text
