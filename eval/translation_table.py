@@ -10,14 +10,14 @@ another sub-folder). Runs that differ only in the seed (same model, shape, learn
 averaged in a second table; a sweep over shapes is tabulated without means. Writes `OUTPUT.md` and `OUTPUT.json`;
 every figure is read from those files.
 
-Columns: the model, its shape (width, encoder+decoder layers, vocabulary), parameters and learning rate; the time budget and the
-torch threads it ran with; test chrF/BLEU (greedy unless the scores say otherwise) and the copy-the-source baseline
-on the same pairs; the validation chrF and loss of the final evaluation (loss in nats per target token, no label
-smoothing: comparable only between runs with the same vocabulary); optimizer steps and
-target tokens trained on; target tokens per second of training time (wall clock) and per processor-second (all
-threads: on a shared machine the latter is what the run would get from idle cores); the peak memory of one training
-step on the largest batch (profiler, activations and temporaries) and the process's peak RSS; the 5-minute load
-average at the start and the end of the run.
+Columns: the model, its shape (width, encoder+decoder layers, vocabulary), parameters and learning rate; the time
+budget and the torch threads it ran with; test chrF/BLEU (greedy unless the scores say otherwise) and the
+copy-the-source baseline on the same pairs; the validation chrF and loss of the final evaluation (loss in nats per
+target token, no label smoothing: comparable only between runs with the same vocabulary); optimizer steps and target
+tokens trained on; target tokens per second of training time (wall clock) and per processor-second (all threads: on
+a shared machine the latter is what the run would get from idle cores); the peak memory of one training step on the
+largest batch (profiler, activations and temporaries) and the process's peak RSS; the 5-minute load average at the
+start and the end of the run.
 """
 
 from __future__ import annotations
@@ -81,14 +81,14 @@ def same_recipe(row: dict[str, Any]) -> tuple:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    header = ["model", "shape", "parameters", "learning rate", "budget (min × threads)", "seed", "test chrF", "test BLEU", "val chrF",
-              "val loss", "steps", "target tokens", "tokens/s", "tokens/CPU-s", "peak step MB", "peak RSS MB",
-              "load (5 min) start/end"]
+    header = ["model", "shape", "parameters", "learning rate", "budget (min × threads)", "seed", "test chrF",
+              "test BLEU", "val chrF", "val loss", "steps", "target tokens", "tokens/s", "tokens/CPU-s", "peak step MB",
+              "peak RSS MB", "load (5 min) start/end"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         budget = f"{fmt(r['budget_minutes'], 0)} × {fmt(r['threads'])}"
-        cells = [r["model"], r["shape"], f"{r['parameters'] / 1e6:.2f}M", f"{r['learning_rate']:g}", budget, str(r["seed"]), fmt(r["test_chrf"]),
-                 fmt(r["test_bleu"]), fmt(r["val_chrf"]), fmt(r["val_loss"], 3),
+        cells = [r["model"], r["shape"], f"{r['parameters'] / 1e6:.2f}M", f"{r['learning_rate']:g}", budget,
+                 str(r["seed"]), fmt(r["test_chrf"]), fmt(r["test_bleu"]), fmt(r["val_chrf"]), fmt(r["val_loss"], 3),
                  fmt(r["steps"]), fmt(r["target_tokens"]), fmt(r["tokens_per_second"], 0),
                  fmt(r["tokens_per_cpu_second"], 0), fmt(r["peak_step_memory_mb"]), fmt(r["peak_rss_mb"], 0),
                  f"{fmt(r['load_start'])}/{fmt(r['load_end'])}"]
@@ -105,8 +105,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         if len(group) < 2:
             continue
         mean = {k: statistics.mean(r[k] for r in group) for k in ("test_chrf", "test_bleu", "val_loss")}
-        means.append(f"| {group[0]['model']} | {group[0]['shape']} | {group[0]['learning_rate']:g} | {len(group)} | {mean['test_chrf']:.1f} | "
-                     f"{mean['test_bleu']:.1f} | {mean['val_loss']:.3f} |")
+        first = group[0]
+        means.append(f"| {first['model']} | {first['shape']} | {first['learning_rate']:g} | {len(group)} | "
+                     f"{mean['test_chrf']:.1f} | {mean['test_bleu']:.1f} | {mean['val_loss']:.3f} |")
     if means:
         lines += ["", "| model | shape | learning rate | seeds | mean test chrF | mean test BLEU | mean val loss |",
                   "|---|---|---|---|---|---|---|", *means]
